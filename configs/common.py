@@ -1,0 +1,127 @@
+"""Every configuration field of diffmix_jax, with its default and a one-line comment.
+
+Experiment configs (`consep.py`, `glysac.py`, `demo.py`, `tiny.py`) call `base_config()` and override
+values only. Library code reads fields directly (never `config.get(key, default)`): a missing field is a
+bug here. Fields under `diffusion.model` keep the official SDM flag names so settings carry over from the
+official `scripts_train/*.sh`.
+"""
+
+import ml_collections
+
+# Stage names in the order `main` runs them (design.md §3).
+ALL_STAGES = ('build_data', 'diffusion_train', 'mix_labels', 'sample', 'hovernet_train',
+              'evaluate', 'report')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (CoNSeP-like values, paper settings)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Name of the experiment, shown in logs and the report.
+  c.seed = 0  # Master seed; every random stream is derived from it by fold-in.
+  c.stages = ','.join(ALL_STAGES)  # Comma list of stages to run, in order.
+
+  # ---- data (datasets.md) ----
+  c.data = d = ml_collections.ConfigDict()
+  d.name = 'consep'  # TFDS builder: consep | glysac | demo_nuclei.
+  d.manual_dir = ''  # Folder with {Train,Test}/{Images,Labels} ('' = $DIFFMIX_CONSEP_DIR for consep).
+  d.data_dir = ''  # TFDS data_dir for the built dataset ('' = <workdir>/tfds).
+  d.labels = 'original'  # Class ids in the source files: original (merged by us) | merged.
+  d.num_classes = 5  # Classes incl. background after the merge (CoNSeP 5, GLySAC 4).
+  d.class_names = 'background,other,inflammatory,epithelial,spindle'  # Comma list, num_classes names.
+  d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).
+  d.num_workers = 0  # grain worker processes (0 = in the main process).
+  d.prefetch = 2  # grain prefetch buffer (batches) when num_workers > 0.
+
+  # ---- device mesh (design.md §5) ----
+  c.mesh = m = ml_collections.ConfigDict()
+  m.data = -1  # Devices on the `data` axis (-1 = all devices of all hosts).
+  m.shard_opt_state = False  # Shard Adam moments and EMA over `data` (ZeRO-1 style) to save memory.
+  m.distributed = False  # Call jax.distributed.initialize() (multi-host; env/TPU auto-detected).
+  m.initialization_timeout = 300  # Seconds to wait for all processes in jax.distributed.initialize.
+  m.heartbeat_timeout = 100  # Seconds without a peer's heartbeat before the job fails (no hang).
+
+  # ---- SDM (sdm.md §1, official flag names) ----
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.model = sm = ml_collections.ConfigDict()
+  sm.image_size = 256  # Training crop / model resolution.
+  sm.num_channels = 256  # Base width (model_channels); time embedding is 4x this.
+  sm.num_res_blocks = 2  # Encoder res blocks per level (decoder has one more).
+  sm.channel_mult = ''  # Comma list of width multipliers ('' = official default for image_size).
+  sm.attention_resolutions = '32,16,8'  # Feature-map sides that get self-attention.
+  sm.num_heads = 4  # Heads when num_head_channels == -1.
+  sm.num_head_channels = 64  # Channels per head (overrides num_heads when > 0).
+  sm.resblock_updown = True  # Resample inside residual blocks.
+  sm.use_scale_shift_norm = True  # FiLM (scale, shift) from the time embedding.
+  sm.learn_sigma = True  # 6 output channels: eps and the variance interpolant.
+  sm.num_classes = 5  # One-hot width incl. background (must equal data.num_classes).
+  sm.no_instance = False  # False: append the instance-edge channel to the condition.
+  sm.dropout = 0.0  # Dropout in res blocks (official 0).
+  sm.dtype = 'bfloat16'  # Compute dtype of convs/matmuls (params stay float32).
+  sm.remat = True  # Rematerialise every res/attention block in the backward pass.
+
+  c.diffusion.schedule = ds = ml_collections.ConfigDict()
+  ds.diffusion_steps = 1000  # Length T of the forward process.
+  ds.noise_schedule = 'linear'  # Beta schedule (only 'linear' is used by DiffMix).
+
+  c.diffusion.train = dt = ml_collections.ConfigDict()
+  dt.batch_size = 16  # Global batch (split over the data axis).
+  dt.phase1_steps = 5900  # Conditional pre-training steps (sdm.md §4.2).
+  dt.phase2_steps = 4100  # Classifier-free fine-tuning steps.
+  dt.phase1_lr = 1e-4  # Constant Adam learning rate in phase 1.
+  dt.phase2_lr = 2e-5  # Constant Adam learning rate in phase 2.
+  dt.phase1_drop_rate = 0.0  # Probability of dropping the whole condition in phase 1.
+  dt.phase2_drop_rate = 0.2  # Probability of dropping the whole condition in phase 2.
+  dt.ema_rate = 0.9999  # EMA decay, applied after every step.
+  dt.log_every_steps = 10  # Scalars to TensorBoard every N steps.
+  dt.checkpoint_every_steps = 500  # Orbax save every N steps (and at each phase end).
+  dt.keep_checkpoints = 3  # Checkpoints kept by the manager.
+  dt.sample_every_steps = 2000  # EMA sample grid every N steps (0 = never).
+  dt.sample_respacing = 'ddim25'  # Respacing of the preview sampler.
+
+  # ---- label mixing (diffmix_method.md §2-§3) ----
+  c.mix = ml_collections.ConfigDict()
+  c.mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (§2.4 F8).
+  c.mix.preview_tiles = 3  # Tiles drawn in mixed_labels/preview.png.
+  c.mix.balance = mb = ml_collections.ConfigDict()
+  mb.rare_classes = '1'  # Comma list of rare class ids (donors).
+  mb.common_classes = '2,3,4'  # Comma list of common class ids (targets), in official order.
+  mb.target_fraction = 0.8  # Targets per tile = floor(fraction * eligible common nuclei) (§2.2).
+  mb.area_ratio = 2.3  # Donor fits when dilated target area >= area_ratio * donor area (§2.2).
+  mb.dilation_iterations = 2  # Dilations of the target mask (4-connected cross) for its area.
+  mb.border_margin = 30  # Min centroid distance (px) from every tile edge, targets and donors.
+  mb.paste_mode = 'overwrite'  # overwrite (official, covers neighbours) | clip (background only).
+  mb.max_replacements_per_tile = ml_collections.config_dict.placeholder(int)  # None = no cap (F9).
+  c.mix.enlarge = me = ml_collections.ConfigDict()
+  me.preset = 'recovered'  # recovered (§3.2/§3.3 fields below) | author_issue3 (all, -3..3 px).
+  me.frame_margin = 32  # Nuclei touching this frame of a patch stay in place (§3.2).
+  me.axis_probability = 0.3  # Probability that one axis of an interior nucleus is shifted.
+  me.shift_low = -15  # Smallest shift per axis in px (inclusive).
+  me.shift_high = 14  # Largest shift per axis in px (inclusive; official randint excludes 15).
+  me.collision = 'overwrite'  # overwrite (official, later ids win) | reject (no move onto others).
+
+  # ---- synthesis (diffmix_method.md §4, sdm.md §3.8-3.10) ----
+  c.sample = sp = ml_collections.ConfigDict()
+  sp.params_path = ''  # Converted official EMA params ('' = EMA from <workdir>/diffusion).
+  sp.timestep_respacing = 'ddim100'  # Respaced grid of the DDIM sampler.
+  sp.percent = 55  # Partial-noise start, percent of the respaced grid.
+  sp.official_truncation = False  # Reproduce the official float truncation of the percent rule.
+  sp.guidance = 1.5  # Classifier-free guidance scale s (guidance only when s > 1).
+  sp.patch_size = 256  # Side of a synthesised patch.
+  sp.grid_stride = 76  # Stride of the patch grid over a tile (10x10 per 1000^2 tile).
+  sp.batch_size = 8  # Patches per device batch (cond+uncond run as 2x this).
+  sp.shard_size = 64  # Patches per resumable output shard.
+
+  # ---- HoVer-Net (hovernet.md) ----
+  c.hovernet = ml_collections.ConfigDict()
+  c.hovernet.model = hm = ml_collections.ConfigDict()
+  hm.mode = 'original'  # original (270->80) | fast (256->164).
+  hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
+  c.hovernet.train = ht = ml_collections.ConfigDict()
+  ht.runs = 'baseline,diffmix'  # Training runs: real only, and real + synthetic.
+  # (The HoVer-Net issue completes these sections.)
+
+  # ---- evaluation (hovernet.md §4-§5) ----
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.match_radius = 12  # Centroid pairing radius in pixels (inclusive).
+  ev.f_c_weights = '2,2,1,1'  # Weights of F_c terms (official).
+  return c

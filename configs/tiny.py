@@ -1,0 +1,34 @@
+"""The smallest config that exercises every stage: for tests (seconds per stage on 2 CPU cores).
+
+  python -m diffmix_jax.main --config configs/tiny.py --workdir /tmp/tiny
+
+Numbers from it mean nothing; it checks plumbing, files, resumption and determinism.
+"""
+
+from configs import demo
+
+
+def get_config():
+  c = demo.get_config()
+  c.name = 'tiny'
+  c.data.crop_size = 32
+  m = c.diffusion.model
+  m.image_size = 32
+  m.num_channels = 32
+  m.num_res_blocks = 1
+  m.channel_mult = '1,2'
+  m.attention_resolutions = '16'
+  m.num_head_channels = 32
+  t = c.diffusion.train
+  t.batch_size = 8
+  t.phase1_steps = 6
+  t.phase2_steps = 4
+  t.log_every_steps = 2
+  t.checkpoint_every_steps = 3
+  t.sample_every_steps = 0
+  c.sample.patch_size = 32
+  c.sample.grid_stride = 112
+  c.sample.timestep_respacing = 'ddim10'
+  c.sample.batch_size = 8
+  c.sample.shard_size = 8
+  return c

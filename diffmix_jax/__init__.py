@@ -1,0 +1,1 @@
+"""DiffMix in JAX/Flax: diffusion-synthesised, class-balanced training data for nuclei segmentation."""

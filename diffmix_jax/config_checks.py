@@ -1,0 +1,53 @@
+"""Validation of config values: every bad value is an error naming the field and the expected form."""
+
+import ml_collections
+
+from configs import common
+
+
+def _ints(text: str, field: str) -> list[int]:
+  try:
+    return [int(v) for v in text.split(',') if v.strip()]
+  except ValueError:
+    raise ValueError(f'config.{field}={text!r}: expected a comma list of integers') from None
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks the fields the foundation owns; raises ValueError naming the first bad field."""
+  stages = [s.strip() for s in c.stages.split(',') if s.strip()]
+  unknown = [s for s in stages if s not in common.ALL_STAGES]
+  if unknown:
+    raise ValueError(f'config.stages: unknown stage(s) {unknown}; expected a comma list of '
+                     f'{", ".join(common.ALL_STAGES)}')
+  if c.data.name not in ('consep', 'glysac', 'demo_nuclei'):
+    raise ValueError(f'config.data.name={c.data.name!r}: expected consep, glysac or demo_nuclei')
+  if c.data.labels not in ('original', 'merged'):
+    raise ValueError(f'config.data.labels={c.data.labels!r}: expected original or merged')
+  names = [n.strip() for n in c.data.class_names.split(',')]
+  if len(names) != c.data.num_classes or not all(names):
+    raise ValueError(f'config.data.class_names={c.data.class_names!r}: expected '
+                     f'{c.data.num_classes} comma-separated names (config.data.num_classes)')
+  for field, value in (('diffusion.model.num_classes', c.diffusion.model.num_classes),
+                       ('hovernet.model.nr_types', c.hovernet.model.nr_types)):
+    if value != c.data.num_classes:
+      raise ValueError(f'config.{field}={value} must equal config.data.num_classes='
+                       f'{c.data.num_classes}')
+  for field, value in (('data.crop_size', c.data.crop_size),
+                       ('diffusion.train.batch_size', c.diffusion.train.batch_size),
+                       ('sample.batch_size', c.sample.batch_size),
+                       ('sample.patch_size', c.sample.patch_size),
+                       ('sample.grid_stride', c.sample.grid_stride)):
+    if value <= 0:
+      raise ValueError(f'config.{field}={value}: expected a positive integer')
+  if c.data.crop_size != c.diffusion.model.image_size:
+    raise ValueError(f'config.data.crop_size={c.data.crop_size} must equal '
+                     f'config.diffusion.model.image_size={c.diffusion.model.image_size}')
+  if c.mesh.data == 0 or c.mesh.data < -1:
+    raise ValueError(f'config.mesh.data={c.mesh.data}: expected -1 (all devices) or a positive count')
+  if not 0 <= c.sample.percent <= 100:
+    raise ValueError(f'config.sample.percent={c.sample.percent}: expected 0..100')
+  for field in ('mix.balance.rare_classes', 'mix.balance.common_classes'):
+    ids = _ints(c.mix.balance[field.rsplit('.', 1)[1]], field)
+    bad = [i for i in ids if not 1 <= i < c.data.num_classes]
+    if bad:
+      raise ValueError(f'config.{field}: class id(s) {bad} not in 1..{c.data.num_classes - 1}')

@@ -1,0 +1,159 @@
+"""Label-map functions (NumPy only): class merges, instance edges, SDM conditioning, label dropping.
+
+Conventions: maps are integer arrays [..., H, W] (leading batch axes allowed); the SDM condition is
+NHWC float32 [..., H, W, num_classes + 1] = one-hot over 0..num_classes-1 (background has its own
+channel 0) followed by the instance-edge channel (sdm.md §4.6, pitfall 10).
+"""
+
+from typing import Sequence
+
+import numpy as np
+
+# Raw class ids -> merged ids (hovernet.md §6.1-6.2, sdm.md §4.6). Background 0 stays 0.
+# CoNSeP: 1 other; 2 inflammatory; 3, 4 -> 3 epithelial; 5, 6, 7 -> 4 spindle-shaped.
+# GLySAC: {1, 2, 9, 10} -> 1; {4, 5, 6, 7} -> 2; {3, 8} -> 3.
+_MERGES = {
+    'consep': {0: 0, 1: 1, 2: 2, 3: 3, 4: 3, 5: 4, 6: 4, 7: 4},
+    'glysac': {0: 0, 1: 1, 2: 1, 9: 1, 10: 1, 4: 2, 5: 2, 6: 2, 7: 2, 3: 3, 8: 3},
+}
+# Number of classes incl. background after the merge.
+MERGED_NUM_CLASSES = {'consep': 5, 'glysac': 4}
+
+
+def original_max_id(dataset: str) -> int:
+  """Largest raw class id of `dataset` ('consep': 7, 'glysac': 10)."""
+  return max(_MERGES[_check_dataset(dataset)])
+
+
+def _check_dataset(dataset: str) -> str:
+  if dataset not in _MERGES:
+    raise ValueError(f'unknown dataset {dataset!r} for class merging; expected one of '
+                     f'{sorted(_MERGES)}')
+  return dataset
+
+
+def merge_table(dataset: str) -> np.ndarray:
+  """Lookup table raw id -> merged id.
+
+  Args:
+    dataset: 'consep' or 'glysac'.
+
+  Returns:
+    int32 [max_raw_id + 1]; `table[type_map]` merges a raw map.
+  """
+  merges = _MERGES[_check_dataset(dataset)]
+  table = np.zeros(max(merges) + 1, np.int32)
+  for raw, merged in merges.items():
+    table[raw] = merged
+  return table
+
+
+def merge_classes(type_map: np.ndarray, dataset: str) -> np.ndarray:
+  """Maps raw class ids to merged ids (the merge is applied once, never to merged maps).
+
+  Args:
+    type_map: integer [..., H, W] raw ids of `dataset`.
+    dataset: 'consep' or 'glysac'.
+
+  Returns:
+    int32 [..., H, W] merged ids.
+
+  Raises:
+    ValueError: when a value is outside the raw scheme (names the values found).
+  """
+  table = merge_table(dataset)
+  bad = np.setdiff1d(np.unique(type_map), np.arange(len(table)))
+  if bad.size:
+    raise ValueError(f'{dataset} raw class ids must be in 0..{len(table) - 1}; found '
+                     f'{bad.tolist()}')
+  return table[type_map.astype(np.int64)]
+
+
+def edge_map(inst_map: np.ndarray) -> np.ndarray:
+  """Instance-edge map of sdm.md §4.6.
+
+  A pixel is an edge when its instance id differs from any of its existing 4-neighbours. Both sides of
+  every boundary are marked (instance/background and instance/instance); the image border is not an edge.
+
+  Args:
+    inst_map: integer [..., H, W] instance ids (0 = background).
+
+  Returns:
+    bool [..., H, W].
+  """
+  inst = np.asarray(inst_map)
+  edge = np.zeros(inst.shape, bool)
+  dv = inst[..., 1:, :] != inst[..., :-1, :]  # Differs from the pixel below / above.
+  dh = inst[..., :, 1:] != inst[..., :, :-1]  # Differs from the pixel right / left.
+  edge[..., :-1, :] |= dv
+  edge[..., 1:, :] |= dv
+  edge[..., :, :-1] |= dh
+  edge[..., :, 1:] |= dh
+  return edge
+
+
+def condition(type_map: np.ndarray, inst_map: np.ndarray, num_classes: int,
+              no_instance: bool = False) -> np.ndarray:
+  """The SDM condition y: one-hot types (background included) and the instance-edge channel.
+
+  Args:
+    type_map: integer [..., H, W] merged class ids in 0..num_classes-1.
+    inst_map: integer [..., H, W] instance ids.
+    num_classes: one-hot width incl. background (CoNSeP 5, GLySAC 4).
+    no_instance: drop the edge channel (official flag; DiffMix uses False).
+
+  Returns:
+    float32 [..., H, W, num_classes + (0 if no_instance else 1)].
+
+  Raises:
+    ValueError: when a class id is outside 0..num_classes-1.
+  """
+  type_map = np.asarray(type_map)
+  if type_map.size and (type_map.min() < 0 or type_map.max() >= num_classes):
+    bad = np.unique(type_map[(type_map < 0) | (type_map >= num_classes)])
+    raise ValueError(f'class ids must be in 0..{num_classes - 1}; found {bad.tolist()}')
+  one_hot = (type_map[..., None] == np.arange(num_classes)).astype(np.float32)
+  if no_instance:
+    return one_hot
+  return np.concatenate([one_hot, edge_map(inst_map)[..., None].astype(np.float32)], axis=-1)
+
+
+def drop_labels(y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """Replaces the whole condition of dropped samples by the all-zero (unconditional) map (sdm.md §4.2).
+
+  Args:
+    y: float [B, H, W, C] conditions.
+    keep: bool [B]; False drops every channel of that sample, the edge channel included.
+
+  Returns:
+    float [B, H, W, C], same dtype as y.
+  """
+  keep = np.asarray(keep).reshape((-1,) + (1,) * (y.ndim - 1))
+  return y * keep.astype(y.dtype)
+
+
+def downsample(y: np.ndarray, factor: int) -> np.ndarray:
+  """Top-left strided down-sampling for SPADE (sdm.md §5, pitfall 1): y[..., ::k, ::k, :].
+
+  PyTorch's nearest interpolation by an integer factor picks the top-left pixel of each k x k cell;
+  `jax.image.resize(..., 'nearest')` picks an interior one, so it must not be used.
+
+  Args:
+    y: [..., H, W, C] with H and W divisible by `factor`.
+    factor: integer k >= 1.
+
+  Returns:
+    [..., H // k, W // k, C], same dtype.
+  """
+  if factor < 1 or y.shape[-3] % factor or y.shape[-2] % factor:
+    raise ValueError(f'cannot down-sample {y.shape[-3]}x{y.shape[-2]} by {factor}')
+  return y[..., ::factor, ::factor, :]
+
+
+def class_names(names: str, num_classes: int) -> Sequence[str]:
+  """Parses `config.data.class_names` and checks it names exactly `num_classes` classes."""
+  out = [n.strip() for n in names.split(',')]
+  if len(out) != num_classes or not all(out):
+    raise ValueError(f'config.data.class_names must list {num_classes} comma-separated names; '
+                     f'got {names!r}')
+  return out

@@ -1,0 +1,1 @@
+"""Flax networks: the SPADE diffusion UNet (SDM) and HoVer-Net."""

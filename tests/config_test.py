@@ -1,0 +1,56 @@
+"""Tests of configs/: every experiment config loads and validates; bad values name their field."""
+
+import importlib
+
+import pytest
+
+from configs import common
+from diffmix_jax import config_checks
+
+CONFIGS = ('consep', 'glysac', 'demo', 'tiny')
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_configs_load_and_validate(name):
+  c = importlib.import_module(f'configs.{name}').get_config()
+  config_checks.validate(c)
+  # Configs override values only: the field set is the base config's.
+  assert set(c.to_dict()) == set(common.base_config().to_dict())
+
+
+def test_official_sdm_flag_names_are_kept():
+  m = common.base_config().diffusion.model
+  for flag in ('image_size', 'num_channels', 'num_res_blocks', 'channel_mult',
+               'attention_resolutions', 'num_head_channels', 'resblock_updown',
+               'use_scale_shift_norm', 'learn_sigma', 'num_classes', 'no_instance', 'dropout'):
+    assert flag in m
+
+
+def test_paper_settings_in_dataset_configs():
+  consep = importlib.import_module('configs.consep').get_config()
+  glysac = importlib.import_module('configs.glysac').get_config()
+  assert consep.diffusion.model.num_classes == 5 and glysac.diffusion.model.num_classes == 4
+  assert consep.diffusion.model.num_channels == 256 and consep.diffusion.train.batch_size == 16
+  assert consep.sample.guidance == 1.5 and glysac.sample.guidance == 2.0
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('data.name', 'pannuke', 'config.data.name'),
+    ('data.labels', 'raw', 'config.data.labels'),
+    ('diffusion.model.num_classes', 4, 'config.diffusion.model.num_classes=4 must equal'),
+    ('data.class_names', 'a,b', 'config.data.class_names'),
+    ('diffusion.train.batch_size', 0, 'config.diffusion.train.batch_size=0'),
+    ('mix.balance.rare_classes', '7', r'config.mix.balance.rare_classes: class id\(s\) \[7\]'),
+    ('mix.balance.common_classes', '2,x', 'config.mix.balance.common_classes'),
+    ('sample.percent', 120, 'config.sample.percent=120'),
+    ('data.crop_size', 128, 'config.data.crop_size=128 must equal'),
+])
+def test_bad_values_name_the_field(field, value, match):
+  c = importlib.import_module('configs.consep').get_config()
+  section, key = field.rsplit('.', 1)
+  node = c
+  for part in section.split('.'):
+    node = node[part]
+  node[key] = value
+  with pytest.raises(ValueError, match=match):
+    config_checks.validate(c)

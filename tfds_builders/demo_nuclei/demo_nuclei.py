@@ -1,0 +1,26 @@
+"""TFDS builder for the built-in demo set: generated H&E-like tiles, no download (datasets.md §4)."""
+
+import tensorflow_datasets as tfds
+
+from diffmix_jax import demo_data
+from tfds_builders import tiles
+
+
+class DemoNuclei(tfds.core.GeneratorBasedBuilder):
+  """32 train and 8 test generated tiles of 256x256 in CoNSeP's merged classes, strongly imbalanced."""
+  VERSION = tiles.VERSION
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='merged', description='generated, merged ids')]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tiles.tile_features(), supervised_keys=None,
+                                          disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download or read: the tiles are generated.
+    return {split: self._generate_examples(split) for split in demo_data.NUM_TILES}
+
+  def _generate_examples(self, split):
+    for i in range(demo_data.NUM_TILES[split]):
+      image, inst, types = demo_data.make_tile(demo_data.SEED, split, i)
+      name = f'{split}_{i + 1}'
+      yield name, {'image': image, 'inst_map': inst, 'type_map': types, 'name': name}

@@ -1,0 +1,54 @@
+"""Shared TFDS builder for nuclei tile datasets: features, splits and the raw-folder reader.
+
+Features per tile (datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `inst_map` int32 [H, W]
+(ids 1..N contiguous), `type_map` int32 [H, W] (merged classes), `name` (text). Splits `train`, `test`.
+"""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from diffmix_jax import dataset_files
+
+VERSION = tfds.core.Version('1.0.0')
+
+
+def tile_features() -> tfds.features.FeaturesDict:
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format='png'),
+      'inst_map': tfds.features.Tensor(shape=(None, None), dtype=np.int32,
+                                       encoding=tfds.features.Encoding.ZLIB),
+      'type_map': tfds.features.Tensor(shape=(None, None), dtype=np.int32,
+                                       encoding=tfds.features.Encoding.ZLIB),
+      'name': tfds.features.Text(),
+  })
+
+
+class RawFolderBuilder(tfds.core.GeneratorBasedBuilder):
+  """Base for datasets read from a user folder `{Train,Test}/{Images,Labels}` (manual_dir).
+
+  Subclasses set `DATASET` ('consep' or 'glysac'); the builder config name ('original' or 'merged')
+  says which class ids the label files hold.
+  """
+  DATASET = ''
+  VERSION = VERSION
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name='original', description='label files hold the original class '
+                              'ids; the builder merges them'),
+      tfds.core.BuilderConfig(name='merged', description='label files already hold merged ids'),
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(features=tile_features(), supervised_keys=None,
+                                          disable_shuffling=True)  # Keep tile-name order.
+
+  def _split_generators(self, dl_manager):
+    root = dl_manager.manual_dir
+    # Check every split's file pairing before anything is written.
+    for split in ('train', 'test'):
+      dataset_files.split_pairs(root, split)
+    return {split: self._generate_examples(root, split) for split in ('train', 'test')}
+
+  def _generate_examples(self, root, split):
+    for tile in dataset_files.iter_split(root, split, self.DATASET, self.builder_config.name):
+      yield tile.name, {'image': tile.image, 'inst_map': tile.inst_map,
+                        'type_map': tile.type_map, 'name': tile.name}
