@@ -134,3 +134,35 @@ def make_tile(seed: int, split: str, index: int, size: int = TILE_SIZE):
   img = img * (1 - soft) + nucleus * soft
   img = ndimage.gaussian_filter(img, (0.5, 0.5, 0)) + rng.normal(0, 3.0, img.shape)
   return np.clip(np.round(img), 0, 255).astype(np.uint8), inst, types
+
+
+# Colours of the merged classes in label previews: other, inflammatory, epithelial, spindle.
+CLASS_COLOURS = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80]],
+                         np.uint8)
+
+
+def preview(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+  """Two rows: the images, then their labels with classes in colour and instance edges in white.
+
+  Args:
+    tiles: (image uint8 [S, S, 3], inst_map, type_map) triples.
+
+  Returns:
+    uint8 [2S, n S, 3].
+  """
+  from diffmix_jax import labels  # pylint: disable=g-import-not-at-top
+  images = np.concatenate([t[0] for t in tiles], axis=1)
+  maps = []
+  for _, inst, types in tiles:
+    colour = CLASS_COLOURS[types].copy()
+    colour[labels.edge_map(inst) & (inst > 0)] = 255
+    maps.append(colour)
+  return np.concatenate([images, np.concatenate(maps, axis=1)], axis=0)
+
+
+if __name__ == '__main__':
+  import sys  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out = sys.argv[1] if len(sys.argv) > 1 else 'demo_tiles.png'
+  Image.fromarray(preview([make_tile(SEED, 'train', i) for i in (0, 2, 3, 5)])).save(out)
+  print(f'wrote {out}')
