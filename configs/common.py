@@ -36,7 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = m = ml_collections.ConfigDict()
   m.data = -1  # Devices on the `data` axis (-1 = all devices of all hosts).
   m.shard_opt_state = False  # Shard Adam moments and EMA over `data` (ZeRO-1 style) to save memory.
-  m.distributed = False  # Call jax.distributed.initialize() (multi-host; env/TPU auto-detected).
+  m.distributed = False  # Call jax.distributed.initialize() (multi-host).
+  m.coordinator_address = ''  # host:port of process 0 ('' = auto-detect: TPU VM, Slurm, ...).
+  m.num_processes = -1  # Number of processes (-1 = auto-detect).
+  m.process_id = -1  # This process's id (-1 = auto-detect).
   m.initialization_timeout = 300  # Seconds to wait for all processes in jax.distributed.initialize.
   m.heartbeat_timeout = 100  # Seconds without a peer's heartbeat before the job fails (no hang).
 

@@ -35,5 +35,9 @@ def get_config():
   c.sample.grid_stride = 64
   c.sample.timestep_respacing = 'ddim50'
   c.sample.batch_size = 16
+  # Enlarging on 64-px patches: a frame and shifts scaled from the 256-px recipe (32 px, -15..14).
+  c.mix.enlarge.frame_margin = 8
+  c.mix.enlarge.shift_low = -4
+  c.mix.enlarge.shift_high = 3
   c.hovernet.model.mode = 'fast'
   return c

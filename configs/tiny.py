@@ -31,4 +31,7 @@ def get_config():
   c.sample.timestep_respacing = 'ddim10'
   c.sample.batch_size = 8
   c.sample.shard_size = 8
+  c.mix.enlarge.frame_margin = 4
+  c.mix.enlarge.shift_low = -2
+  c.mix.enlarge.shift_high = 1
   return c
