@@ -119,12 +119,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.hovernet.model = hm = ml_collections.ConfigDict()
   hm.mode = 'original'  # original (270->80) | fast (256->164).
   hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
+  hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
+  hm.width = 1  # Divisor of every channel count: 1 = official network, 8 = tiny (tests).
   c.hovernet.train = ht = ml_collections.ConfigDict()
   ht.runs = 'baseline,diffmix'  # Training runs: real only, and real + synthetic.
-  # (The HoVer-Net issue completes these sections.)
+  ht.synthetic_dir = ''  # Synthetic set (Images/*.png + Labels/*.mat) ('' = <workdir>/synthetic).
+  ht.synthetic_ratio = -1.0  # Synthetic patches per real patch each epoch (-1 = all, once each).
+  ht.patch_window = 540  # Mirror-mode training patch side (hovernet.md §6.3).
+  ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).
+  ht.augment = True  # Shape + intensity augmentation (§2.2-§2.3); False = centre crop only.
+  ht.phase1_epochs = 50  # Epochs with the encoder frozen (§3.2).
+  ht.phase2_epochs = 50  # Epochs with everything trainable (fresh Adam, restarted schedule).
+  ht.phase1_batch_size = 16  # Global batch in phase 1 (official 16 per GPU).
+  ht.phase2_batch_size = 4  # Global batch in phase 2 (official 4 per GPU).
+  ht.lr = 1e-4  # Adam learning rate at the start of each phase.
+  ht.lr_step_epochs = 25  # StepLR step (epochs within a phase).
+  ht.lr_gamma = 0.1  # StepLR factor.
+  ht.mse_weight = 1.0  # Weight of the HV MSE term (PyTorch repo 1; TF original 2).
+  ht.phase1_freeze_bn_stats = False  # Keep frozen-encoder BN running stats fixed (reference: False).
+  ht.loader_threads = 4  # Host threads preparing batches (augmentation, targets).
+  ht.log_every_steps = 20  # Scalars to TensorBoard every N steps (and at every epoch end).
+  ht.checkpoint_every_epochs = 1  # Orbax save every N epochs (and at each phase end).
+  ht.keep_checkpoints = 2  # Checkpoints kept per run.
+  ht.val_tiles = 2  # Test tiles validated (tiled inference + metrics) per epoch (0 = none).
+  ht.val_every_epochs = 1  # Validation every N epochs of a phase.
 
-  # ---- evaluation (hovernet.md §4-§5) ----
+  # ---- evaluation (hovernet.md §4-§5, §7) ----
   c.eval = ev = ml_collections.ConfigDict()
   ev.match_radius = 12  # Centroid pairing radius in pixels (inclusive).
   ev.f_c_weights = '2,2,1,1'  # Weights of F_c terms (official).
+  ev.batch_size = 8  # Patches per jitted tiled-inference call (multiple of the local devices).
   return c

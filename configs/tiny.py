@@ -27,11 +27,21 @@ def get_config():
   t.checkpoint_every_steps = 3
   t.sample_every_steps = 0
   c.sample.patch_size = 32
-  c.sample.grid_stride = 112
+  c.sample.grid_stride = 224
   c.sample.timestep_respacing = 'ddim10'
-  c.sample.batch_size = 8
-  c.sample.shard_size = 8
+  c.sample.batch_size = 2  # Per device: 16 patches per render call on 8 test devices.
+  c.sample.shard_size = 16
   c.mix.enlarge.frame_margin = 4
   c.mix.enlarge.shift_low = -2
   c.mix.enlarge.shift_high = 1
+  hm, h = c.hovernet.model, c.hovernet.train
+  hm.width = 8  # Tiny HoVer-Net: channels / 8, one unit per encoder group.
+  hm.encoder_units = '1,1,1,1'
+  h.patch_window = 256  # One 256-px window per demo tile.
+  h.patch_step = 256
+  h.phase1_epochs = 1
+  h.phase2_epochs = 1
+  h.log_every_steps = 2
+  h.val_tiles = 1
+  h.loader_threads = 2
   return c

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from diffmix_jax import checkpoint
 from diffmix_jax import config_checks
 from diffmix_jax import stage_files
 
@@ -22,21 +23,21 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every stage output and checkpoint.')
 
-# Stage name -> (module that owns it, issue that builds it).
+# Stage name -> (module that owns it, issue that builds it, run by every process or by process 0).
 STAGES = {
-    'build_data': ('diffmix_jax.build_data', 3),
-    'diffusion_train': ('diffmix_jax.diffusion_train', 7),
-    'mix_labels': ('diffmix_jax.mix_labels', 6),
-    'sample': ('diffmix_jax.sample', 9),
-    'hovernet_train': ('diffmix_jax.hovernet_train', 8),
-    'evaluate': ('diffmix_jax.evaluate', 8),
-    'report': ('diffmix_jax.report', 10),
+    'build_data': ('diffmix_jax.build_data', 3, False),
+    'diffusion_train': ('diffmix_jax.diffusion_train', 7, True),
+    'mix_labels': ('diffmix_jax.mix_labels', 6, False),
+    'sample': ('diffmix_jax.sample', 9, True),
+    'hovernet_train': ('diffmix_jax.hovernet_train', 8, True),
+    'evaluate': ('diffmix_jax.evaluate', 8, True),
+    'report': ('diffmix_jax.report', 10, False),
 }
 
 
 def stage_fn(name: str):
   """The `run` function of stage `name`; NotImplementedError when its module does not exist yet."""
-  module, issue = STAGES[name]
+  module, issue, _ = STAGES[name]
   try:
     mod = importlib.import_module(module)
   except ModuleNotFoundError as e:
@@ -56,27 +57,39 @@ def main(argv):
   if not workdir:
     raise app.UsageError('--workdir is required')
   config_checks.validate(config)
+  checkpoint.quiet_orbax_logs()
   import jax  # pylint: disable=g-import-not-at-top  (after flags: distributed init comes first)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   if config.mesh.distributed:
-    jax.distributed.initialize(initialization_timeout=config.mesh.initialization_timeout,
-                               heartbeat_timeout_seconds=config.mesh.heartbeat_timeout)
+    m = config.mesh
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs need it.
+    jax.distributed.initialize(
+        coordinator_address=m.coordinator_address or None,
+        num_processes=m.num_processes if m.num_processes > 0 else None,
+        process_id=m.process_id if m.process_id >= 0 else None,
+        initialization_timeout=m.initialization_timeout,
+        heartbeat_timeout_seconds=m.heartbeat_timeout)
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     stage_files.atomic_write(os.path.join(workdir, 'config.json'),
                              config.to_json_best_effort(indent=2).encode())
-  timings = {}
+  timings_path = os.path.join(workdir, 'timings.json')
+  timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   for name in [s.strip() for s in config.stages.split(',') if s.strip()]:
     run = stage_fn(name)
     logging.info('=== stage %s ===', name)
     start = time.time()
-    run(config, workdir)
-    timings[name] = round(time.time() - start, 3)
-    logging.info('=== stage %s finished in %.1f s ===', name, timings[name])
-  if jax.process_index() == 0:
-    stage_files.atomic_write(os.path.join(workdir, 'timings_last_run.json'),
-                             json.dumps(timings, indent=2).encode())
+    if STAGES[name][2] or jax.process_index() == 0:
+      run(config, workdir)
+    if jax.process_count() > 1:  # Host-only stages write files the other processes read next.
+      multihost_utils.sync_global_devices(f'stage {name} finished')
+    seconds = time.time() - start
+    logging.info('=== stage %s finished in %.1f s ===', name, seconds)
+    timings[name] = round(max(seconds, timings.get(name, 0.0)), 3)  # A no-op rerun keeps the first.
+    if jax.process_index() == 0:
+      stage_files.atomic_write(timings_path, json.dumps(timings, indent=2).encode())
 
 
 if __name__ == '__main__':

@@ -31,3 +31,25 @@ def consep_dir() -> pathlib.Path:
   if not (p / 'Train').is_dir():
     pytest.fail(f'DIFFMIX_CONSEP_DIR={path} has no Train/ folder')
   return p
+
+
+@pytest.fixture(scope='session')
+def tiny_trained(tmp_path_factory) -> pathlib.Path:
+  """A workdir of configs/tiny.py after build_data, diffusion_train and mix_labels (in process).
+
+  Tests that write into a workdir copy it first (`copy_workdir`).
+  """
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import build_data, diffusion_train, mix_labels  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('tiny_trained')
+  config = tiny.get_config()
+  for stage in (build_data, diffusion_train, mix_labels):
+    stage.run(config, str(workdir))
+  return workdir
+
+
+def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
+  """Copies a workdir (without the stage folders in `skip`)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in skip])
+  return dst

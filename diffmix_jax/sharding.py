@@ -1,0 +1,84 @@
+"""The only module that names mesh axes: the device mesh, batch and state shardings, global batches.
+
+One `data` axis over all devices of all hosts (design.md §5). Batches are sharded on their leading
+axis; params and EMA are replicated; Adam moments and EMA can be sharded over `data` to save memory.
+"""
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+
+DATA = 'data'
+
+
+def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+  """A 1-D mesh over `mesh_config.data` devices (-1 = all), with Auto axis types.
+
+  Raises:
+    ValueError: when more devices are asked for than exist (names config.mesh.data).
+  """
+  devices = jax.devices()
+  n = len(devices) if mesh_config.data == -1 else mesh_config.data
+  if not 1 <= n <= len(devices) or (jax.process_count() > 1 and n != len(devices)):
+    raise ValueError(f'config.mesh.data={mesh_config.data}: {len(devices)} devices exist '
+                     f'({jax.process_count()} processes); use -1 for all of them')
+  return Mesh(np.asarray(devices[:n]), (DATA,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA))
+
+
+def check_batch(global_batch: int, mesh: Mesh, field: str) -> None:
+  """Raises ValueError naming `field` when the batch is not divisible by the device count."""
+  n = mesh.shape[DATA]
+  if global_batch % n:
+    raise ValueError(f'config.{field}={global_batch} is not divisible by the {n} devices of the '
+                     f'mesh; use a multiple of {n}')
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+  """Assembles each process's slice of the batch into global arrays sharded over `data`.
+
+  Args:
+    local: dict of NumPy arrays [b, ...], this process's rows of the global batch.
+    mesh: the mesh.
+
+  Returns:
+    dict of jax.Array [b * process_count, ...] sharded on the leading axis.
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def _shard_largest_axis(leaf, mesh: Mesh) -> NamedSharding:
+  n = mesh.shape[DATA]
+  shape = getattr(leaf, 'shape', ())
+  for axis in np.argsort(shape)[::-1]:
+    if shape[axis] % n == 0 and shape[axis] >= n:
+      spec = [None] * len(shape)
+      spec[axis] = DATA
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def state_shardings(abstract_state, mesh: Mesh, shard_opt_state: bool):
+  """Shardings for a train state with fields `params`, `ema`, `opt_state` (and scalars).
+
+  Everything is replicated, except, when `shard_opt_state`, each EMA and optimizer-moment leaf is split
+  over `data` along its largest divisible axis (ZeRO-1 style; XLA inserts the gathers).
+  """
+  rep = replicated(mesh)
+  out = jax.tree.map(lambda _: rep, abstract_state)
+  if not shard_opt_state:
+    return out
+  split = lambda tree: jax.tree.map(lambda leaf: _shard_largest_axis(leaf, mesh), tree)
+  return out.replace(ema=split(abstract_state.ema), opt_state=split(abstract_state.opt_state))

@@ -1,0 +1,217 @@
+"""Tests of the SDM training stage: device-count invariance, label dropping, resume, TensorBoard."""
+
+import os
+import pathlib
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from diffmix_jax import build_data
+from diffmix_jax import diffusion_train
+from diffmix_jax import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A run long enough to kill after its first checkpoint (step 4) and before it ends (step 20).
+RUN_OVERRIDES = {'diffusion.train.phase1_steps': 12, 'diffusion.train.phase2_steps': 8,
+                 'diffusion.train.checkpoint_every_steps': 4, 'diffusion.train.log_every_steps': 1,
+                 'diffusion.train.sample_every_steps': 10}
+
+
+def _config(**overrides):
+  c = tiny.get_config()
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def _flags(overrides):
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+def _batches(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  s, b = config.data.crop_size, config.diffusion.train.batch_size
+  out = []
+  for _ in range(n):
+    inst = rng.integers(0, 4, (b, s, s)).astype(np.int32)
+    local = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32), 'inst_map': inst,
+             'type_map': (inst % config.data.num_classes).astype(np.int32)}
+    out.append({'image': local['image'],
+                'y': diffusion_train.make_condition(local, config.diffusion.model)})
+  return out
+
+
+def _train(config, devices, batches):
+  config.mesh.data = devices
+  mesh = sharding.create_mesh(config.mesh)
+  trainer = diffusion_train.create_trainer(config, mesh)
+  state = trainer.init(jax.random.key(config.seed))
+  losses = []
+  for local in batches:
+    state, metrics = trainer.step(state, sharding.global_batch(local, mesh))
+    losses.append(float(metrics['loss']))
+  return losses, jax.device_get(state.params), jax.device_get(state.ema)
+
+
+# A 16x16 model keeps the in-process tests cheap.
+SMALL = {'data.crop_size': 16, 'diffusion.model.image_size': 16,
+         'diffusion.model.attention_resolutions': '8'}
+
+
+def test_one_and_eight_devices_give_the_same_losses_and_params():
+  batches = _batches(_config(**SMALL), 5)
+  l1, p1, e1 = _train(_config(**SMALL), 1, batches)
+  l8, p8, e8 = _train(_config(**SMALL), 8, batches)
+  np.testing.assert_allclose(l1, l8, atol=1e-5, rtol=0)
+  assert l1[0] != l1[-1]  # The steps really trained.
+  for a, b in zip(jax.tree.leaves(p1) + jax.tree.leaves(e1), jax.tree.leaves(p8) +
+                  jax.tree.leaves(e8)):
+    np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_label_drop_rates_through_the_step_function():
+  # Step 0 is phase 1 with drop rate 1.0; the next 10 steps are phase 2 with drop rate 0.2.
+  c = _config(**SMALL, **{'diffusion.train.batch_size': 104, 'diffusion.train.phase1_steps': 1,
+                          'diffusion.train.phase1_drop_rate': 1.0,
+                          'diffusion.train.phase2_drop_rate': 0.2})
+  mesh = sharding.create_mesh(c.mesh)
+  trainer = diffusion_train.create_trainer(c, mesh)
+  state = trainer.init(jax.random.key(0))
+  batch = sharding.global_batch(_batches(c, 1)[0], mesh)
+  state, metrics = trainer.step(state, batch)
+  assert float(metrics['conditioned_fraction']) == 0.0  # Only all-zero conditions reached the model.
+  kept = []
+  for _ in range(10):  # 10 x 104 = 1,040 samples, each dropped with probability 0.2.
+    state, metrics = trainer.step(state, batch)
+    kept.append(float(metrics['conditioned_fraction']))
+  assert abs((1 - np.mean(kept)) - 0.2) <= 0.04
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+  """An uninterrupted run of the stage, in process, on the demo data."""
+  workdir = tmp_path_factory.mktemp('reference')
+  config = _config(**RUN_OVERRIDES)
+  build_data.run(config, str(workdir))
+  diffusion_train.run(config, str(workdir))
+  return workdir
+
+
+def _read_events(logdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={'tensors': 0, 'images': 0,
+                                                                       'scalars': 0})
+  acc.Reload()
+  return acc
+
+
+def test_tensorboard_holds_scalars_and_sample_grids(reference_run):
+  acc = _read_events(reference_run / 'diffusion' / 'tb')
+  tags = acc.Tags()
+  names = set(tags['tensors']) | set(tags['scalars'])
+  for tag in ('loss', 'mse', 'vb', 'grad_norm', 'lr', 'steps_per_sec', 'images_per_sec'):
+    assert tag in names, (tag, tags)
+  losses = [float(jax.numpy.asarray(tf_tensor_value(e))) for e in acc.Tensors('loss')]
+  assert len(losses) == 20 and all(np.isfinite(losses))
+  images = acc.Tensors('label_real_ema_sample')
+  assert [e.step for e in images] == [10, 20]
+  lr = {e.step: float(tf_tensor_value(e)) for e in acc.Tensors('lr')}
+  assert lr[12] == pytest.approx(1e-4) and lr[13] == pytest.approx(2e-5)  # Phase 2 from step 13.
+
+
+def tf_tensor_value(event):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.make_ndarray(event.tensor_proto)
+
+
+def _main(workdir, data_dir, *extra, env=None):
+  """Starts `main` for the training stage on an already built demo dataset."""
+  return subprocess.Popen(
+      [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
+       str(workdir), '--config.stages=diffusion_train', f'--config.data.data_dir={data_dir}',
+       *_flags(RUN_OVERRIDES), *extra],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted_run(reference_run, tmp_path):
+  workdir, data_dir = tmp_path / 'killed', reference_run / 'tfds'
+  proc = _main(workdir, data_dir)
+  first = workdir / 'diffusion' / 'checkpoints' / '4'
+  deadline = time.time() + 400
+  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(random.uniform(0, 1.5))
+  assert proc.poll() is None, 'the run ended before it could be killed:\n' + proc.stdout.read()[-3000:]
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / 'diffusion' / 'DONE').exists()
+  resumed = _main(workdir, data_dir)
+  log = resumed.communicate(timeout=600)[0]
+  assert resumed.returncode == 0, log[-3000:]
+  assert 'diffusion_train: resumed from step' in log
+  name = diffusion_train.EMA_FILE
+  assert (workdir / 'diffusion' / name).read_bytes() == (reference_run / 'diffusion' /
+                                                         name).read_bytes()
+  # The final checkpoint's params equal the reference bit for bit too.
+  assert _checkpoint_params(workdir) == _checkpoint_params(reference_run)
+  start = time.time()
+  again = _main(workdir, data_dir)
+  log = again.communicate(timeout=300)[0]
+  assert again.returncode == 0 and 'diffusion_train: already done' in log
+  assert time.time() - start < 60
+
+
+def _checkpoint_params(workdir):
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  c = _config(**RUN_OVERRIDES)
+  trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
+  from diffmix_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
+  step, state, _ = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  assert step == 20
+  return serialization.to_bytes(jax.device_get(state.params))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(reference_run, tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port = _free_port()
+  data_dir = reference_run / 'tfds'
+  procs = [_main(tmp_path / 'multi', data_dir, '--config.mesh.distributed=True',
+                 f'--config.mesh.coordinator_address=127.0.0.1:{port}',
+                 '--config.mesh.num_processes=2', f'--config.mesh.process_id={i}',
+                 '--config.mesh.initialization_timeout=60', '--config.mesh.heartbeat_timeout=30',
+                 env=env) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  env4 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  single = _main(tmp_path / 'single', data_dir, env=env4)
+  log = single.communicate(timeout=600)[0]
+  assert single.returncode == 0, log[-3000:]
+  multi = [float(tf_tensor_value(e)) for e in _read_events(
+      tmp_path / 'multi' / 'diffusion' / 'tb').Tensors('loss')]
+  one = [float(tf_tensor_value(e)) for e in _read_events(
+      tmp_path / 'single' / 'diffusion' / 'tb').Tensors('loss')]
+  assert len(one) == 20
+  np.testing.assert_allclose(multi, one, atol=1e-5, rtol=0)
