@@ -50,20 +50,22 @@ def start_index(num_timesteps: int, percent: float, official_truncation: bool = 
   its float truncation. With `official_truncation=True`, T = int(N · (percent · 0.01)) exactly as the
   official sampler computes it, so 29 % → T = 28 and 58 % → T = 57 on ddim100 (29 and 58 by default).
 
+  Percent 0 gives T = 0: no noise and no denoising step, and `diffmix_sample` returns x0 unchanged.
+
   Args:
     num_timesteps: N, the respaced step count (100 for ddim100).
-    percent: ddim_percent in (0, 100].
+    percent: ddim_percent in [0, 100].
     official_truncation: reproduce the official float truncation.
 
   Returns:
-    The start index T − 1 in 0…N−1.
+    The start index T − 1 in −1…N−1 (−1 for T = 0).
   """
   if official_truncation:
     steps = int(num_timesteps * (percent * 0.01))
   else:
     steps = int(round(num_timesteps * percent / 100.0))
-  if not 1 <= steps <= num_timesteps:
-    raise ValueError(f'percent={percent} gives {steps} steps; need 1…{num_timesteps}')
+  if not 0 <= steps <= num_timesteps:
+    raise ValueError(f'percent={percent} gives {steps} steps; need 0…{num_timesteps}')
   return steps - 1
 
 
@@ -122,6 +124,8 @@ def diffmix_sample(diff: gd.Diffusion, model_fn: gd.ModelFn, x0: jax.Array, y: j
     [B,H,W,3] float32 synthetic images in [−1, 1].
   """
   first = start_index(diff.num_timesteps, percent, official_truncation)
+  if first < 0:  # 0 %: nothing to noise or denoise.
+    return x0.astype(jnp.float32)
   t = jnp.full((x0.shape[0],), first, jnp.int32)
   x_start = gd.q_sample(diff, x0.astype(jnp.float32), t, noise)
   return ddim_sample_loop(diff, model_fn, x_start, y, first_index=first, guidance=guidance)

@@ -72,8 +72,16 @@ def test_start_index_rule():
   assert samplers.start_index(100, 29, official_truncation=True) == 27
   assert samplers.start_index(100, 58, official_truncation=True) == 56
   assert samplers.start_index(1000, 29, official_truncation=True) == 289  # no effect at 1000 steps
+  assert samplers.start_index(100, 0) == -1 and samplers.start_index(100, 0.2) == -1  # No steps.
   with pytest.raises(ValueError, match='percent'):
-    samplers.start_index(100, 0.2)
+    samplers.start_index(100, 101)
+
+
+def test_partial_noise_at_zero_percent_returns_x0_unchanged():
+  d = gd.create_diffusion(timestep_respacing='ddim100')
+  x0, y, noise = _inputs(1)
+  got = samplers.diffmix_sample(d, _linear_model, x0, y, noise, percent=0, guidance=1.5)
+  np.testing.assert_array_equal(got, x0)
 
 
 @pytest.mark.parametrize('s', [1.0, 1.5])
@@ -88,7 +96,8 @@ def test_full_ddim_matches_numpy_reference(s):
   assert np.abs(np.asarray(got)).max() <= 1.0
 
 
-@pytest.mark.parametrize('percent,official', [(55, False), (29, True), (29, False)])
+@pytest.mark.parametrize('percent,official', [(55, False), (29, True), (29, False),
+                                              (100, False)])
 def test_diffmix_partial_noise_matches_reference(percent, official):
   d = gd.create_diffusion(timestep_respacing='ddim100')
   kept = gd.space_timesteps(1000, 'ddim100')
@@ -97,6 +106,7 @@ def test_diffmix_partial_noise_matches_reference(percent, official):
       d, _linear_model, x0, y, n, percent=percent, guidance=1.5, official_truncation=official))(
           x0, y, noise)
   first = samplers.start_index(100, percent, official)
+  assert percent != 100 or first == 99  # 100 % starts at index N - 1 (t = 990).
   ac = _ref_tables(kept)['ac'][first]
   x_start = np.sqrt(ac) * x0.astype(np.float64) + np.sqrt(1 - ac) * noise
   want = _ref_ddim(kept, x_start, y.astype(np.float64), first, 1.5)
