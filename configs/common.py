@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
   sm.dropout = 0.0  # Dropout in res blocks (official 0).
   sm.dtype = 'bfloat16'  # Compute dtype of convs/matmuls (params stay float32).
   sm.remat = True  # Rematerialise every res/attention block in the backward pass.
+  sm.spade_hidden = 128  # Width of SPADE's shared conv (official 128; smaller only for CPU demos).
 
   c.diffusion.schedule = ds = ml_collections.ConfigDict()
   ds.diffusion_steps = 1000  # Length T of the forward process.

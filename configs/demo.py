@@ -25,6 +25,7 @@ def get_config():
   m.num_head_channels = 32
   m.dtype = 'float32'
   m.remat = False
+  m.spade_hidden = 32  # The official 128 dominates the cost of a model this small.
   t = c.diffusion.train
   t.batch_size = 8
   t.phase1_steps = 1500
@@ -40,4 +41,17 @@ def get_config():
   c.mix.enlarge.shift_low = -4
   c.mix.enlarge.shift_high = 3
   c.hovernet.model.mode = 'fast'
+  # A narrow, shallow HoVer-Net (same geometry as the official fast mode) on 256-px demo tiles.
+  c.hovernet.model.width = 4
+  c.hovernet.model.encoder_units = '1,1,2,1'
+  h = c.hovernet.train
+  h.patch_window = 256  # Demo tiles are 256 px: 4 mirror-mode windows per tile at step 164.
+  h.phase1_epochs = 2
+  h.phase2_epochs = 3
+  h.phase1_batch_size = 8
+  h.phase2_batch_size = 8
+  h.lr = 5e-4
+  h.lr_step_epochs = 2
+  h.val_tiles = 2
+  c.eval.batch_size = 8
   return c

@@ -128,6 +128,7 @@ class SPADEGroupNorm(nn.Module):
   """
   channels: int
   dtype: Dtype = jnp.float32
+  hidden: int = SPADE_HIDDEN  # Width of the shared conv (official 128).
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -135,9 +136,9 @@ class SPADEGroupNorm(nn.Module):
     n = GroupNorm32(affine=False, dtype=jnp.float32)(x)
     k = y.shape[1] // x.shape[1]
     y_r = y[:, ::k, ::k, :].astype(self.dtype)  # top-left pixel of each k×k cell
-    a = nn.relu(conv(SPADE_HIDDEN, 3, y.shape[-1], self.dtype, 'mlp_shared_0')(y_r))
-    gamma = conv(self.channels, 3, SPADE_HIDDEN, self.dtype, 'mlp_gamma')(a)
-    beta = conv(self.channels, 3, SPADE_HIDDEN, self.dtype, 'mlp_beta')(a)
+    a = nn.relu(conv(self.hidden, 3, y.shape[-1], self.dtype, 'mlp_shared_0')(y_r))
+    gamma = conv(self.channels, 3, self.hidden, self.dtype, 'mlp_gamma')(a)
+    beta = conv(self.channels, 3, self.hidden, self.dtype, 'mlp_beta')(a)
     return n * (1.0 + gamma.astype(jnp.float32)) + beta.astype(jnp.float32)
 
 
@@ -195,21 +196,22 @@ class SDMResBlock(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  spade_hidden: int = SPADE_HIDDEN
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array, emb: jax.Array) -> jax.Array:
     """Args: x [B, H, W, Cin]; y [B, S, S, Cy]; emb [B, E] float32. Returns [B, H', W', Cout] in dtype."""
     cin, cout = x.shape[-1], self.out_channels
-    a = nn.silu(SPADEGroupNorm(cin, self.dtype, name='in_norm')(x, y))
+    a = nn.silu(SPADEGroupNorm(cin, self.dtype, self.spade_hidden, name='in_norm')(x, y))
     if self.up:
       a, x = upsample2(a), upsample2(x)
     h = conv(cout, 3, cin, self.dtype, 'in_layers_1')(a.astype(self.dtype))
     e_width = 2 * cout if self.use_scale_shift_norm else cout
     e = dense(e_width, self.emb_channels, jnp.float32, 'emb_layers_1')(nn.silu(emb))
     if self.use_scale_shift_norm:
-      h = film(SPADEGroupNorm(cout, self.dtype, name='out_norm')(h, y), e)  # SPADE first (pitfall 4)
+      h = film(SPADEGroupNorm(cout, self.dtype, self.spade_hidden, name='out_norm')(h, y), e)  # SPADE first (pitfall 4)
     else:
-      h = SPADEGroupNorm(cout, self.dtype, name='out_norm')(
+      h = SPADEGroupNorm(cout, self.dtype, self.spade_hidden, name='out_norm')(
           h.astype(jnp.float32) + e[:, None, None, :].astype(h.dtype), y)
     h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
     h = conv(cout, 3, cout, self.dtype, 'out_layers_2', zero=True)(h.astype(self.dtype))

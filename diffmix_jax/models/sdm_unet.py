@@ -42,6 +42,7 @@ class SDMUNet(nn.Module):
     dropout: dropout rate inside res blocks.
     dtype: compute dtype of convs / matmuls (norms, time MLP and head stay float32).
     remat: rematerialise every res / attention block in the backward pass.
+    spade_hidden: width of each SPADE's shared conv (official 128; smaller for CPU demos).
   """
   image_size: int = 256
   num_channels: int = 256
@@ -58,6 +59,7 @@ class SDMUNet(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.bfloat16
   remat: bool = False
+  spade_hidden: int = layers.SPADE_HIDDEN
 
   @property
   def label_channels(self) -> int:
@@ -125,9 +127,9 @@ class SDMUNet(nn.Module):
         ds *= 2
 
     # Middle.
-    h = sdm_cls(ch, name='middle_block_0', **kw)(h, y, emb)
+    h = sdm_cls(ch, name='middle_block_0', spade_hidden=self.spade_hidden, **kw)(h, y, emb)
     h = attn_cls(self._heads(ch), dt, name='middle_block_1')(h)
-    h = sdm_cls(ch, name='middle_block_2', **kw)(h, y, emb)
+    h = sdm_cls(ch, name='middle_block_2', spade_hidden=self.spade_hidden, **kw)(h, y, emb)
 
     # Decoder: concat (h, skip) (pitfall 9).
     idx = 0
@@ -135,13 +137,15 @@ class SDMUNet(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop().astype(h.dtype)], axis=-1)
         ch = int(mult * mc)
-        h = sdm_cls(ch, name=f'output_blocks_{idx}_0', **kw)(h, y, emb)
+        h = sdm_cls(ch, name=f'output_blocks_{idx}_0', spade_hidden=self.spade_hidden,
+                    **kw)(h, y, emb)
         sub = 1
         if ds in attn_ds:
           h = attn_cls(self._heads(ch), dt, name=f'output_blocks_{idx}_1')(h)
           sub = 2
         if level and i == self.num_res_blocks:
-          h = sdm_cls(ch, up=True, name=f'output_blocks_{idx}_{sub}', **kw)(h, y, emb)
+          h = sdm_cls(ch, up=True, name=f'output_blocks_{idx}_{sub}',
+                      spade_hidden=self.spade_hidden, **kw)(h, y, emb)
           ds //= 2
         idx += 1
 
@@ -182,7 +186,7 @@ def create_sdm(model_config: ml_collections.ConfigDict) -> SDMUNet:
       num_heads=m.num_heads, num_head_channels=m.num_head_channels,
       resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
       learn_sigma=m.learn_sigma, num_classes=m.num_classes, no_instance=m.no_instance,
-      dropout=m.dropout, dtype=_DTYPES[m.dtype], remat=m.remat)
+      dropout=m.dropout, dtype=_DTYPES[m.dtype], remat=m.remat, spade_hidden=m.spade_hidden)
 
 
 def init_params(module: SDMUNet, rng: jax.Array, batch_size: int = 1):
