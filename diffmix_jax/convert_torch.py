@@ -10,7 +10,6 @@
 import json
 import os
 import re
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 from flax import serialization
 from flax import traverse_util
 
+from diffmix_jax import stage_files
 from diffmix_jax.models import sdm_unet
 
 # Flax Dense layers that are kernel-1 Conv1d in the official model ([O, I, 1] weights, sdm.md §2.12).
@@ -159,23 +159,9 @@ def load_sdm(path: str, model_config: ml_collections.ConfigDict):
 # ---- saving ----
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp_' + os.path.basename(path))
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_params(path: str, params) -> None:
   """Writes a params tree as flax.serialization msgpack, atomically (temp file, then os.replace)."""
-  _atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
+  stage_files.atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_params(path: str):
@@ -194,7 +180,7 @@ def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_
   out = os.path.join(out_dir, 'sdm_params.msgpack')
   save_params(out, params)
   cfg = json.dumps(config.diffusion.model.to_dict(), indent=2, sort_keys=True).encode()
-  _atomic_write(os.path.join(out_dir, 'sdm_model_config.json'), cfg)
+  stage_files.atomic_write(os.path.join(out_dir, 'sdm_model_config.json'), cfg)
   return out
 
 
