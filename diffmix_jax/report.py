@@ -1,0 +1,153 @@
+"""Stage `report`: `<workdir>/report/` — metrics baseline vs DiffMix, plots, sample grids, summary.
+
+Reads what the other stages wrote (`eval/<run>.json`, `mixed_labels/`, `synthetic/preview.png`,
+`timings.json`, `config.json`) and writes `metrics.json`, `report.md` and its PNGs, plus the same
+scalars and images to TensorBoard (`report/tb`).
+"""
+
+import io
+import json
+import os
+import pathlib
+
+from absl import logging
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+RUNS = ('baseline', 'diffmix')
+TABLE_KEYS = ('dice', 'aji', 'aji_plus', 'pq', 'f_d', 'acc')
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+  if not path.exists():
+    raise FileNotFoundError(f'{path} does not exist: run the {what} stage first')
+  return json.loads(path.read_text())
+
+
+def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """metrics.json content: per run the evaluate JSON, plus timings and the config name."""
+  root = pathlib.Path(workdir)
+  runs = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
+  out = {'config': config.name, 'dataset': config.data.name}
+  for run in runs:
+    out[run] = _read_json(root / 'eval' / f'{run}.json', 'evaluate')
+  timings = root / 'timings.json'
+  out['timings_s'] = json.loads(timings.read_text()) if timings.exists() else {}
+  return out
+
+
+def _figure_png(fig) -> bytes:
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  return buf.getvalue()
+
+
+def f1_bars(metrics: dict, class_names: list[str]) -> bytes:
+  """Per-class F_c bars, one bar per run."""
+  runs = [r for r in RUNS if r in metrics]
+  classes = sorted({int(c) for r in runs for c in metrics[r]['f_c'] if int(c) > 0})
+  fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(classes), 3.2))
+  width = 0.8 / max(len(runs), 1)
+  for k, run in enumerate(runs):
+    values = [metrics[run]['f_c'].get(str(c), np.nan) for c in classes]
+    ax.bar(np.arange(len(classes)) + k * width, values, width, label=run)
+  ax.set_xticks(np.arange(len(classes)) + width * (len(runs) - 1) / 2)
+  ax.set_xticklabels([class_names[c] if c < len(class_names) else str(c) for c in classes])
+  ax.set_ylabel('F1 (F_c)')
+  ax.set_ylim(0, 1)
+  ax.legend()
+  ax.set_title('Per-class detection+classification F1 on the test split')
+  return _figure_png(fig)
+
+
+def metrics_table(metrics: dict, class_names: list[str]) -> str:
+  """Markdown table: one row per run, columns Dice, AJI, AJI+, PQ, F_d, acc, F_c per class."""
+  runs = [r for r in RUNS if r in metrics]
+  classes = sorted({int(c) for r in runs for c in metrics[r]['f_c'] if int(c) > 0})
+  head = ['run'] + [k.replace('_', ' ').upper() if k != 'f_d' else 'F_d' for k in TABLE_KEYS] + [
+      f'F_c {class_names[c] if c < len(class_names) else c}' for c in classes]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for run in runs:
+    m = metrics[run]
+    row = [run] + [f'{m[k]:.4f}' for k in TABLE_KEYS] + [
+        f'{m["f_c"][str(c)]:.4f}' if str(c) in m['f_c'] else '—' for c in classes]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+  """Writes every report file; returns the report folder."""
+  root = pathlib.Path(workdir)
+  out = stage_files.StageDir(workdir, 'report')
+  metrics = collect(config, workdir)
+  names = [n.strip() for n in config.data.class_names.split(',')]
+  out.write_text('metrics.json', json.dumps(metrics, indent=2))
+  out.write_bytes('f1_per_class.png', f1_bars(metrics, names))
+  copied = {}
+  for src, dst in ((root / 'mixed_labels' / 'class_histogram.png', 'class_histogram.png'),
+                   (root / 'mixed_labels' / 'preview.png', 'mixed_labels_preview.png'),
+                   (root / 'synthetic' / 'preview.png', 'synthetic_samples.png')):
+    if src.exists():
+      out.write_bytes(dst, src.read_bytes())
+      copied[dst] = True
+  summary = {}
+  mixed_summary = root / 'mixed_labels' / 'summary.json'
+  if mixed_summary.exists():
+    summary = json.loads(mixed_summary.read_text())
+  md = [f'# DiffMix report: {config.name} ({config.data.name})', '',
+        '## Segmentation and classification on the test split', '',
+        metrics_table(metrics, names), '',
+        'Dice, AJI, AJI+ and PQ are means over test tiles; F_d (detection F1), acc and F_c '
+        '(per-class F1, HoVer-Net weights 2,2,1,1) are pooled over the split (hovernet.md §5).', '',
+        '![per-class F1](f1_per_class.png)', '']
+  if summary:
+    md += ['## Label maps before and after mixing', '',
+           f"Replacements: {summary.get('replacements')} of {summary.get('targets')} targets; "
+           f"normalised class entropy {summary.get('normalised_entropy_before', 0):.3f} → "
+           f"{summary.get('normalised_entropy_after', 0):.3f}; enlarging moved "
+           f"{summary.get('enlarge_moved_per_patch', 0):.2f} nuclei per patch.", '']
+  if 'class_histogram.png' in copied:
+    md += ['![class counts before and after balancing](class_histogram.png)', '']
+  if 'synthetic_samples.png' in copied:
+    md += ['## Synthetic samples', '',
+           'Columns: mixed label (classes in colour), original image crop, synthetic image, '
+           'synthetic image with instance contours.', '',
+           '![synthetic samples](synthetic_samples.png)', '']
+  md += ['## Timings (seconds, first full run of each stage)', '', '| stage | s |', '|---|---|']
+  md += [f'| {k} | {v:.1f} |' for k, v in metrics['timings_s'].items()]
+  md += ['', '## Config', '', '```', config.to_json_best_effort(indent=1)[:20000], '```', '']
+  out.write_text('report.md', '\n'.join(md))
+  _to_tensorboard(out.path, metrics)
+  return out.path
+
+
+def _to_tensorboard(path: pathlib.Path, metrics: dict) -> None:
+  from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  writer = train_lib.create_writer(str(path / 'tb'))
+  for run in RUNS:
+    if run in metrics:
+      scalars = {f'{run}/{k}': metrics[run][k] for k in TABLE_KEYS}
+      scalars.update({f'{run}/f_c_{c}': v for c, v in metrics[run]['f_c'].items()})
+      writer.write_scalars(0, scalars)
+  images = {p.stem: np.asarray(Image.open(p).convert('RGB'))[None] for p in path.glob('*.png')}
+  writer.write_images(0, images)
+  writer.flush()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Stage entry: writes the report; no-op when done (delete report/ to redraw it)."""
+  out = stage_files.StageDir(workdir, 'report')
+  if out.done():
+    logging.info('report: already done (%s)', out.path)
+    return
+  path = write_report(config, workdir)
+  out.mark_done()
+  logging.info('report: %s', os.path.join(path, 'report.md'))

@@ -1,0 +1,60 @@
+"""Tests of the report stage on stage outputs written here."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from configs import tiny
+from diffmix_jax import report
+
+
+def _eval_json(dice, f_c):
+  return {'dice': dice, 'aji': dice - 0.1, 'aji_plus': dice - 0.08, 'dq': 0.7, 'sq': 0.8,
+          'pq': dice - 0.2, 'f_d': 0.9, 'acc': 0.8, 'f_c': f_c, 'per_image': {}, 'num_images': 8,
+          'num_true': 382, 'num_pred': 370}
+
+
+def _png(path, colour):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(np.full((8, 12, 3), colour, np.uint8)).save(path)
+
+
+def test_report_files_and_noop_rerun(tmp_path):
+  (tmp_path / 'eval').mkdir()
+  base = _eval_json(0.8125, {'1': 0.25, '2': 0.5, '3': 0.75, '4': 0.625})
+  mix = _eval_json(0.8250, {'1': 0.375, '2': 0.5, '3': 0.75, '4': 0.625})
+  (tmp_path / 'eval' / 'baseline.json').write_text(json.dumps(base))
+  (tmp_path / 'eval' / 'diffmix.json').write_text(json.dumps(mix))
+  (tmp_path / 'timings.json').write_text(json.dumps({'diffusion_train': 12.5, 'sample': 3.25}))
+  (tmp_path / 'mixed_labels').mkdir()
+  (tmp_path / 'mixed_labels' / 'summary.json').write_text(json.dumps(
+      {'replacements': 7, 'targets': 9, 'normalised_entropy_before': 0.8,
+       'normalised_entropy_after': 0.9, 'enlarge_moved_per_patch': 2.5}))
+  _png(tmp_path / 'mixed_labels' / 'class_histogram.png', 10)
+  _png(tmp_path / 'synthetic' / 'preview.png', 200)
+  config = tiny.get_config()
+  report.run(config, str(tmp_path))
+  out = tmp_path / 'report'
+  metrics = json.loads((out / 'metrics.json').read_text())
+  assert metrics['baseline'] == base and metrics['diffmix'] == mix
+  assert metrics['config'] == 'tiny' and metrics['timings_s']['sample'] == 3.25
+  md = (out / 'report.md').read_text()
+  # The table row of each run holds its numbers; F_c per class named from config.data.class_names.
+  assert '| baseline | 0.8125 | 0.7125 | 0.7325 | 0.6125 | 0.9000 | 0.8000 | 0.2500 |' in md
+  assert '| diffmix | 0.8250 |' in md and 'F_c other' in md and 'F_c spindle' in md
+  assert 'Replacements: 7 of 9 targets' in md and '| sample | 3.2 |' in md
+  for name in ('f1_per_class.png', 'class_histogram.png', 'synthetic_samples.png'):
+    assert (out / name).stat().st_size > 0 and f'({name})' in md
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'synthetic_samples.png'))[0, 0], 200)
+  assert list((out / 'tb').glob('events.out.tfevents.*'))
+  stamp = (out / 'report.md').stat().st_mtime_ns
+  report.run(config, str(tmp_path))
+  assert (out / 'report.md').stat().st_mtime_ns == stamp  # Finished: a rerun is a no-op.
+
+
+def test_missing_evaluation_names_the_file(tmp_path):
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match=r'eval/baseline\.json does not exist: run the '
+                     'evaluate stage first'):
+    report.run(tiny.get_config(), str(tmp_path))
