@@ -121,10 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   hm.mode = 'original'  # original (270->80) | fast (256->164).
   hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
   hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
-  hm.width = 1  # Divisor of every channel count: 1 = official network, 8 = tiny (tests).
+  hm.width = 1  # Divisor of every channel count: 1 = official network, 16 = tiny (tests).
   c.hovernet.train = ht = ml_collections.ConfigDict()
   ht.runs = 'baseline,diffmix'  # Training runs: real only, and real + synthetic.
-  ht.synthetic_dir = ''  # Synthetic set (Images/*.png + Labels/*.mat) ('' = <workdir>/synthetic).
+  ht.synthetic_dir = ''  # Images/*.png + Labels/*.mat ('' = <workdir>/synthetic/consep_format).
   ht.synthetic_ratio = -1.0  # Synthetic patches per real patch each epoch (-1 = all, once each).
   ht.patch_window = 540  # Mirror-mode training patch side (hovernet.md §6.3).
   ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).

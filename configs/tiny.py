@@ -21,11 +21,11 @@ def get_config():
   m.num_head_channels = 32
   t = c.diffusion.train
   t.batch_size = 8
-  t.phase1_steps = 6
-  t.phase2_steps = 4
-  t.log_every_steps = 2
-  t.checkpoint_every_steps = 3
-  t.sample_every_steps = 0
+  t.phase1_steps = 12  # Long enough for the tests to kill a run between checkpoints.
+  t.phase2_steps = 8
+  t.log_every_steps = 1
+  t.checkpoint_every_steps = 4
+  t.sample_every_steps = 10
   c.sample.patch_size = 32
   c.sample.grid_stride = 224
   c.sample.timestep_respacing = 'ddim10'
@@ -35,13 +35,13 @@ def get_config():
   c.mix.enlarge.shift_low = -2
   c.mix.enlarge.shift_high = 1
   hm, h = c.hovernet.model, c.hovernet.train
-  hm.width = 8  # Tiny HoVer-Net: channels / 8, one unit per encoder group.
+  hm.width = 16  # Tiny HoVer-Net: channels / 16, one unit per encoder group.
   hm.encoder_units = '1,1,1,1'
   h.patch_window = 256  # One 256-px window per demo tile.
   h.patch_step = 256
   h.phase1_epochs = 1
   h.phase2_epochs = 1
   h.log_every_steps = 2
-  h.val_tiles = 1
+  h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
   h.loader_threads = 2
   return c

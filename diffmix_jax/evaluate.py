@@ -8,7 +8,8 @@ Files are matched by name; each holds `inst_map` [H, W], `inst_type` [N(, 1)] (t
 tile output writes it; without it rows describe the distinct non-zero ids of `inst_map` in ascending order).
 Instance metrics are means over images, detection/type metrics are pooled (hovernet.md §5; the
 conventions for empty images are in `seg_metrics`). The HoVer-Net stage calls `evaluate_arrays` and
-`evaluate_dirs` for its validation and final evaluation.
+`evaluate_dirs` for its validation and final evaluation; `run` is the `evaluate` stage (tiled
+inference of the test tiles per HoVer-Net run, then these metrics).
 """
 
 import json
@@ -257,6 +258,69 @@ def format_table(metrics: dict[str, Any]) -> str:
   lines.append(f'images {metrics["num_images"]}  true nuclei {metrics["num_true"]}  '
                f'predicted nuclei {metrics["num_pred"]}')
   return '\n'.join(lines)
+
+
+def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out) -> None:
+  """Predicts this process's test tiles for one run, then (process 0) scores them to JSON."""
+  import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
+  pred_dir, true_dir = out.path / run / 'pred', out.path / run / 'true'
+  pred_dir.mkdir(parents=True, exist_ok=True)
+  true_dir.mkdir(parents=True, exist_ok=True)
+  variables = hovernet_infer.load_variables(hovernet_infer.variables_path(workdir, run), module)
+  predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
+  mine = [tiles[i] for i in eval_indices_for(len(tiles))]
+  progress = train_lib.create_progress(len(mine), None)
+  for k, tile in enumerate(mine):
+    if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
+      save_mat(true_dir / f'{tile["name"]}.mat',
+               hovernet_infer.true_record(tile['inst_map'], tile['type_map']))
+      save_mat(pred_dir / f'{tile["name"]}.mat',
+               hovernet_infer.predict_record(predict, module, tile['image']))
+    progress(k + 1)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'evaluate {run} predicted')
+  if jax.process_index() == 0:
+    metrics = evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
+                            weights=[float(v) for v in config.eval.f_c_weights.split(',')])
+    write_json(metrics, out.path / f'{run}.json')
+    print(f'evaluate {run}:\n{format_table(metrics)}')
+
+
+def eval_indices_for(n: int) -> list[int]:
+  """This process's share of n test tiles (input_pipeline.eval_indices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.eval_indices(n, jax.process_index(), jax.process_count())
+
+
+def run(config, workdir: str) -> None:
+  """Stage `evaluate`: every run of config.hovernet.train.runs on the test split (hovernet.md §5, §7).
+
+  Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
+  `evaluate_dirs`) and `<workdir>/eval/DONE`; a rerun of a finished stage is a no-op, and a killed one
+  keeps the tiles and runs it already finished.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
+  out = stage_files.StageDir(workdir, 'eval')
+  if out.done():
+    logging.info('evaluate: already done (%s)', out.path)
+    return
+  runs = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
+  module = hovernet.create_hovernet(config.hovernet.model)
+  tiles = input_pipeline.load_split(config, workdir, 'test')
+  for name in runs:
+    if (out.path / f'{name}.json').exists():
+      continue
+    _evaluate_run(config, workdir, name, tiles, module, out)
+  if jax.process_index() == 0:
+    out.mark_done({'runs': runs, 'tiles': len(tiles)})
 
 
 def main(argv: Sequence[str]) -> None:

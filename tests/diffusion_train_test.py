@@ -14,15 +14,11 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffmix_jax import build_data
 from diffmix_jax import diffusion_train
 from diffmix_jax import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# A run long enough to kill after its first checkpoint (step 4) and before it ends (step 20).
-RUN_OVERRIDES = {'diffusion.train.phase1_steps': 12, 'diffusion.train.phase2_steps': 8,
-                 'diffusion.train.checkpoint_every_steps': 4, 'diffusion.train.log_every_steps': 1,
-                 'diffusion.train.sample_every_steps': 10}
+# configs/tiny.py trains 12 + 8 steps, checkpoints every 4, logs every step, samples every 10.
 
 
 def _config(**overrides):
@@ -34,10 +30,6 @@ def _config(**overrides):
       node = node[part]
     node[leaf] = value
   return c
-
-
-def _flags(overrides):
-  return [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
 def _batches(config, n, seed=0):
@@ -67,7 +59,7 @@ def _train(config, devices, batches):
 
 # A 16x16 model keeps the in-process tests cheap.
 SMALL = {'data.crop_size': 16, 'diffusion.model.image_size': 16,
-         'diffusion.model.attention_resolutions': '8'}
+         'diffusion.model.channel_mult': '1', 'diffusion.model.attention_resolutions': '16'}
 
 
 def test_one_and_eight_devices_give_the_same_losses_and_params():
@@ -100,13 +92,9 @@ def test_label_drop_rates_through_the_step_function():
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory):
-  """An uninterrupted run of the stage, in process, on the demo data."""
-  workdir = tmp_path_factory.mktemp('reference')
-  config = _config(**RUN_OVERRIDES)
-  build_data.run(config, str(workdir))
-  diffusion_train.run(config, str(workdir))
-  return workdir
+def reference_run(tiny_trained):
+  """An uninterrupted in-process run of the stage on the demo data (shared with other tests)."""
+  return tiny_trained
 
 
 def _read_events(logdir):
@@ -141,7 +129,7 @@ def _main(workdir, data_dir, *extra, env=None):
   return subprocess.Popen(
       [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
        str(workdir), '--config.stages=diffusion_train', f'--config.data.data_dir={data_dir}',
-       *_flags(RUN_OVERRIDES), *extra],
+       *extra],
       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -176,7 +164,7 @@ def test_kill_and_resume_equals_uninterrupted_run(reference_run, tmp_path):
 
 def _checkpoint_params(workdir):
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  c = _config(**RUN_OVERRIDES)
+  c = _config()
   trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
   from diffmix_jax import checkpoint  # pylint: disable=g-import-not-at-top
   manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
@@ -193,7 +181,12 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(reference_run, tmp_path):
+def test_two_processes_match_one_process(reference_run, tmp_path):
+  """2 processes x 2 CPU devices over 127.0.0.1 give the single-process losses.
+
+  The single-process reference runs on 8 devices; the device count itself does not change the losses
+  (test_one_and_eight_devices_give_the_same_losses_and_params).
+  """
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
   port = _free_port()
   data_dir = reference_run / 'tfds'
@@ -201,17 +194,18 @@ def test_two_processes_match_one_process_with_four_devices(reference_run, tmp_pa
                  f'--config.mesh.coordinator_address=127.0.0.1:{port}',
                  '--config.mesh.num_processes=2', f'--config.mesh.process_id={i}',
                  '--config.mesh.initialization_timeout=60', '--config.mesh.heartbeat_timeout=30',
-                 env=env) for i in range(2)]
+                 # Gloo's 30 s rendezvous can expire while one process compiles the preview
+                 # sampler on a loaded 2-core machine; previews do not change the losses.
+                 '--config.diffusion.train.sample_every_steps=0', env=env) for i in range(2)]
   logs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  env4 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  single = _main(tmp_path / 'single', data_dir, env=env4)
-  log = single.communicate(timeout=600)[0]
-  assert single.returncode == 0, log[-3000:]
+  assert [p.returncode for p in procs] == [0, 0], '\n\n'.join(
+      f'--- process {i} (exit {p.returncode}):\n{log[-2500:]}' for i, (p, log) in
+      enumerate(zip(procs, logs)))
   multi = [float(tf_tensor_value(e)) for e in _read_events(
       tmp_path / 'multi' / 'diffusion' / 'tb').Tensors('loss')]
   one = [float(tf_tensor_value(e)) for e in _read_events(
-      tmp_path / 'single' / 'diffusion' / 'tb').Tensors('loss')]
+      reference_run / 'diffusion' / 'tb').Tensors('loss')]
   assert len(one) == 20
   np.testing.assert_allclose(multi, one, atol=1e-5, rtol=0)
+  # Both processes finished the same run: one EMA file, written by process 0.
+  assert (tmp_path / 'multi' / 'diffusion' / diffusion_train.EMA_FILE).exists()

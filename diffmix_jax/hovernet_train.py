@@ -1,0 +1,442 @@
+"""Stage `hovernet_train`: HoVer-Net on real (+ synthetic) patches, both phases, data-parallel, resumable.
+
+For each run of `config.hovernet.train.runs` (`baseline`: real patches only; `diffmix`: real plus the
+synthetic set under `<workdir>/synthetic/`), phase 1 (encoder frozen as a gradient path, §1.5) then
+phase 2 (all trainable, fresh Adam, restarted StepLR), hovernet.md §3. Outputs under
+`<workdir>/hovernet_<run>/`: orbax checkpoints, TensorBoard events, `variables.msgpack` (eval
+variables for the evaluate stage) and `DONE`.
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+from absl import logging
+import cv2
+import flax
+from flax import serialization
+from flax import traverse_util
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from scipy import io as sio
+
+from diffmix_jax import checkpoint
+from diffmix_jax import evaluate
+from diffmix_jax import hovernet_augment
+from diffmix_jax import hovernet_infer
+from diffmix_jax import hovernet_targets
+from diffmix_jax import input_pipeline
+from diffmix_jax import labels
+from diffmix_jax import sharding
+from diffmix_jax import stage_files
+from diffmix_jax import train_lib
+from diffmix_jax.models import hovernet
+
+RUNS = ('baseline', 'diffmix')
+
+
+# ---------------------------------------------------------------- data ---------------------------
+
+def read_synthetic(folder: str | os.PathLike) -> list[dict]:
+  """The synthetic patch set, CoNSeP layout: `Images/<name>.png` + `Labels/<name>.mat`.
+
+  This is the reader contract with the `sample` stage, whose `synthetic_io.export_consep` writes
+  `<workdir>/synthetic/consep_format/`: each `.mat` holds `inst_map` and `type_map` [H, W] (merged
+  classes), each PNG the RGB image of the same size.
+
+  Returns:
+    A list of {`name`, `image` uint8 [H, W, 3], `inst_map` int32, `type_map` int32} in name order.
+
+  Raises:
+    FileNotFoundError: when the folder or its Images/Labels parts are missing or empty.
+    ValueError: naming the file, for a missing key or mismatched sizes.
+  """
+  folder = pathlib.Path(folder)
+  images = sorted((folder / 'Images').glob('*.png')) if (folder / 'Images').is_dir() else []
+  if not images:
+    raise FileNotFoundError(
+        f'{folder}/Images/*.png: no synthetic patches. The `diffmix` HoVer-Net run needs the '
+        'synthetic set written by the `sample` stage (Images/<name>.png + Labels/<name>.mat with '
+        'inst_map and type_map); run that stage first, or train only the `baseline` run '
+        '(--config.hovernet.train.runs=baseline)')
+  out = []
+  for path in images:
+    mat_path = folder / 'Labels' / f'{path.stem}.mat'
+    if not mat_path.exists():
+      raise FileNotFoundError(f'{mat_path}: missing label file for {path}')
+    mat = sio.loadmat(str(mat_path))
+    for key in ('inst_map', 'type_map'):
+      if key not in mat:
+        raise ValueError(f'{mat_path}: no {key!r} key; expected inst_map and type_map [H, W]')
+    image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    inst, types = mat['inst_map'].astype(np.int32), mat['type_map'].astype(np.int32)
+    if inst.shape != image.shape[:2] or types.shape != image.shape[:2]:
+      raise ValueError(f'{mat_path}: label maps {inst.shape}/{types.shape} differ from the image '
+                       f'{image.shape[:2]} of {path}')
+    out.append({'name': path.stem, 'image': image, 'inst_map': inst, 'type_map': types})
+  return out
+
+
+class PatchSet:
+  """Training items: mirror-mode windows of real tiles (§6.3) followed by whole synthetic patches."""
+
+  def __init__(self, tiles: list[dict], synthetic: list[dict], window: int, step: int,
+               synthetic_ratio: float):
+    self.images, self.labels, self.offsets = [], [], []
+    for i, t in enumerate(tiles):
+      self.images.append(hovernet_targets.mirror_pad(np.asarray(t['image'], np.uint8), window, step))
+      self.labels.append(hovernet_targets.mirror_pad(
+          np.stack([t['inst_map'], t['type_map']], axis=-1).astype(np.int32), window, step))
+      self.offsets += [(i, r, c) for r, c in
+                       hovernet_targets.patch_offsets(self.images[-1].shape[:2], window, step)]
+    self.window, self.synthetic = window, synthetic
+    n_syn = len(synthetic) if synthetic_ratio < 0 else int(round(synthetic_ratio * len(self.offsets)))
+    self.num_synthetic = n_syn if synthetic else 0
+
+  def __len__(self) -> int:
+    return len(self.offsets) + self.num_synthetic
+
+  def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if k < len(self.offsets):
+      i, r, c = self.offsets[k]
+      win = (slice(r, r + self.window), slice(c, c + self.window))
+      lab = self.labels[i][win]
+      return self.images[i][win], lab[..., 0], lab[..., 1]
+    s = self.synthetic[(k - len(self.offsets)) % len(self.synthetic)]
+    return s['image'], s['inst_map'], s['type_map']
+
+
+def make_example(item, rng: np.random.Generator, input_size: int, output_size: int,
+                 augment: bool) -> dict:
+  """One training example (hovernet.md §2.1): shape aug, intensity aug, targets.
+
+  Returns:
+    `image` uint8 [I, I, 3], `np`, `tp` int32 [O, O], `hv` float32 [O, O, 2].
+  """
+  image, inst, types = item
+  image, inst, types = hovernet_augment.shape_augment(rng, image, inst, types, input_size, augment)
+  if augment:
+    image = hovernet_augment.intensity_augment(rng, image)
+  return {'image': image, **hovernet_targets.targets(inst, types, output_size)}
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> np.ndarray:
+  """Global batch `step` of an epoch-wise reshuffled stream with drop_last (seeded per epoch)."""
+  per_epoch = n // global_batch
+  epoch, k = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return order[k * global_batch:(k + 1) * global_batch]
+
+
+def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, start: int,
+                   total: int, input_size: int, output_size: int, augment: bool,
+                   num_threads: int) -> Any:
+  """Iterator over this process's rows of global batches start..total-1 (a pure function of step)."""
+  local = global_batch // jax.process_count()
+  lo = jax.process_index() * local
+
+  def load(step: int) -> dict:
+    rows = batch_indices(len(patches), step, global_batch, phase_seed)[lo:lo + local]
+    exs = [make_example(patches[int(j)], np.random.default_rng([phase_seed, step, lo + i]),
+                        input_size, output_size, augment) for i, j in enumerate(rows)]
+    return {key: np.stack([e[key] for e in exs]) for key in exs[0]}
+
+  ds = grain.MapDataset.range(start, total).map(load)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_threads, 1),
+                                                   prefetch_buffer_size=max(2 * num_threads, 2))))
+
+
+# ---------------------------------------------------------------- losses -------------------------
+
+def xentropy(logits: jax.Array, labels_: jax.Array, n: int) -> jax.Array:
+  """CE of §3.1: softmax, clamp to [1e-7, 1 - 1e-7], mean over N*H*W."""
+  p = jnp.clip(jax.nn.softmax(logits, axis=-1), 1e-7, 1.0 - 1e-7)
+  y = jax.nn.one_hot(labels_, n)
+  return -jnp.mean(jnp.sum(y * jnp.log(p), axis=-1))
+
+
+def dice_loss(logits: jax.Array, labels_: jax.Array, n: int) -> jax.Array:
+  """Dice of §3.1 summed over all channels, background included, smoothing 1e-3."""
+  p, y = jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels_, n)
+  inter = jnp.sum(p * y, axis=(0, 1, 2))
+  return jnp.sum(1.0 - (2.0 * inter + 1e-3) / (jnp.sum(p, (0, 1, 2)) + jnp.sum(y, (0, 1, 2)) + 1e-3))
+
+
+def _msge_kernel() -> np.ndarray:
+  """[5, 5, 1, 2] HWIO: out channel 0 = K_row (applied to x), 1 = K_col (applied to y), §3.1."""
+  a, b = np.meshgrid(np.arange(-2, 3), np.arange(-2, 3), indexing='ij')  # a = row, b = column.
+  den = a * a + b * b + 1e-15
+  return np.stack([a / den, b / den], axis=-1)[:, :, None, :].astype(np.float32)
+
+
+def hv_gradient(hv: jax.Array) -> jax.Array:
+  """G(hv) of §3.1 (the shipped cross-derivative form, pitfall 10): [N, H, W, 2] -> same."""
+  return jax.lax.conv_general_dilated(hv, jnp.asarray(_msge_kernel()), (1, 1), [(2, 2), (2, 2)],
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=2)
+
+
+def msge_loss(pred: jax.Array, true: jax.Array, nuclei: jax.Array) -> jax.Array:
+  """Sum m (G(pred) - G(true))^2 / (sum m + 1e-8), m = NP mask on both channels (§3.1)."""
+  m = jnp.repeat(nuclei[..., None].astype(jnp.float32), 2, axis=-1)
+  d = hv_gradient(pred) - hv_gradient(true)
+  return jnp.sum(m * d * d) / (jnp.sum(m) + 1e-8)
+
+
+def compute_losses(out: dict, batch: dict, nr_types: int | None, mse_weight: float) -> dict:
+  """All loss terms and the total (§3.1; weights 1, MSE weighted by `mse_weight`)."""
+  t = {'np_ce': xentropy(out['np'], batch['np'], 2), 'np_dice': dice_loss(out['np'], batch['np'], 2),
+       'hv_mse': jnp.mean((out['hv'] - batch['hv']) ** 2),
+       'hv_msge': msge_loss(out['hv'], batch['hv'], batch['np'])}
+  if nr_types:
+    t['tp_ce'] = xentropy(out['tp'], batch['tp'], nr_types)
+    t['tp_dice'] = dice_loss(out['tp'], batch['tp'], nr_types)
+  t['loss'] = sum(v * (mse_weight if k == 'hv_mse' else 1.0) for k, v in t.items())
+  return t
+
+
+# ---------------------------------------------------------------- state and step -----------------
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], steps done over both phases.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  first_bad_step: jax.Array  # int32 [], first step with a non-finite loss, -1 if none.
+
+
+def _frozen_mask(tree) -> Any:
+  """Pytree of bools: True where a leaf is frozen in phase 1 (hovernet.md §1.5)."""
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({p: hovernet.is_frozen_in_phase1(p) for p in flat})
+
+
+def train_step(state: TrainState, batch: dict, *, module, tx, phase1: bool, mse_weight: float,
+               freeze_bn_stats: bool) -> tuple[TrainState, dict]:
+  """One Adam step on the §3.1 loss; phase 1 freezes the encoder as a gradient path (pitfall 1).
+
+  Args:
+    state: the train state (donated).
+    batch: `image` uint8 [B, I, I, 3]; `np`, `tp` int32 [B, O, O]; `hv` float32 [B, O, O, 2].
+
+  Returns:
+    (new state, metrics of float32 scalars); a non-finite loss keeps the old state.
+  """
+  def loss_fn(params):
+    out, upd = module.apply({'params': params, 'batch_stats': state.batch_stats},
+                            batch['image'].astype(jnp.float32), train=True, freeze=phase1,
+                            mutable=['batch_stats'])
+    terms = compute_losses(out, batch, module.nr_types, mse_weight)
+    return terms['loss'], (terms, upd['batch_stats'])
+
+  (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if phase1:  # Belt and braces: frozen leaves get exactly zero gradient (Adam then moves nothing).
+    grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, _frozen_mask(grads))
+    if freeze_bn_stats:
+      batch_stats = jax.tree.map(lambda new, old, f: old if f else new, batch_stats,
+                                 state.batch_stats, _frozen_mask(batch_stats))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
+      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                               state.first_bad_step))
+  metrics = dict(terms, grad_norm=optax.global_norm(grads))
+  return new_state, metrics
+
+
+def step_lr(lr: float, decay_steps: int, gamma: float) -> optax.Schedule:
+  """StepLR stepped per epoch (§3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
+  return lambda count: jnp.where(count < decay_steps, lr, lr * gamma).astype(jnp.float32)
+
+
+@dataclasses.dataclass
+class Trainer:
+  module: hovernet.HoVerNet
+  abstract_state: TrainState
+  state_sharding: Any
+  init: Callable[[jax.Array], TrainState]
+  steps: tuple[Callable, Callable]  # Jitted phase-1 and phase-2 steps (donate the state).
+  reset_optimizer: Callable[[TrainState], TrainState]  # Fresh phase-2 Adam (moments and count).
+
+
+def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tuple[int, int]):
+  """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps."""
+  tc = config.hovernet.train
+  module = hovernet.create_hovernet(config.hovernet.model)
+  txs = [train_lib.adam(step_lr(tc.lr, tc.lr_step_epochs * spe, tc.lr_gamma))
+         for spe in steps_per_epoch]
+  size = module.patch_shapes[0]
+
+  def init(rng):
+    v = module.init(rng, jnp.zeros((1, size, size, 3)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                      batch_stats=v['batch_stats'], opt_state=txs[0].init(v['params']),
+                      first_bad_step=jnp.full((), -1, jnp.int32))
+
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.state_shardings(abstract_state, mesh, False)
+  steps = tuple(jax.jit(
+      functools.partial(train_step, module=module, tx=tx, phase1=p == 0, mse_weight=tc.mse_weight,
+                        freeze_bn_stats=tc.phase1_freeze_bn_stats),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+      for p, tx in enumerate(txs))
+  reset = jax.jit(lambda s: s.replace(opt_state=txs[1].init(s.params)),
+                  in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=0)
+  return Trainer(module, abstract_state, state_sh, jax.jit(init, out_shardings=state_sh), steps,
+                 reset)
+
+
+# ---------------------------------------------------------------- validation ---------------------
+
+def validate(module, variables, tiles: list[dict], batch_size: int, eval_config) -> tuple[dict, Any]:
+  """Tiled inference + post-processing + `evaluate.evaluate_arrays` on validation tiles.
+
+  Returns:
+    (scalars dice, aji, pq, f_d, acc; overlay image uint8 [H, 3W, 3] of the first tile:
+    image | truth | prediction, instance edges drawn in their type colour).
+  """
+  predict = hovernet_infer.create_predictor(module, variables, batch_size)
+  pairs, names, overlay = [], [], None
+  for t in tiles:
+    pred = hovernet_infer.predict_record(predict, module, t['image'])
+    pairs.append((hovernet_infer.true_record(t['inst_map'], t['type_map']), pred))
+    names.append(t['name'])
+    if overlay is None:
+      pred_types = np.zeros_like(pred['inst_map'])
+      for uid, typ in zip(pred['inst_uid'], pred['inst_type']):
+        pred_types[pred['inst_map'] == uid] = typ
+      draw = lambda inst, typ: np.where(labels.edge_map(inst)[..., None],
+                                        train_lib.colour_labels(typ), t['image'])
+      overlay = np.concatenate([t['image'], draw(t['inst_map'], t['type_map']),
+                                draw(pred['inst_map'], pred_types)], axis=1).astype(np.uint8)
+  m = evaluate.evaluate_arrays(pairs, names=names, radius=eval_config.match_radius,
+                               weights=[float(v) for v in eval_config.f_c_weights.split(',')])
+  return {f'val_{k}': float(m[k]) for k in ('dice', 'aji', 'pq', 'f_d', 'acc')}, overlay
+
+
+# ---------------------------------------------------------------- stage --------------------------
+
+def _run_config(run: str) -> None:
+  if run not in RUNS:
+    raise ValueError(f'config.hovernet.train.runs: unknown run {run!r}; expected a comma list of '
+                     f'{", ".join(RUNS)}')
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
+              tiles: list[dict] | None = None, val_tiles: list[dict] | None = None) -> None:
+  """Trains one run through both phases; resumes; no-op when its DONE marker exists.
+
+  Args:
+    config: the full config.
+    workdir: the run's workdir.
+    run: 'baseline' or 'diffmix'.
+    tiles: training tiles (default: the dataset's train split); `name`, `image` uint8 [H, W, 3],
+      `inst_map`, `type_map` int32 [H, W].
+    val_tiles: validation tiles (default: the first `val_tiles` tiles of the test split).
+  """
+  _run_config(run)
+  out = stage_files.StageDir(workdir, f'hovernet_{run}')
+  if out.done():
+    logging.info('hovernet_train: run %s already done (%s)', run, out.path)
+    return
+  tc = config.hovernet.train
+  synthetic = []
+  if run == 'diffmix':
+    synthetic = read_synthetic(tc.synthetic_dir or
+                               os.path.join(workdir, 'synthetic', 'consep_format'))
+  if tiles is None:
+    tiles = input_pipeline.load_split(config, workdir, 'train')
+  if val_tiles is None:
+    val_tiles = (input_pipeline.load_split(config, workdir, 'test')[:tc.val_tiles]
+                 if tc.val_tiles else [])
+  patches = PatchSet(tiles, synthetic, tc.patch_window, tc.patch_step, tc.synthetic_ratio)
+  batches = (tc.phase1_batch_size, tc.phase2_batch_size)
+  mesh = sharding.create_mesh(config.mesh)
+  for b, field in zip(batches, ('phase1_batch_size', 'phase2_batch_size')):
+    sharding.check_batch(b, mesh, f'hovernet.train.{field}')
+    if len(patches) < b:
+      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(patches)} patches')
+  spe = tuple(len(patches) // b for b in batches)
+  phase_steps = (tc.phase1_epochs * spe[0], tc.phase2_epochs * spe[1])
+  total = sum(phase_steps)
+  trainer = create_trainer(config, mesh, spe)
+  input_size, output_size = trainer.module.patch_shapes
+  manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
+  restored = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  if restored is None:
+    state, start = trainer.init(jax.random.key(config.seed)), 0
+  else:
+    start, state, _ = restored
+    logging.info('hovernet_train: run %s resumed from step %d', run, start)
+  train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
+  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  if start == 0:
+    train_lib.log_overview(config, jax.device_get(state.params))
+  progress = train_lib.create_progress(total, writer)
+  logging.info('hovernet_train %s: %d patches (%d synthetic), %d + %d steps', run, len(patches),
+               patches.num_synthetic, *phase_steps)
+  for phase in (0, 1):
+    lo, hi = (0, phase_steps[0]) if phase == 0 else (phase_steps[0], total)
+    if start >= hi:
+      continue
+    if phase == 1 and start == phase_steps[0]:
+      state = trainer.reset_optimizer(state)  # Weights only carry over (§3.2).
+    it = create_dataset(patches, phase_seed=config.seed * 7919 + 2 * RUNS.index(run) + phase,
+                        global_batch=batches[phase], start=max(start, lo) - lo, total=hi - lo,
+                        input_size=input_size, output_size=output_size, augment=tc.augment,
+                        num_threads=tc.loader_threads)
+    last_time, last_log = time.time(), max(start, lo)
+    for step in range(max(start, lo), hi):
+      batch = sharding.global_batch(next(it), mesh)
+      state, metrics = trainer.steps[phase](state, batch)
+      done = step + 1
+      progress(done)
+      epoch_end = (done - lo) % spe[phase] == 0
+      if done % tc.log_every_steps == 0 or epoch_end:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+        rate = (done - last_log) / max(time.time() - last_time, 1e-9)
+        scalars.update(images_per_sec=rate * batches[phase], phase=float(phase + 1),
+                       lr=tc.lr * (tc.lr_gamma if (done - lo - 1) // spe[phase] >= tc.lr_step_epochs
+                                   else 1.0))
+        writer.write_scalars(done, scalars)
+        last_time, last_log = time.time(), done
+      if epoch_end:
+        epoch = (done - lo) // spe[phase]
+        if val_tiles and jax.process_index() == 0 and epoch % tc.val_every_epochs == 0:
+          variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+          val, overlay = validate(trainer.module, variables, val_tiles, config.eval.batch_size,
+                                  config.eval)
+          writer.write_scalars(done, val)
+          writer.write_images(done, {'val_image_truth_prediction': overlay[None]})
+        if epoch % tc.checkpoint_every_epochs == 0 or done in (phase_steps[0], total):
+          train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+          checkpoint.save(manager, done, state, {'step': done})
+    start = hi
+  checkpoint.wait(manager)
+  writer.flush()
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  if jax.process_index() == 0:
+    out.write_bytes(hovernet_infer.VARIABLES_FILE, serialization.to_bytes(variables))
+    out.mark_done({'steps': total, 'patches': len(patches), 'synthetic': patches.num_synthetic})
+  logging.info('hovernet_train: run %s finished %d steps', run, total)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains every run of `config.hovernet.train.runs` (hovernet.md §3)."""
+  for name in [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]:
+    train_run(config, workdir, name)

@@ -1,0 +1,261 @@
+"""Tests of the HoVer-Net losses, phase-1 freezing, the training and evaluate stages (hovernet.md §3)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import io as sio
+
+from configs import tiny
+from diffmix_jax import demo_data
+from diffmix_jax import evaluate
+from diffmix_jax import hovernet_infer
+from diffmix_jax import hovernet_targets
+from diffmix_jax import hovernet_train
+from diffmix_jax import input_pipeline
+from diffmix_jax import sharding
+from diffmix_jax.models import hovernet
+
+
+def _np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_ce_and_dice_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((2, 4, 4, 3)).astype(np.float32)
+  labels = rng.integers(0, 3, (2, 4, 4))
+  p = np.clip(_np_softmax(logits.astype(np.float64)), 1e-7, 1 - 1e-7)
+  y = np.eye(3)[labels]
+  ce = -np.mean(np.sum(y * np.log(p), -1))
+  p = _np_softmax(logits.astype(np.float64))
+  dice = np.sum(1 - (2 * (p * y).sum((0, 1, 2)) + 1e-3) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1e-3))
+  np.testing.assert_allclose(hovernet_train.xentropy(logits, labels, 3), ce, rtol=1e-5)
+  np.testing.assert_allclose(hovernet_train.dice_loss(logits, labels, 3), dice, rtol=1e-5)
+
+
+def test_msge_kernel_orientation_and_cross_derivatives():
+  k = hovernet_train._msge_kernel()  # pylint: disable=protected-access
+  np.testing.assert_allclose(k[:, :, 0, 0], [[-.25, -.4, -.5, -.4, -.25], [-.2, -.5, -1, -.5, -.2],
+                                             [0, 0, 0, 0, 0], [.2, .5, 1, .5, .2],
+                                             [.25, .4, .5, .4, .25]], rtol=1e-6)
+  np.testing.assert_allclose(k[:, :, 0, 1], k[:, :, 0, 0].T, rtol=1e-6)
+  # A map varying only along x (columns) in channel 0 has zero gradient away from the border:
+  # the shipped loss differentiates channel 0 along rows (pitfall 10).
+  xs = np.tile(np.linspace(-1, 1, 12, dtype=np.float32), (12, 1))
+  hv = np.stack([xs, xs.T], -1)[None]
+  g = np.asarray(hovernet_train.hv_gradient(jnp.asarray(hv)))
+  np.testing.assert_allclose(g[0, 2:-2, 2:-2], 0, atol=1e-6)
+  mask = np.ones((1, 12, 12), np.int32)
+  assert float(hovernet_train.msge_loss(jnp.asarray(hv), jnp.asarray(hv), mask)) == 0.0
+  moved = hv + np.random.default_rng(0).standard_normal(hv.shape).astype(np.float32)
+  d = np.asarray(hovernet_train.hv_gradient(jnp.asarray(moved))) - g
+  np.testing.assert_allclose(hovernet_train.msge_loss(jnp.asarray(moved), jnp.asarray(hv), mask),
+                             (d ** 2).sum() / (2 * 144 + 1e-8), rtol=1e-5)
+
+
+def _tiny_config(**train):
+  c = tiny.get_config()
+  c.mesh.data = 2
+  c.hovernet.model.width = 16
+  c.hovernet.model.encoder_units = '1,1,1,1'
+  h = c.hovernet.train
+  h.runs = 'baseline'
+  h.phase1_batch_size = h.phase2_batch_size = 2
+  h.patch_step = 164  # 4 windows per 256-px demo tile.
+  for k, v in train.items():
+    h[k] = v
+  c.eval.batch_size = 8
+  return c
+
+
+def _tiles(n, split='train'):
+  out = []
+  for i in range(n):
+    image, inst, types = demo_data.make_tile(0, split, i)
+    out.append({'name': f'{split}_{i}', 'image': image, 'inst_map': inst, 'type_map': types})
+  return out
+
+
+def _batch(module, n=2, seed=0):
+  size, out = module.patch_shapes
+  tile = _tiles(1)[0]
+  patches = hovernet_train.PatchSet([tile], [], size, out, 0)
+  rng = np.random.default_rng(seed)
+  exs = [hovernet_train.make_example(patches[i], rng, size, out, True) for i in range(n)]
+  return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+
+
+def test_phase1_is_a_gradient_path_rule():
+  module = hovernet.HoVerNet(mode='fast', nr_types=5, encoder_units=(2, 1, 1, 1), width=16)
+  batch = _batch(module, n=1)
+  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+
+  def grads(params, freeze: bool):
+    def loss(p):
+      out, _ = module.apply({'params': p, 'batch_stats': variables['batch_stats']},
+                            jnp.asarray(batch['image'], jnp.float32), train=True, freeze=freeze,
+                            mutable=['batch_stats'])
+      return hovernet_train.compute_losses(out, batch, 5, 1.0)['loss']
+    return jax.grad(loss)(params)
+
+  g1 = jax.jit(lambda p: grads(p, True))(variables['params'])
+  for path, g in jax.tree_util.tree_flatten_with_path(g1)[0]:
+    names = [k.key for k in path]
+    if hovernet.is_frozen_in_phase1(names):
+      assert not np.any(np.asarray(g)), names  # stop_gradient alone, no optimizer mask.
+    else:
+      assert np.any(np.asarray(g)), names  # conv0, d0 shortcut/blk_bna, conv_bot, decoders.
+
+
+@pytest.mark.parametrize('freeze_bn_stats', [True, False])
+def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
+  """Acceptance 4. With phase1_freeze_bn_stats (True) every frozen encoder parameter and BN
+  statistic is bit-identical after a step; by default (the reference, pitfall 1) the frozen layers'
+  BatchNorms stay in training mode and their running statistics move, parameters do not."""
+  config = _tiny_config(phase1_freeze_bn_stats=freeze_bn_stats)
+  mesh = sharding.create_mesh(config.mesh)
+  trainer = hovernet_train.create_trainer(config, mesh, (2, 2))  # As the stage test: cached jit.
+  state = trainer.init(jax.random.key(0))
+  before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  bias = before['params']['decoder']['hv']['u0']['conv']['bias']
+  assert np.all(np.abs(bias) <= 0.125) and np.any(bias != 0)  # PyTorch default U(+-1/8), §1.4.
+  state, metrics = trainer.steps[0](state, sharding.global_batch(_batch(trainer.module), mesh))
+  after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  assert np.isfinite(float(metrics['loss']))
+  for collection in ('params', 'batch_stats'):
+    for (path, old), new in zip(jax.tree_util.tree_flatten_with_path(before[collection])[0],
+                                jax.tree.leaves(after[collection])):
+      names = [k.key for k in path]
+      if hovernet.is_frozen_in_phase1(names):
+        if collection == 'params' or freeze_bn_stats:
+          np.testing.assert_array_equal(old, new, err_msg=str(names))
+        else:
+          assert not np.array_equal(old, new), names
+      elif names[0] == 'decoder' or collection == 'params':
+        assert not np.array_equal(old, new), names  # Decoders, conv0, d0 shortcut/blk_bna move.
+
+
+def test_synthetic_reader_contract_and_missing_folder(tmp_path):
+  config = _tiny_config(runs='diffmix')
+  with pytest.raises(FileNotFoundError, match='synthetic set written by the `sample` stage'):
+    hovernet_train.train_run(config, str(tmp_path), 'diffmix', tiles=_tiles(1), val_tiles=[])
+  with pytest.raises(ValueError, match="unknown run 'other'"):
+    hovernet_train.train_run(config, str(tmp_path), 'other')
+  import cv2  # pylint: disable=g-import-not-at-top
+  tile = _tiles(1)[0]
+  (tmp_path / 'synthetic' / 'Images').mkdir(parents=True)
+  (tmp_path / 'synthetic' / 'Labels').mkdir()
+  cv2.imwrite(str(tmp_path / 'synthetic' / 'Images' / 's_0.png'), tile['image'][..., ::-1])
+  sio.savemat(tmp_path / 'synthetic' / 'Labels' / 's_0.mat',
+              {'inst_map': tile['inst_map'], 'type_map': tile['type_map']})
+  got = hovernet_train.read_synthetic(tmp_path / 'synthetic')
+  assert len(got) == 1 and got[0]['name'] == 's_0'
+  np.testing.assert_array_equal(got[0]['image'], tile['image'])
+  np.testing.assert_array_equal(got[0]['inst_map'], tile['inst_map'])
+  patches = hovernet_train.PatchSet([tile], got, 256, 164, 1.0)
+  assert len(patches) == 8 and patches.num_synthetic == 4  # 4 real windows, ratio 1.
+  assert patches[7][0].shape == (256, 256, 3)
+
+
+def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch):
+  """hovernet_train.run then evaluate.run on one demo tile: files, metrics JSON, DONE, no-op reruns;
+  then a run killed after the phase-1 checkpoint (step 2 of 4) resumes to bit-identical weights."""
+  config = _tiny_config(augment=True, phase1_freeze_bn_stats=True, log_every_steps=1, val_tiles=1)
+  tiles = _tiles(1)
+  monkeypatch.setattr(input_pipeline, 'load_split', lambda c, w, split: tiles)
+  workdir = str(tmp_path)
+  hovernet_train.run(config, workdir)
+  out = tmp_path / 'hovernet_baseline'
+  assert json.loads((out / 'DONE').read_text()) == {'steps': 4, 'patches': 4, 'synthetic': 0}
+  assert (out / hovernet_infer.VARIABLES_FILE).exists() and (out / 'checkpoints').is_dir()
+  assert list((out / 'tb').iterdir())
+  evaluate.run(config, workdir)
+  metrics = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
+  assert 0.0 <= metrics['dice'] <= 1.0 and metrics['num_images'] == 1
+  assert (tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat').exists()
+  assert (tmp_path / 'eval' / 'DONE').exists()
+  again = evaluate.evaluate_dirs(tmp_path / 'eval' / 'baseline' / 'true',
+                                 tmp_path / 'eval' / 'baseline' / 'pred')
+  assert again['dice'] == metrics['dice']  # The CLI reads the stage's files and agrees.
+  stamps = [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'DONE')]
+  hovernet_train.run(config, workdir)
+  evaluate.run(config, workdir)
+  assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'DONE')] == stamps
+
+  real_progress = hovernet_train.train_lib.create_progress
+
+  def dying_progress(total, writer):
+    report = real_progress(total, writer)
+
+    def progress(step):
+      report(step)
+      if step == 3:
+        raise _Interrupt()
+    return progress
+
+  killed = tmp_path / 'killed'
+  monkeypatch.setattr(hovernet_train.train_lib, 'create_progress', dying_progress)
+  with pytest.raises(_Interrupt):
+    hovernet_train.run(config, str(killed))
+  assert not (killed / 'hovernet_baseline' / 'DONE').exists()
+  monkeypatch.setattr(hovernet_train.train_lib, 'create_progress', real_progress)
+  hovernet_train.run(config, str(killed))
+  read = lambda d: (d / 'hovernet_baseline' / hovernet_infer.VARIABLES_FILE).read_bytes()
+  assert read(killed) == read(tmp_path)  # Validation does not touch the weights either.
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_tiled_inference_chain_scores_an_oracle_network():
+  """Patches -> (oracle outputs from the truth) -> stitch -> post-processing -> metrics: Dice > 0.9."""
+  tile = _tiles(1, 'test')[0]
+  module = hovernet.HoVerNet(mode='fast', nr_types=5)
+  size, out = module.patch_shapes
+  hv = hovernet_targets.hv_map(tile['inst_map'], tile['inst_map'].shape[0])
+  truth = np.concatenate([tile['type_map'][..., None].astype(np.float32),
+                          (tile['inst_map'] > 0)[..., None].astype(np.float32), hv], axis=-1)
+  # The oracle "network" returns the centre of each padded window of the truth map.
+  windows = hovernet_infer.tile_patches(truth, size, out)
+  border = (size - out) // 2
+  oracle = windows[:, border:border + out, border:border + out]
+  calls = []
+
+  def predict(patches):
+    calls.append(patches.shape)
+    return oracle
+
+  record = hovernet_infer.predict_record(predict, module, tile['image'])
+  assert calls == [(4, size, size, 3)]
+  metrics = evaluate.evaluate_arrays(
+      [(hovernet_infer.true_record(tile['inst_map'], tile['type_map']), record)])
+  assert metrics['dice'] > 0.9 and metrics['f_d'] > 0.8 and metrics['acc'] > 0.95, metrics
+
+
+@pytest.mark.skipif(not os.environ.get('DIFFMIX_SLOW_TESTS'),
+                    reason='600 CPU steps, about 20 minutes on 2 cores (set DIFFMIX_SLOW_TESTS=1)')
+def test_tiny_hovernet_overfits_demo_patches(tmp_path, monkeypatch):
+  """Acceptance 5: after overfitting one demo tile, `evaluate` on it gives Dice > 0.8.
+
+  Measured 2026-11-25 on the shared 2-core CPU: Dice 0.862 (AJI 0.274, F_d 0.483) after 600 steps,
+  1,166 s. HV regression needs hundreds of steps before the watershed finds markers (at 100-120
+  steps the NP map already has pixel Dice 0.88 but no instance survives post-processing).
+  """
+  config = _tiny_config(augment=False, phase1_epochs=0, phase2_epochs=OVERFIT_EPOCHS, lr=5e-3,
+                        lr_step_epochs=10**6, log_every_steps=50, checkpoint_every_epochs=100,
+                        val_tiles=0)
+  tiles = _tiles(1)
+  monkeypatch.setattr(input_pipeline, 'load_split', lambda c, w, split: tiles)
+  hovernet_train.run(config, str(tmp_path))
+  evaluate.run(config, str(tmp_path))
+  metrics = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
+  assert metrics['dice'] > 0.8, metrics
+
+
+OVERFIT_EPOCHS = int(os.environ.get('DIFFMIX_OVERFIT_EPOCHS', '300'))  # 600 steps: Dice 0.86.
