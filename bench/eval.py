@@ -3,7 +3,7 @@
 Usage:
   python bench/eval.py [--repeats 3]
 
-Reads the real tiles from $DIFFMIX_CONSEP_DIR (default /work/shared/data/consep). Post-processing runs on
+Reads the real tiles from $DIFFMIX_CONSEP_DIR (default ../shared/data/consep beside the checkout). Post-processing runs on
 exact NP/HV/TP maps built from test_1's labels; the metrics compare the 14 test tiles with corrupted copies
 of themselves (instances dropped, eroded, shifted, retyped, relabelled, plus false positives). Prints a
 Markdown section for BENCHMARKS.md.
@@ -100,7 +100,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=3)
   args = parser.parse_args()
-  consep = pathlib.Path(os.environ.get('DIFFMIX_CONSEP_DIR') or '/work/shared/data/consep')
+  consep = pathlib.Path(os.environ.get('DIFFMIX_CONSEP_DIR') or pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'consep')
   labels = sorted((consep / 'Test' / 'Labels').glob('*.mat'),
                   key=lambda p: int(p.stem.split('_')[-1]))
   if len(labels) != 14:

@@ -11,6 +11,7 @@ post-processing measured on a 1000^2 map. Reference FLOPs: hovernet.md §0.
 """
 
 import os
+import pathlib
 import sys
 import time
 
@@ -33,7 +34,7 @@ _MODE = flags.DEFINE_enum('mode', 'fast', ['fast', 'original'], 'HoVer-Net mode.
 _BATCH = flags.DEFINE_integer('batch', 2, 'Training batch.')
 _ITERS = flags.DEFINE_integer('iters', 3, 'Timed training steps per phase.')
 _TILE = flags.DEFINE_integer('tile', 256, 'Side of the inferred tile.')
-_CONSEP = flags.DEFINE_string('consep_dir', '/work/shared/data/consep',
+_CONSEP = flags.DEFINE_string('consep_dir', str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'consep'),
                               'CoNSeP folder for the post-processing timing (skipped if absent).')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'post'], 'all, or post-processing only.')
 

@@ -41,8 +41,9 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top  # optional dependency, lazily imported
 
   sd = torch.load(path, map_location='cpu', weights_only=True)
-  if isinstance(sd, Mapping) and 'state_dict' in sd and isinstance(sd['state_dict'], Mapping):
-    sd = sd['state_dict']
+  for wrapper in ('state_dict', 'desc'):  # 'desc': the official HoVer-Net checkpoint dict.
+    if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
+      sd = sd[wrapper]
   if not isinstance(sd, Mapping):
     raise CheckpointMismatchError(f'{path}: expected a state dict, got {type(sd).__name__}')
   out = {}
@@ -156,6 +157,29 @@ def load_sdm(path: str, model_config: ml_collections.ConfigDict):
   return module, sdm_params_from_state_dict(load_torch_state_dict(path), module, source=path)
 
 
+# ---- HoVer-Net (hovernet.md §1.6) ----
+
+
+def load_hovernet(path: str, mode: str | None = None, nr_types: int | None = -1, module=None):
+  """Official HoVer-Net PyTorch checkpoint -> (module, variables).
+
+  `module.apply(variables, images, train=False)` with RGB NHWC float32 images in 0..255 returns the
+  raw NHWC logits {'np', 'hv', 'tp'} of the official forward.
+
+  Args:
+    path: `.tar`/`.pt` file (a state dict, or the official {'desc': state dict} wrapper).
+    mode: 'original' | 'fast'; None reads it from the tensors.
+    nr_types: type classes incl. background; None for segmentation only; -1 reads it from the tensors.
+    module: a HoVerNet variant to fill instead of the full-size one.
+
+  Raises:
+    convert_hovernet's mismatch error listing missing/unexpected keys and shape mismatches.
+  """
+  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
+  return convert_hovernet.variables_from_state_dict(load_torch_state_dict(path), mode, nr_types,
+                                                    module=module)
+
+
 # ---- saving ----
 
 
@@ -173,7 +197,13 @@ def load_params(path: str):
 def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) -> str:
   """Converts `checkpoint` for `model` ('sdm' | 'hovernet') into `out_dir`; returns the params path."""
   if model == 'hovernet':
-    raise NotImplementedError('HoVer-Net checkpoint conversion is added by issue 8')
+    module, variables = load_hovernet(checkpoint, config.hovernet.model.mode,
+                                      config.hovernet.model.nr_types)
+    out = os.path.join(out_dir, 'hovernet_variables.msgpack')
+    save_params(out, variables)
+    cfg = json.dumps({'mode': module.mode, 'nr_types': module.nr_types}, indent=2).encode()
+    stage_files.atomic_write(os.path.join(out_dir, 'hovernet_model_config.json'), cfg)
+    return out
   if model != 'sdm':
     raise ValueError(f'--model={model!r}; expected sdm or hovernet')
   _, params = load_sdm(checkpoint, config.diffusion.model)

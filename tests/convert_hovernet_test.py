@@ -11,7 +11,8 @@ import pytest
 from diffmix_jax import convert_hovernet
 from diffmix_jax.models import hovernet
 
-SPEC_DATA = pathlib.Path('/work/shared/specs/data')
+# The specs' state-dict tables, in ../shared beside the checkout.
+SPEC_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'specs' / 'data'
 TINY = dict(width=16)  # Narrow but with all 798 official keys.
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,7 +18,9 @@ from diffmix_jax.models import sdm_unet
 torch = pytest.importorskip('torch')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TSV = pathlib.Path('/work/shared/specs/data/sdm_consep_state_dict.tsv')
+# The specs' state-dict table, in ../shared beside the checkout.
+TSV = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'specs' / 'data' /
+       'sdm_consep_state_dict.tsv')
 SMALL_CHANNELS = 32  # reduced width that keeps the full 766-key set (GN32 needs multiples of 32)
 
 
@@ -111,8 +114,25 @@ def test_save_load_params_and_hovernet_placeholder(small_checkpoint, tmp_path):
   exported = convert_torch.export_sdm(restored)
   for k, v in sd.items():
     np.testing.assert_array_equal(exported[k], v.numpy(), err_msg=k)
-  with pytest.raises(NotImplementedError, match='issue 8'):
-    convert_torch.convert('hovernet', cfg, str(path), str(tmp_path / 'hv'))
+
+
+def test_load_hovernet_from_official_wrapper_bit_for_bit(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
+  module = hovernet.HoVerNet(mode='fast', nr_types=5, width=16)
+  variables = jax.jit(lambda: module.init(jax.random.key(1), jnp.zeros((1, 256, 256, 3)),
+                                          train=False))()
+  sd = convert_hovernet.state_dict_from_variables(jax.device_get(variables), 'fast')
+  path = tmp_path / 'hovernet.tar'
+  torch.save({'desc': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, path)
+  _, loaded = convert_torch.load_hovernet(str(path), 'fast', 5, module=module)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(jax.device_get(variables))):
+    np.testing.assert_array_equal(a, b)
+  del sd[next(iter(sd))]
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, path)
+  with pytest.raises(Exception, match='missing'):
+    convert_torch.load_hovernet(str(path), 'fast', 5, module=module)
 
 
 def test_cli(small_checkpoint, tmp_path):

@@ -13,7 +13,8 @@ from diffmix_jax import hovernet_infer
 from diffmix_jax import hovernet_targets
 from diffmix_jax.models import hovernet
 
-SPEC_DATA = pathlib.Path('/work/shared/specs/data')
+# The specs' state-dict tables, in ../shared beside the checkout.
+SPEC_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'specs' / 'data'
 
 
 def _abstract(module):

@@ -16,7 +16,9 @@ from diffmix_jax import gaussian_diffusion as gd
 from diffmix_jax.models import layers
 from diffmix_jax.models import sdm_unet
 
-TSV = pathlib.Path('/work/shared/specs/data/sdm_consep_state_dict.tsv')
+# The specs' state-dict table, in ../shared beside the checkout.
+TSV = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'specs' / 'data' /
+       'sdm_consep_state_dict.tsv')
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
             attention_resolutions=(16,), num_head_channels=32, num_classes=5)
 
