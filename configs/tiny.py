@@ -41,6 +41,8 @@ def get_config():
   h.patch_step = 256
   h.phase1_epochs = 1
   h.phase2_epochs = 1
+  h.phase2_batch_size = 16
+  h.synthetic_ratio = 0.25  # 8 synthetic patches beside the 32 real ones per epoch.
   h.log_every_steps = 2
   h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
   h.loader_threads = 2

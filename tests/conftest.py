@@ -53,3 +53,14 @@ def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in skip])
   return dst
+
+
+@pytest.fixture(scope='session')
+def sampled(tiny_trained, tmp_path_factory) -> pathlib.Path:
+  """A copy of `tiny_trained` after an uninterrupted, in-process run of the sample stage."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
+  workdir = copy_workdir(tiny_trained, tmp_path_factory.mktemp('sampled') / 'w',
+                         skip=('synthetic',))
+  sample.run(tiny.get_config(), str(workdir))
+  return workdir

@@ -45,3 +45,37 @@ def test_bad_config_value_is_an_error_naming_the_field(tmp_path):
                  '--config.stages=build_data,nonsense')
   assert out.returncode != 0
   assert "config.stages: unknown stage(s) ['nonsense']" in out.stderr
+
+
+@pytest.mark.slow
+def test_tiny_chain_through_main_then_noop_rerun(sampled, tmp_path):
+  """The whole chain of configs/tiny.py through `main`.
+
+  Starts from a workdir whose data, SDM, mixing and synthesis stages are done (shared with the stage
+  tests): `main` must skip them, train both HoVer-Net runs, evaluate and report.
+  """
+  from conftest import copy_workdir  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  workdir = copy_workdir(sampled, tmp_path / 'chain')
+  out = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=1500)
+  assert out.returncode == 0, out.stderr[-4000:]
+  for stage in ('build_data', 'diffusion_train', 'mix_labels', 'sample'):
+    assert f'{stage}: already done' in out.stderr or f'{stage}: ' in out.stderr
+  for run in ('baseline', 'diffmix'):
+    assert (workdir / f'hovernet_{run}' / 'DONE').exists()
+    result = json.loads((workdir / 'eval' / f'{run}.json').read_text())
+    assert result['num_images'] == 8 and result['num_true'] == 382
+  metrics = json.loads((workdir / 'report' / 'metrics.json').read_text())
+  assert metrics['config'] == 'tiny'
+  for run in ('baseline', 'diffmix'):
+    values = [metrics[run][k] for k in ('dice', 'aji', 'pq', 'f_d')]
+    assert all(np.isfinite(values)), values
+  md = (workdir / 'report' / 'report.md').read_text()
+  assert '| baseline |' in md and '| diffmix |' in md
+  assert (workdir / 'report' / 'f1_per_class.png').exists()
+  timings = json.loads((workdir / 'timings.json').read_text())
+  assert {'hovernet_train', 'evaluate', 'report'} <= set(timings)
+  again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  for stage in ('diffusion_train', 'sample', 'report'):
+    assert f'{stage}: already done' in again.stderr

@@ -7,7 +7,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from configs import tiny
 from conftest import copy_workdir
@@ -24,15 +23,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _all_shards(workdir):
   shards = sorted((workdir / 'synthetic' / 'shards').glob('shard_*.npz'))
   return [synthetic_io.read_shard(workdir, k) for k in range(len(shards))]
-
-
-@pytest.fixture(scope='module')
-def sampled(tiny_trained, tmp_path_factory):
-  """An uninterrupted, in-process run of the stage on a copy of the trained tiny workdir."""
-  workdir = copy_workdir(tiny_trained, tmp_path_factory.mktemp('sampled') / 'w',
-                         skip=('synthetic',))
-  sample.run(tiny.get_config(), str(workdir))
-  return workdir
 
 
 def test_kill_mid_stage_then_rerun_renders_every_patch_exactly_once(tiny_trained, sampled,
