@@ -41,7 +41,11 @@ def get_config():
   h.patch_step = 256
   h.phase1_epochs = 1
   h.phase2_epochs = 1
+  h.phase1_batch_size = 8
   h.phase2_batch_size = 16
+  h.lr = 5e-4
+  h.lr_step_epochs = 2
+  h.augment = True  # The tests exercise the augmentation path the demo switches off.
   h.synthetic_ratio = 0.25  # 8 synthetic patches beside the 32 real ones per epoch.
   h.log_every_steps = 2
   h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
