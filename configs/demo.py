@@ -4,9 +4,9 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (2026-11-29, other jobs running beside it, load 2-8):
-17.5 minutes end to end (build 4 s, SDM 478 s, mixing 1 s, synthesis 82 s, HoVer-Net 470 s,
-evaluate 11 s, report 0.1 s); on a quiet machine the SDM stage took 287 s and synthesis 100 s.
+Measured on the project's 2-core CPU machine (2026-11-29 21:24-21:37 UTC, light load from other jobs):
+13 min 11 s end to end (build 4 s, SDM 379 s, mixing 1 s, synthesis 82 s, HoVer-Net 311 s, evaluate
+11 s, report 0.1 s); the same command again returns in 5.5 s (every stage says "already done").
 What to expect:
   - SDM: hybrid loss 0.59 at step 10, 0.012 by step 110; the synthetic images (report's
     synthetic_samples.png) keep the real crop's stroma and paint nuclei where the mixed label has them,
