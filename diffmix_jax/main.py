@@ -60,15 +60,9 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   import jax  # pylint: disable=g-import-not-at-top  (after flags: distributed init comes first)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
   if config.mesh.distributed:
-    m = config.mesh
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs need it.
-    jax.distributed.initialize(
-        coordinator_address=m.coordinator_address or None,
-        num_processes=m.num_processes if m.num_processes > 0 else None,
-        process_id=m.process_id if m.process_id >= 0 else None,
-        initialization_timeout=m.initialization_timeout,
-        heartbeat_timeout_seconds=m.heartbeat_timeout)
+    sharding.initialize_distributed(config.mesh)
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   os.makedirs(workdir, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The only module that names mesh axes: the device mesh, batch and state shardings, global batches.
+"""The only module that names mesh axes: distributed start-up, the mesh, shardings, global batches.
 
 One `data` axis over all devices of all hosts (design.md §5). Batches are sharded on their leading
 axis; params and EMA are replicated; Adam moments and EMA can be sharded over `data` to save memory.
@@ -12,6 +12,27 @@ import ml_collections
 import numpy as np
 
 DATA = 'data'
+
+
+def initialize_distributed(mesh_config: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize` from `config.mesh`; call it before any other JAX call.
+
+  CPU processes talk through gloo, whose rendezvous for a collective gives up after 30 s. The
+  persistent compilation cache keys differ between CPU processes (they hash each process's own
+  devices) and only process 0 writes the cache, so with a warm cache process 0 would skip compiling
+  while the others compile and make it wait past that limit. On CPU the cache is therefore switched
+  off: every process compiles alike and reaches each collective at the same time.
+  """
+  m = mesh_config
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU-only runs need it.
+  jax.distributed.initialize(
+      coordinator_address=m.coordinator_address or None,
+      num_processes=m.num_processes if m.num_processes > 0 else None,
+      process_id=m.process_id if m.process_id >= 0 else None,
+      initialization_timeout=m.initialization_timeout,
+      heartbeat_timeout_seconds=m.heartbeat_timeout)
+  if jax.default_backend() == 'cpu' and jax.process_count() > 1:
+    jax.config.update('jax_enable_compilation_cache', False)
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
