@@ -23,6 +23,9 @@ def get_config():
   t.batch_size = 8
   t.phase1_steps = 12  # Long enough for the tests to kill a run between checkpoints.
   t.phase2_steps = 8
+  t.phase1_lr = 1e-4  # The paper's rates, not the demo's: the device-count tests compare params.
+  t.phase2_lr = 2e-5
+  t.ema_rate = 0.9999
   t.log_every_steps = 1
   t.checkpoint_every_steps = 4
   t.sample_every_steps = 10
