@@ -24,18 +24,16 @@ def _load_config(path: str):
   return module.get_config()
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/tiny.py')
-  parser.add_argument('--batch', type=int, default=2, help='patches per device per call')
-  parser.add_argument('--calls', type=int, default=3)
-  args = parser.parse_args()
+def render_setup(config, mesh, n: int):
+  """The sample stage's render function, random replicated params and a sharded batch of n patches.
+
+  Returns:
+    (render, params, batch) with batch `x0` float32 [n, S, S, 3], `y` float32 [n, S, S, C], `index`
+    int32 [n], sharded over the mesh; call `render(params, batch['x0'], batch['y'], batch['index'])`.
+  """
   from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
   from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax.models import sdm_unet  # pylint: disable=g-import-not-at-top
-  config = _load_config(args.config)
-  mesh = sharding.create_mesh(config.mesh)
-  n = args.batch * mesh.shape[sharding.DATA]
   module = sdm_unet.create_sdm(config.diffusion.model)
   params = jax.device_put(sdm_unet.init_params(module, jax.random.key(0)),
                           sharding.replicated(mesh))
@@ -46,6 +44,20 @@ def main():
       'x0': rng.uniform(-1, 1, (n, s, s, 3)).astype(np.float32),
       'y': (rng.random((n, s, s, cy)) < 0.3).astype(np.float32),
       'index': np.arange(n, dtype=np.int32)}, mesh)
+  return render, params, batch
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/tiny.py')
+  parser.add_argument('--batch', type=int, default=2, help='patches per device per call')
+  parser.add_argument('--calls', type=int, default=3)
+  args = parser.parse_args()
+  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  config = _load_config(args.config)
+  mesh = sharding.create_mesh(config.mesh)
+  n = args.batch * mesh.shape[sharding.DATA]
+  render, params, batch = render_setup(config, mesh, n)
   jax.block_until_ready(render(params, batch['x0'], batch['y'], batch['index']))  # Compile.
   start = time.perf_counter()
   for _ in range(args.calls):

@@ -24,6 +24,7 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import sample as sample_bench  # pylint: disable=g-import-not-at-top,wrong-import-position  (bench/sample.py)
 
 
 def _load_config(path: str):
@@ -68,21 +69,9 @@ def measure_train(config, devices: int, per_device: int, steps: int) -> dict:
 
 def measure_sample(config, devices: int, per_device: int, calls: int) -> dict:
   """Seconds per call of the sample stage's render function for per_device * devices patches."""
-  from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.models import sdm_unet  # pylint: disable=g-import-not-at-top
   mesh = _mesh(config, devices)
   n = per_device * devices
-  module = sdm_unet.create_sdm(config.diffusion.model)
-  params = jax.device_put(sdm_unet.init_params(module, jax.random.key(0)),
-                          sharding.replicated(mesh))
-  render = sample._render_fn(config, module, mesh)  # pylint: disable=protected-access
-  rng = np.random.default_rng(0)
-  s, cy = config.sample.patch_size, module.label_channels
-  batch = sharding.global_batch({
-      'x0': rng.uniform(-1, 1, (n, s, s, 3)).astype(np.float32),
-      'y': (rng.random((n, s, s, cy)) < 0.3).astype(np.float32),
-      'index': np.arange(n, dtype=np.int32)}, mesh)
+  render, params, batch = sample_bench.render_setup(config, mesh, n)
   start = time.perf_counter()
   jax.block_until_ready(render(params, batch['x0'], batch['y'], batch['index']))  # Compile.
   compile_s = time.perf_counter() - start
