@@ -2,6 +2,7 @@
 
   python bench/hovernet.py                                   # full fast-mode model, batch 2
   python bench/hovernet.py --mode=original --batch=1 --tile=256
+  python bench/hovernet.py --nosplit_grouped_convs          # one grouped op per dense unit
 
 Uses the full-size network (width 1, official units). Training runs the real jitted `train_step`
 (phase 1 = frozen encoder gradient path, phase 2 = all trainable) on one device. Tile inference
@@ -36,6 +37,8 @@ _ITERS = flags.DEFINE_integer('iters', 3, 'Timed training steps per phase.')
 _TILE = flags.DEFINE_integer('tile', 256, 'Side of the inferred tile.')
 _CONSEP = flags.DEFINE_string('consep_dir', str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'consep'),
                               'CoNSeP folder for the post-processing timing (skipped if absent).')
+_SPLIT = flags.DEFINE_bool('split_grouped_convs', True,
+                           'Grouped convs as per-group convs (False: one grouped op).')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'post'], 'all, or post-processing only.')
 
 
@@ -76,12 +79,13 @@ def main(argv):
   c = common.base_config()
   c.mesh.data = 1
   c.hovernet.model.mode = _MODE.value
+  c.hovernet.model.split_grouped_convs = _SPLIT.value
   mesh = sharding.create_mesh(c.mesh)
   trainer = hovernet_train.create_trainer(c, mesh, (100, 100))
   module = trainer.module
   size, out = module.patch_shapes
   print(f'device: {jax.devices()[0].device_kind} x{len(jax.devices())}, mode {_MODE.value}, '
-        f'batch {_BATCH.value}')
+        f'batch {_BATCH.value}, split_grouped_convs {_SPLIT.value}')
   state = trainer.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   inst = np.zeros((size, size), np.int32)

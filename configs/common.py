@@ -122,6 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
   hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
   hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
   hm.width = 1  # Divisor of every channel count: 1 = official network, 16 = tiny (tests).
+  hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
+  hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).
   c.hovernet.train = ht = ml_collections.ConfigDict()
   ht.runs = 'baseline,diffmix'  # Training runs: real only, and real + synthetic.
   ht.synthetic_dir = ''  # Images/*.png + Labels/*.mat ('' = <workdir>/synthetic/consep_format).

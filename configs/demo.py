@@ -40,8 +40,8 @@ def get_config():
   t = c.diffusion.train
   t.batch_size = 8
   # About 1.2 steps/s at batch 8 on 2 CPU cores: ~4 minutes of training plus ~1 of compiling.
-  t.phase1_steps = 240
-  t.phase2_steps = 60
+  t.phase1_steps = 200
+  t.phase2_steps = 50
   # A 2 M-parameter model learns far faster than lr 1e-4 allows in 300 steps, and an EMA of 0.9999
   # would still be ~97 % the random initialisation after them (the synthetic images were pure noise).
   t.phase1_lr = 1e-3
@@ -58,23 +58,29 @@ def get_config():
   c.mix.enlarge.shift_low = -4
   c.mix.enlarge.shift_high = 3
   c.hovernet.model.mode = 'fast'
-  # A narrow, shallow HoVer-Net (same geometry as the official fast mode) on 256-px demo tiles; CPU
-  # minutes per run. Sizes and step counts are to be tuned by the end-to-end issue.
+  # A narrow, shallow HoVer-Net (same geometry as the official fast mode) on 256-px demo tiles.
   c.hovernet.model.width = 16
   c.hovernet.model.encoder_units = '1,1,1,1'
+  # Zero-initialised output convs: with the official Kaiming init the 2-channel heads start as noise
+  # of std ~1.4 and the HV map needs ~600 steps before the watershed finds a marker; from zero,
+  # the test tiles' nuclei are separated after ~150-200 steps (BENCHMARKS.md).
+  c.hovernet.model.head_init = 'zeros'
   h = c.hovernet.train
   h.patch_window = 256  # One window per 256-px demo tile.
   h.patch_step = 256
-  # Small batches buy more steps in the CPU budget (~0.9 steps/s at batch 2); no augmentation, since
-  # the loader threads share the same 2 cores.
-  h.phase1_epochs = 1
-  h.phase2_epochs = 6
+  # No phase 1: it freezes the encoder, which only makes sense with ImageNet weights (none here).
+  # Small batches buy more steps in the CPU budget (~0.75 s per step of 2); lr 1e-2, then 1e-3 for
+  # the last 2 epochs; no augmentation, since the loader threads share the same 2 cores.
+  h.phase1_epochs = 0
+  h.phase2_epochs = 10
   h.phase1_batch_size = 2
   h.phase2_batch_size = 2
-  h.lr = 3e-3
-  h.lr_step_epochs = 5
+  h.lr = 1e-2
+  h.lr_step_epochs = 8
   h.augment = False
-  h.synthetic_ratio = 0.5  # 16 synthetic patches beside the 32 real tiles per epoch.
+  # 16 synthetic windows beside the 32 real tiles per epoch: the 256 synthetic 64-px patches, packed
+  # 16 per 256-px window, so the diffmix run sees every synthetic patch in every epoch.
+  h.synthetic_ratio = 0.5
   h.val_tiles = 0  # Validation every epoch would cost ~10 % of the budget; evaluate runs at the end.
   c.eval.batch_size = 8
   return c

@@ -46,6 +46,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.mesh.data={c.mesh.data}: expected -1 (all devices) or a positive count')
   if not 0 <= c.sample.percent <= 100:
     raise ValueError(f'config.sample.percent={c.sample.percent}: expected 0..100')
+  for field, value, allowed in (('hovernet.model.mode', c.hovernet.model.mode, ('original', 'fast')),
+                                ('hovernet.model.head_init', c.hovernet.model.head_init,
+                                 ('kaiming', 'zeros'))):
+    if value not in allowed:
+      raise ValueError(f'config.{field}={value!r}: expected one of {", ".join(allowed)}')
   for field in ('mix.balance.rare_classes', 'mix.balance.common_classes'):
     ids = _ints(c.mix.balance[field.rsplit('.', 1)[1]], field)
     bad = [i for i in ids if not 1 <= i < c.data.num_classes]

@@ -84,8 +84,56 @@ def read_synthetic(folder: str | os.PathLike) -> list[dict]:
   return out
 
 
+def pack_patches(patches: list[dict], window: int) -> list[dict]:
+  """Packs synthetic patches smaller than half the window into a grid per window (row-major).
+
+  A p x p patch padded alone to the network input would be mostly black; packing
+  floor(window / p)^2 of them per window gives each training step as much synthetic content as a
+  real window. Instance ids are offset so they stay distinct; the last window may be partly black.
+
+  Args:
+    patches: `read_synthetic` items (`image` uint8 [p, p, 3], `inst_map`, `type_map` int32 [p, p]).
+    window: the training window side (the real windows' size).
+
+  Returns:
+    The patches unchanged when p > window / 2; else packed items with `name` 'packed_<k>' and
+    arrays of side floor(window / p) * p.
+
+  Raises:
+    ValueError: when patches smaller than half the window differ in size (naming two of them).
+  """
+  if not patches or 2 * max(patches[0]['image'].shape[:2]) > window:
+    return patches
+  side = patches[0]['image'].shape[:2]
+  for q in patches:
+    if q['image'].shape[:2] != side:
+      raise ValueError(f'synthetic patches {patches[0]["name"]} {side} and {q["name"]} '
+                       f'{q["image"].shape[:2]} differ in size; expected one patch size')
+  rows, cols = window // side[0], window // side[1]
+  out = []
+  for k in range(0, len(patches), rows * cols):
+    image = np.zeros((rows * side[0], cols * side[1], 3), np.uint8)
+    inst, types = (np.zeros(image.shape[:2], np.int32) for _ in range(2))
+    offset = 0
+    for n, q in enumerate(patches[k:k + rows * cols]):
+      r, c = divmod(n, cols)
+      win = (slice(r * side[0], (r + 1) * side[0]), slice(c * side[1], (c + 1) * side[1]))
+      image[win], types[win] = q['image'], q['type_map']
+      inst[win] = np.where(q['inst_map'] > 0, q['inst_map'] + offset, 0)
+      offset += int(q['inst_map'].max())
+    out.append({'name': f'packed_{k // (rows * cols)}', 'image': image, 'inst_map': inst,
+                'type_map': types})
+  return out
+
+
 class PatchSet:
-  """Training items: mirror-mode windows of real tiles (§6.3) followed by whole synthetic patches."""
+  """Training items: mirror-mode windows of real tiles (§6.3) followed by synthetic items.
+
+  With `synthetic_ratio` r >= 0 each epoch holds round(r * real windows) synthetic items, taken in
+  turn from the synthetic set (epoch e continues where epoch e - 1 stopped), so every synthetic
+  patch is used before any is reused; r < 0 uses all of them once per epoch. Synthetic patches
+  smaller than half the window are packed several per item (`pack_patches`).
+  """
 
   def __init__(self, tiles: list[dict], synthetic: list[dict], window: int, step: int,
                synthetic_ratio: float):
@@ -96,21 +144,27 @@ class PatchSet:
           np.stack([t['inst_map'], t['type_map']], axis=-1).astype(np.int32), window, step))
       self.offsets += [(i, r, c) for r, c in
                        hovernet_targets.patch_offsets(self.images[-1].shape[:2], window, step)]
-    self.window, self.synthetic = window, synthetic
-    n_syn = len(synthetic) if synthetic_ratio < 0 else int(round(synthetic_ratio * len(self.offsets)))
-    self.num_synthetic = n_syn if synthetic else 0
+    self.window, self.synthetic = window, pack_patches(synthetic, window)
+    n_syn = (len(self.synthetic) if synthetic_ratio < 0
+             else int(round(synthetic_ratio * len(self.offsets))))
+    self.num_synthetic = n_syn if self.synthetic else 0
 
   def __len__(self) -> int:
     return len(self.offsets) + self.num_synthetic
 
-  def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def item(self, k: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item `k` of epoch `epoch`: (image uint8 [S, S, 3], inst_map, type_map int32 [S, S])."""
     if k < len(self.offsets):
       i, r, c = self.offsets[k]
       win = (slice(r, r + self.window), slice(c, c + self.window))
       lab = self.labels[i][win]
       return self.images[i][win], lab[..., 0], lab[..., 1]
-    s = self.synthetic[(k - len(self.offsets)) % len(self.synthetic)]
+    j = epoch * self.num_synthetic + k - len(self.offsets)
+    s = self.synthetic[j % len(self.synthetic)]
     return s['image'], s['inst_map'], s['type_map']
+
+  def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return self.item(k)
 
 
 def make_example(item, rng: np.random.Generator, input_size: int, output_size: int,
@@ -127,12 +181,13 @@ def make_example(item, rng: np.random.Generator, input_size: int, output_size: i
   return {'image': image, **hovernet_targets.targets(inst, types, output_size)}
 
 
-def batch_indices(n: int, step: int, global_batch: int, seed: int) -> np.ndarray:
-  """Global batch `step` of an epoch-wise reshuffled stream with drop_last (seeded per epoch)."""
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> tuple[int, np.ndarray]:
+  """(epoch, item indices) of global batch `step` of an epoch-wise reshuffled stream with drop_last
+  (seeded per epoch)."""
   per_epoch = n // global_batch
   epoch, k = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
-  return order[k * global_batch:(k + 1) * global_batch]
+  return epoch, order[k * global_batch:(k + 1) * global_batch]
 
 
 def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, start: int,
@@ -143,8 +198,10 @@ def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, sta
   lo = jax.process_index() * local
 
   def load(step: int) -> dict:
-    rows = batch_indices(len(patches), step, global_batch, phase_seed)[lo:lo + local]
-    exs = [make_example(patches[int(j)], np.random.default_rng([phase_seed, step, lo + i]),
+    epoch, rows = batch_indices(len(patches), step, global_batch, phase_seed)
+    rows = rows[lo:lo + local]
+    exs = [make_example(patches.item(int(j), epoch),
+                        np.random.default_rng([phase_seed, step, lo + i]),
                         input_size, output_size, augment) for i, j in enumerate(rows)]
     return {key: np.stack([e[key] for e in exs]) for key in exs[0]}
 
@@ -363,6 +420,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
     val_tiles = (input_pipeline.load_split(config, workdir, 'test')[:tc.val_tiles]
                  if tc.val_tiles else [])
   patches = PatchSet(tiles, synthetic, tc.patch_window, tc.patch_step, tc.synthetic_ratio)
+  if len(patches.synthetic) != len(synthetic):
+    logging.info('hovernet_train %s: %d synthetic patches packed into %d windows', run,
+                 len(synthetic), len(patches.synthetic))
   batches = (tc.phase1_batch_size, tc.phase2_batch_size)
   mesh = sharding.create_mesh(config.mesh)
   for b, field in zip(batches, ('phase1_batch_size', 'phase2_batch_size')):

@@ -44,6 +44,8 @@ def test_paper_settings_in_dataset_configs():
     ('mix.balance.common_classes', '2,x', 'config.mix.balance.common_classes'),
     ('sample.percent', 120, 'config.sample.percent=120'),
     ('data.crop_size', 128, 'config.data.crop_size=128 must equal'),
+    ('hovernet.model.head_init', 'normal', "config.hovernet.model.head_init='normal'"),
+    ('hovernet.model.mode', 'slow', "config.hovernet.model.mode='slow'"),
 ])
 def test_bad_values_name_the_field(field, value, match):
   c = importlib.import_module('configs.consep').get_config()

@@ -71,6 +71,49 @@ def test_full_size_output_geometry(mode, size, out):
     jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, size + 2, size + 2, 3))), variables)
 
 
+@pytest.mark.parametrize('split', [True, False])
+def test_grouped_conv_equals_flax_grouped_conv(split):
+  """GroupedConv holds nn.Conv(feature_group_count=4)'s kernel (same path, shape and initial values)
+  and computes the same outputs and gradients, whether split into per-group convs or not."""
+  ref = hovernet.nn.Conv(8, (3, 3), padding='VALID', feature_group_count=4, use_bias=False,
+                         kernel_init=hovernet._conv_init)  # pylint: disable=protected-access
+  mine = hovernet.GroupedConv(8, 3, 4, split)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 16))
+  v_ref, v_mine = ref.init(jax.random.key(0), x), mine.init(jax.random.key(0), x)
+  assert v_mine['params']['kernel'].shape == (3, 3, 4, 8)
+  np.testing.assert_array_equal(v_mine['params']['kernel'], v_ref['params']['kernel'])
+  np.testing.assert_allclose(mine.apply(v_mine, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  g_mine = jax.grad(loss(mine), argnums=(0, 1))(v_mine, x)
+  g_ref = jax.grad(loss(ref), argnums=(0, 1))(v_ref, x)
+  for a, b in zip(jax.tree.leaves(g_mine), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='not multiples of 4 groups'):
+    mine.init(jax.random.key(0), jnp.zeros((1, 9, 9, 6)))
+
+
+def test_zero_head_init_starts_each_output_at_its_bias():
+  """head_init='zeros': same tree as the official init, zero output kernels, official biases; so the
+  untrained HV map is the constant bias instead of noise of std ~sqrt(C/2)."""
+  kw = dict(mode='fast', nr_types=5, encoder_units=(1, 1, 1, 1), width=16)
+  x = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255.0)
+  official = hovernet.HoVerNet(**kw)
+  zeros = hovernet.HoVerNet(**kw, head_init='zeros')
+  v_off, v_zero = (jax.jit(m.init)(jax.random.key(0), x) for m in (official, zeros))
+  assert jax.tree.structure(v_off) == jax.tree.structure(v_zero)
+  for branch in ('tp', 'np', 'hv'):
+    head_off = v_off['params']['decoder'][branch]['u0']['conv']
+    head_zero = v_zero['params']['decoder'][branch]['u0']['conv']
+    assert not np.any(head_zero['kernel']) and np.std(head_off['kernel']) > 0.5
+    np.testing.assert_array_equal(head_zero['bias'], head_off['bias'])
+  out = zeros.apply(v_zero, x)
+  bias = np.asarray(v_zero['params']['decoder']['hv']['u0']['conv']['bias'])
+  np.testing.assert_allclose(out['hv'], np.broadcast_to(bias, out['hv'].shape), atol=1e-6)
+  assert float(np.std(official.apply(v_off, x)['hv'])) > 0.5
+  with pytest.raises(ValueError, match="head_init='normal'"):
+    hovernet.HoVerNet(**kw, head_init='normal').init(jax.random.key(0), x)
+
+
 def test_upsample_is_nearest_neighbour():
   x = jnp.arange(4.0).reshape(1, 2, 2, 1)
   up = np.asarray(hovernet.upsample2x(x))[0, ..., 0]

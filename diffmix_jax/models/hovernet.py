@@ -20,6 +20,11 @@ PATCH_SHAPES = {'original': (270, 80), 'fast': (256, 164)}
 _SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
 
 # Kaiming normal, fan_out, ReLU gain, untruncated (hovernet.md §1.4).
+# Output convs: 'kaiming' is the official init; with 2 output channels its fan_out gives kernel std 1,
+# so the untrained HV map is noise of std ~sqrt(C/2) that Adam must first shrink weight by weight.
+# 'zeros' starts every head at its bias: on the demo tiles a tiny network then separates nuclei after
+# ~100 steps instead of ~600 (tests/hovernet_train_test.py, BENCHMARKS.md).
+HEAD_INITS = ('kaiming', 'zeros')
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -34,10 +39,40 @@ def _bn(train: bool, name: str) -> nn.BatchNorm:
 
 
 def _conv(features: int, k: int, name: str, stride: int = 1, padding: str = 'SAME',
-          groups: int = 1, bias: bool = False) -> nn.Conv:
+          bias: bool = False) -> nn.Conv:
   return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding,
-                 feature_group_count=groups, use_bias=bias, kernel_init=_conv_init,
+                 use_bias=bias, kernel_init=_conv_init,
                  bias_init=_out_bias_init, name=name)
+
+
+class GroupedConv(nn.Module):
+  """A bias-free k x k VALID grouped conv whose groups run as separate convs (same kernel tree).
+
+  The kernel is [k, k, C_in / groups, C_out], as `nn.Conv(feature_group_count=groups)` and the
+  official grouped conv hold it, so checkpoints and initial values are unchanged. XLA's CPU backward
+  of a grouped conv is 10-30x slower than that of the equivalent per-group convs (BENCHMARKS.md);
+  `split=False` keeps the single grouped op, which accelerators run natively.
+  """
+  features: int
+  k: int
+  groups: int
+  split: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c_in, g = x.shape[-1], self.groups
+    if c_in % g or self.features % g:
+      raise ValueError(f'GroupedConv: {c_in} input / {self.features} output channels are not '
+                       f'multiples of {g} groups')
+    kernel = self.param('kernel', _conv_init, (self.k, self.k, c_in // g, self.features))
+    conv = lambda a, w, groups: jax.lax.conv_general_dilated(
+        a, w.astype(a.dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=groups)
+    if not self.split:
+      return conv(x, kernel, g)
+    ci, co = c_in // g, self.features // g
+    return jnp.concatenate([conv(x[..., i * ci:(i + 1) * ci], kernel[..., i * co:(i + 1) * co], 1)
+                            for i in range(g)], axis=-1)
 
 
 def centre_crop(x: jax.Array, per_side: int) -> jax.Array:
@@ -118,13 +153,14 @@ class DenseUnit(nn.Module):
   mid: int
   growth: int
   k: int
+  split: bool
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nn.relu(_bn(train, 'preact_bna_bn')(x))
     y = _conv(self.mid, 1, 'conv1')(y)
     y = nn.relu(_bn(train, 'conv1_bn')(y))
-    y = _conv(self.growth, self.k, 'conv2', padding='VALID', groups=4)(y)
+    y = GroupedConv(self.growth, self.k, 4, self.split, name='conv2')(y)
     return jnp.concatenate([centre_crop(x, (self.k - 1) // 2), y], axis=-1)
 
 
@@ -134,11 +170,12 @@ class DenseBlock(nn.Module):
   mid: int
   growth: int
   k: int
+  split: bool
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for j in range(self.units):
-      x = DenseUnit(self.mid, self.growth, self.k, name=f'units_{j}')(x, train)
+      x = DenseUnit(self.mid, self.growth, self.k, self.split, name=f'units_{j}')(x, train)
     return BNReLU(name='blk_bna')(x, train)
 
 
@@ -150,21 +187,27 @@ class UpLevel(nn.Module):
   growth: int
   convf: int
   k: int
+  split: bool
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = _conv(self.conva, self.k, 'conva', padding='VALID')(x)
-    x = DenseBlock(self.dense_units, self.mid, self.growth, self.k, name='dense')(x, train)
+    x = DenseBlock(self.dense_units, self.mid, self.growth, self.k, self.split, name='dense')(
+        x, train)
     return _conv(self.convf, 1, 'convf')(x)
 
 
 class Head(nn.Module):
   """u0: BNReLU then a 1x1 conv with bias to the branch's output channels."""
   out_ch: int
+  zero_init: bool  # Zero kernel instead of the official Kaiming fan_out (see HEAD_INITS).
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(_bn(train, 'bn')(x))
+    if self.zero_init:
+      return nn.Conv(self.out_ch, (1, 1), kernel_init=nn.initializers.zeros,
+                     bias_init=_out_bias_init, name='conv')(x)
     return _conv(self.out_ch, 1, 'conv', bias=True)(x)
 
 
@@ -184,18 +227,20 @@ class Branch(nn.Module):
   k: int
   width: int  # Channel divisor (1 = the official network).
   skip_crops: tuple[int, int]
+  split: bool  # Grouped convs as per-group convs (GroupedConv).
+  zero_head: bool  # Zero-initialised output conv (Head).
 
   @nn.compact
   def __call__(self, d: Sequence[jax.Array], train: bool) -> jax.Array:
     w, k = self.width, self.k
     mid, growth = max(128 // w, 8), max(32 // w, 4)  # Grouped convs need multiples of 4.
     x = upsample2x(d[3]) + d[2]
-    x = UpLevel(256 // w, 8, mid, growth, 512 // w, k, name='u3')(x, train)
+    x = UpLevel(256 // w, 8, mid, growth, 512 // w, k, self.split, name='u3')(x, train)
     x = upsample2x(x) + centre_crop(d[1], self.skip_crops[1])
-    x = UpLevel(128 // w, 4, mid, growth, 256 // w, k, name='u2')(x, train)
+    x = UpLevel(128 // w, 4, mid, growth, 256 // w, k, self.split, name='u2')(x, train)
     x = upsample2x(x) + centre_crop(d[0], self.skip_crops[0])
     x = U1(64 // w, k, name='u1')(x)
-    return Head(self.out_ch, name='u0')(x, train)
+    return Head(self.out_ch, self.zero_head, name='u0')(x, train)
 
 
 class Decoder(nn.Module):
@@ -204,13 +249,16 @@ class Decoder(nn.Module):
   k: int
   width: int
   skip_crops: tuple[int, int]
+  split: bool
+  zero_head: bool
 
   @nn.compact
   def __call__(self, d: Sequence[jax.Array], train: bool) -> dict[str, jax.Array]:
     outs = {}
     heads = ([('tp', self.nr_types)] if self.nr_types else []) + [('np', 2), ('hv', 2)]
     for name, ch in heads:
-      outs[name] = Branch(ch, self.k, self.width, self.skip_crops, name=name)(d, train)
+      outs[name] = Branch(ch, self.k, self.width, self.skip_crops, self.split, self.zero_head,
+                          name=name)(d, train)
     return outs
 
 
@@ -223,11 +271,16 @@ class HoVerNet(nn.Module):
     encoder_units: residual units per group (official (3, 4, 6, 3)).
     width: divisor of every channel count (1 = official; 8 or 16 give tiny networks for tests);
       the dense blocks keep at least 8 bottleneck and 4 growth channels (groups = 4).
+    split_grouped_convs: run the dense units' grouped convs as per-group convs (`GroupedConv`);
+      same parameters and outputs, far faster backward on CPU.
+    head_init: initialiser of the three output 1x1 convs, one of HEAD_INITS.
   """
   mode: str = 'original'
   nr_types: int | None = 5
   encoder_units: tuple[int, ...] = (3, 4, 6, 3)
   width: int = 1
+  split_grouped_convs: bool = True
+  head_init: str = 'kaiming'
 
   @property
   def patch_shapes(self) -> tuple[int, int]:
@@ -254,6 +307,8 @@ class HoVerNet(nn.Module):
       raise ValueError(f'HoVerNet.mode={self.mode!r}: expected one of {MODES}')
     if len(self.encoder_units) != 4:
       raise ValueError(f'HoVerNet.encoder_units={self.encoder_units}: expected 4 group sizes')
+    if self.head_init not in HEAD_INITS:
+      raise ValueError(f'HoVerNet.head_init={self.head_init!r}: expected one of {HEAD_INITS}')
     if self.width not in (1, 2, 4, 8, 16):
       raise ValueError(f'HoVerNet.width={self.width}: expected 1, 2, 4, 8 or 16')
     size = self.patch_shapes[0]
@@ -275,14 +330,17 @@ class HoVerNet(nn.Module):
         x = jax.lax.stop_gradient(x)
       feats.append(x)
     feats[3] = _conv(1024 // w, 1, 'conv_bot')(feats[3])
-    return Decoder(self.nr_types, k, w, _SKIP_CROPS[self.mode], name='decoder')(feats, train)
+    return Decoder(self.nr_types, k, w, _SKIP_CROPS[self.mode], self.split_grouped_convs,
+                   self.head_init == 'zeros', name='decoder')(feats, train)
 
 
 def create_hovernet(model_config: ml_collections.ConfigDict) -> HoVerNet:
-  """HoVerNet from `config.hovernet.model` (fields mode, nr_types, encoder_units, width)."""
+  """HoVerNet from the fields of `config.hovernet.model` (configs/common.py)."""
   units = tuple(int(v) for v in str(model_config.encoder_units).split(',') if v.strip())
   return HoVerNet(mode=model_config.mode, nr_types=model_config.nr_types or None,
-                  encoder_units=units, width=model_config.width)
+                  encoder_units=units, width=model_config.width,
+                  split_grouped_convs=model_config.split_grouped_convs,
+                  head_init=model_config.head_init)
 
 
 # Paths (tuples of Flax names) of the encoder modules that stay trainable in phase 1 (hovernet.md §1.5).
