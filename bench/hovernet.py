@@ -3,6 +3,7 @@
   python bench/hovernet.py                                   # full fast-mode model, batch 2
   python bench/hovernet.py --mode=original --batch=1 --tile=256
   python bench/hovernet.py --nosplit_grouped_convs          # one grouped op per dense unit
+  python bench/hovernet.py --width=16 --encoder_units=1,1,1,1 --iters=5   # the demo's network
 
 Uses the full-size network (width 1, official units). Training runs the real jitted `train_step`
 (phase 1 = frozen encoder gradient path, phase 2 = all trainable) on one device. Tile inference
@@ -39,6 +40,8 @@ _CONSEP = flags.DEFINE_string('consep_dir', str(pathlib.Path(__file__).resolve()
                               'CoNSeP folder for the post-processing timing (skipped if absent).')
 _SPLIT = flags.DEFINE_bool('split_grouped_convs', True,
                            'Grouped convs as per-group convs (False: one grouped op).')
+_WIDTH = flags.DEFINE_integer('width', 1, 'Channel divisor (1 = official network, 16 = demo).')
+_UNITS = flags.DEFINE_string('encoder_units', '3,4,6,3', 'Residual units per encoder group.')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'post'], 'all, or post-processing only.')
 
 
@@ -80,12 +83,14 @@ def main(argv):
   c.mesh.data = 1
   c.hovernet.model.mode = _MODE.value
   c.hovernet.model.split_grouped_convs = _SPLIT.value
+  c.hovernet.model.width, c.hovernet.model.encoder_units = _WIDTH.value, _UNITS.value
   mesh = sharding.create_mesh(c.mesh)
   trainer = hovernet_train.create_trainer(c, mesh, (100, 100))
   module = trainer.module
   size, out = module.patch_shapes
   print(f'device: {jax.devices()[0].device_kind} x{len(jax.devices())}, mode {_MODE.value}, '
-        f'batch {_BATCH.value}, split_grouped_convs {_SPLIT.value}')
+        f'batch {_BATCH.value}, width {_WIDTH.value}, units {_UNITS.value}, '
+        f'split_grouped_convs {_SPLIT.value}')
   state = trainer.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   inst = np.zeros((size, size), np.int32)
@@ -95,11 +100,12 @@ def main(argv):
            **{k: np.stack([v] * _BATCH.value) for k, v in tgt.items()}}
   gb = sharding.global_batch(batch, mesh)
   for phase in (0, 1):
-    flops = trainer.steps[phase].lower(state, gb).compile().cost_analysis()['flops']
+    lr = trainer.lr(phase, 0)
+    flops = trainer.steps[phase].lower(state, gb, lr).compile().cost_analysis()['flops']
     holder = [state]
 
     def step(p=phase):
-      holder[0], m = trainer.steps[p](holder[0], gb)
+      holder[0], m = trainer.steps[p](holder[0], gb, lr)
       jax.block_until_ready(m)
 
     sec = _timed(step, _ITERS.value)

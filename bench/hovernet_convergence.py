@@ -75,7 +75,8 @@ def main(argv):
   train_seconds = 0.0
   for step in range(1, _STEPS.value + 1):
     t0 = time.time()
-    state, metrics = trainer.steps[1](state, sharding.global_batch(next(it), mesh))
+    state, metrics = trainer.steps[1](state, sharding.global_batch(next(it), mesh),
+                                      trainer.lr(1, step - 1))
     jax.block_until_ready(metrics)
     train_seconds += time.time() - t0
     if step % _EVERY.value:

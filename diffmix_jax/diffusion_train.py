@@ -151,7 +151,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
       in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   return Trainer(module=module, abstract_state=abstract_state, state_sharding=state_sh,
-                 init=jax.jit(init, out_shardings=state_sh), step=step)
+                 init=train_lib.jit_init(init, state_sh), step=step)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:

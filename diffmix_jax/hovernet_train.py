@@ -276,13 +276,17 @@ def _frozen_mask(tree) -> Any:
   return traverse_util.unflatten_dict({p: hovernet.is_frozen_in_phase1(p) for p in flat})
 
 
-def train_step(state: TrainState, batch: dict, *, module, tx, phase1: bool, mse_weight: float,
-               freeze_bn_stats: bool) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, phase1: bool,
+               mse_weight: float, freeze_bn_stats: bool) -> tuple[TrainState, dict]:
   """One Adam step on the §3.1 loss; phase 1 freezes the encoder as a gradient path (pitfall 1).
 
   Args:
     state: the train state (donated).
     batch: `image` uint8 [B, I, I, 3]; `np`, `tp` int32 [B, O, O]; `hv` float32 [B, O, O, 2].
+    lr: float32 [] learning rate of this step (`Trainer.lr`). An argument, not a schedule baked
+      into the step, so runs that differ only in their step counts share one compiled step (the
+      persistent compilation cache then skips the second run's compile).
+    tx: `ADAM`, the Adam direction without the learning rate.
 
   Returns:
     (new state, metrics of float32 scalars); a non-finite loss keeps the old state.
@@ -301,7 +305,7 @@ def train_step(state: TrainState, batch: dict, *, module, tx, phase1: bool, mse_
       batch_stats = jax.tree.map(lambda new, old, f: old if f else new, batch_stats,
                                  state.batch_stats, _frozen_mask(batch_stats))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
   finite = jnp.isfinite(loss)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
@@ -313,9 +317,13 @@ def train_step(state: TrainState, batch: dict, *, module, tx, phase1: bool, mse_
   return new_state, metrics
 
 
-def step_lr(lr: float, decay_steps: int, gamma: float) -> optax.Schedule:
+# optax.adam(lr) is this chain followed by a scale of -lr, which train_step applies itself.
+ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def step_lr(lr: float, decay_steps: int, gamma: float, count: int) -> np.float32:
   """StepLR stepped per epoch (§3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
-  return lambda count: jnp.where(count < decay_steps, lr, lr * gamma).astype(jnp.float32)
+  return np.float32(lr if count < decay_steps else lr * gamma)
 
 
 @dataclasses.dataclass
@@ -324,7 +332,8 @@ class Trainer:
   abstract_state: TrainState
   state_sharding: Any
   init: Callable[[jax.Array], TrainState]
-  steps: tuple[Callable, Callable]  # Jitted phase-1 and phase-2 steps (donate the state).
+  steps: tuple[Callable, Callable]  # Jitted phase-1/2 (state, batch, lr) steps (donate the state).
+  lr: Callable[[int, int], np.float32]  # (phase 0|1, optimizer step within the phase) -> lr.
   reset_optimizer: Callable[[TrainState], TrainState]  # Fresh phase-2 Adam (moments and count).
 
 
@@ -332,27 +341,26 @@ def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tup
   """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps."""
   tc = config.hovernet.train
   module = hovernet.create_hovernet(config.hovernet.model)
-  txs = [train_lib.adam(step_lr(tc.lr, tc.lr_step_epochs * spe, tc.lr_gamma))
-         for spe in steps_per_epoch]
   size = module.patch_shapes[0]
 
   def init(rng):
     v = module.init(rng, jnp.zeros((1, size, size, 3)))
     return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                      batch_stats=v['batch_stats'], opt_state=txs[0].init(v['params']),
+                      batch_stats=v['batch_stats'], opt_state=ADAM.init(v['params']),
                       first_bad_step=jnp.full((), -1, jnp.int32))
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.state_shardings(abstract_state, mesh, False)
   steps = tuple(jax.jit(
-      functools.partial(train_step, module=module, tx=tx, phase1=p == 0, mse_weight=tc.mse_weight,
-                        freeze_bn_stats=tc.phase1_freeze_bn_stats),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-      for p, tx in enumerate(txs))
-  reset = jax.jit(lambda s: s.replace(opt_state=txs[1].init(s.params)),
+      functools.partial(train_step, module=module, tx=ADAM, phase1=p == 0,
+                        mse_weight=tc.mse_weight, freeze_bn_stats=tc.phase1_freeze_bn_stats),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0) for p in (0, 1))
+  reset = jax.jit(lambda s: s.replace(opt_state=ADAM.init(s.params)),
                   in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=0)
-  return Trainer(module, abstract_state, state_sh, jax.jit(init, out_shardings=state_sh), steps,
+  lr = lambda phase, count: step_lr(tc.lr, tc.lr_step_epochs * steps_per_epoch[phase],
+                                    tc.lr_gamma, count)
+  return Trainer(module, abstract_state, state_sh, train_lib.jit_init(init, state_sh), steps, lr,
                  reset)
 
 
@@ -462,7 +470,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
     last_time, last_log = time.time(), max(start, lo)
     for step in range(max(start, lo), hi):
       batch = sharding.global_batch(next(it), mesh)
-      state, metrics = trainer.steps[phase](state, batch)
+      state, metrics = trainer.steps[phase](state, batch, trainer.lr(phase, step - lo))
       done = step + 1
       progress(done)
       epoch_end = (done - lo) % spe[phase] == 0
@@ -471,8 +479,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
         train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
         rate = (done - last_log) / max(time.time() - last_time, 1e-9)
         scalars.update(images_per_sec=rate * batches[phase], phase=float(phase + 1),
-                       lr=tc.lr * (tc.lr_gamma if (done - lo - 1) // spe[phase] >= tc.lr_step_epochs
-                                   else 1.0))
+                       lr=float(trainer.lr(phase, done - lo - 1)))
         writer.write_scalars(done, scalars)
         last_time, last_log = time.time(), done
       if epoch_end:

@@ -23,6 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every stage output and checkpoint.')
 
+COMPILATION_CACHE = 'jax_cache'  # Folder of the persistent XLA compilation cache in the workdir.
+
 # Stage name -> (module that owns it, issue that builds it, run by every process or by process 0).
 STAGES = {
     'build_data': ('diffmix_jax.build_data', 3, False),
@@ -63,9 +65,11 @@ def main(argv):
   from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if config.compilation_cache:  # Persistent: a rerun after a kill or a second run compiles less.
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, COMPILATION_CACHE))
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
-  os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     stage_files.atomic_write(os.path.join(workdir, 'config.json'),
                              config.to_json_best_effort(indent=2).encode())

@@ -112,6 +112,32 @@ def test_phase1_is_a_gradient_path_rule():
       assert np.any(np.asarray(g)), names  # conv0, d0 shortcut/blk_bna, conv_bot, decoders.
 
 
+
+def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
+  """StepLR per phase (§3.2: lr for lr_step_epochs epochs of that phase, then lr * gamma) and the
+  step's `-lr * ADAM` update, which must equal optax.adam(lr) bit for bit over a few steps."""
+  config = _tiny_config(lr=1e-3, lr_step_epochs=2, lr_gamma=0.1)
+  trainer = hovernet_train.create_trainer(config, sharding.create_mesh(config.mesh), (3, 5))
+  assert [trainer.lr(0, k) for k in (0, 5, 6, 40)] == [np.float32(v) for v in
+                                                       (1e-3, 1e-3, 1e-4, 1e-4)]
+  assert [trainer.lr(1, k) for k in (0, 9, 10)] == [np.float32(v) for v in (1e-3, 1e-3, 1e-4)]
+  import optax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), 'b': jnp.zeros(3)}
+  ref_tx = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
+  ref, ref_state = params, ref_tx.init(params)
+  ours, our_state = params, hovernet_train.ADAM.init(params)
+  lr = trainer.lr(0, 0)
+  for k in range(3):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+    upd, ref_state = ref_tx.update(grads, ref_state, ref)
+    ref = optax.apply_updates(ref, upd)
+    upd, our_state = hovernet_train.ADAM.update(grads, our_state, ours)
+    ours = optax.apply_updates(ours, jax.tree.map(lambda u: -lr * u, upd))
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ours)):
+      np.testing.assert_array_equal(a, b, err_msg=f'step {k}')
+
+
 @pytest.mark.parametrize('freeze_bn_stats', [True, False])
 def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
   """Acceptance 4. With phase1_freeze_bn_stats (True) every frozen encoder parameter and BN
@@ -126,7 +152,8 @@ def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
   before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   bias = before['params']['decoder']['hv']['u0']['conv']['bias']
   assert np.all(np.abs(bias) <= 0.125) and np.any(bias != 0)  # PyTorch default U(+-1/8), §1.4.
-  state, metrics = trainer.steps[0](state, sharding.global_batch(_batch(trainer.module), mesh))
+  state, metrics = trainer.steps[0](state, sharding.global_batch(_batch(trainer.module), mesh),
+                                    trainer.lr(0, 0))
   after = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   assert np.isfinite(float(metrics['loss']))
   for collection in ('params', 'batch_stats'):
