@@ -16,9 +16,17 @@ from diffmix_jax import main
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run_main(*args, timeout=600):
+def run_main(*args, timeout=600, env=None):
   return subprocess.run([sys.executable, '-m', 'diffmix_jax.main', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+                        capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _one_device_env() -> dict:
+  """The environment without the suite's 8 simulated CPU devices: `main` as a user runs it."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                            env.get('XLA_FLAGS', '')).strip()
+  return env
 
 
 def test_demo_data_stage_and_noop_rerun(tmp_path):
@@ -109,9 +117,9 @@ def test_chain_killed_in_three_stages_equals_uninterrupted(tmp_path):
   """End-to-end issue, acceptance 3: SIGKILL during SDM training, sampling and HoVer-Net training;
   each rerun resumes that stage, and the final metrics equal an uninterrupted run's (same config)."""
   config = os.environ.get('DIFFMIX_KILL_CONFIG', 'configs/tiny.py')
-  timeout = 3600
+  timeout, env = 3600, _one_device_env()
   reference = tmp_path / 'reference'
-  out = run_main('--config', config, '--workdir', str(reference), timeout=timeout)
+  out = run_main('--config', config, '--workdir', str(reference), timeout=timeout, env=env)
   assert out.returncode == 0, out.stderr[-4000:]
   killed = tmp_path / 'killed'
   cmd = [sys.executable, '-m', 'diffmix_jax.main', '--config', config, '--workdir', str(killed)]
@@ -119,7 +127,7 @@ def test_chain_killed_in_three_stages_equals_uninterrupted(tmp_path):
   for stage, folder, part_done, _ in KILL_POINTS:
     logs.append(tmp_path / f'run_killed_in_{stage}.log')
     with open(logs[-1], 'w') as log:
-      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
       deadline = time.time() + timeout
       while not part_done(killed / folder) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -127,7 +135,7 @@ def test_chain_killed_in_three_stages_equals_uninterrupted(tmp_path):
       assert not (killed / folder / 'DONE').exists(), stage
       proc.send_signal(signal.SIGKILL)
       proc.wait()
-  done = run_main('--config', config, '--workdir', str(killed), timeout=timeout)
+  done = run_main('--config', config, '--workdir', str(killed), timeout=timeout, env=env)
   assert done.returncode == 0, done.stderr[-4000:]
   later = [p.read_text() for p in logs[1:]] + [done.stderr]
   for (stage, _, _, resumed), text in zip(KILL_POINTS, later):
