@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.name = 'base'  # Name of the experiment, shown in logs and the report.
   c.seed = 0  # Master seed; every random stream is derived from it by fold-in.
   c.stages = ','.join(ALL_STAGES)  # Comma list of stages to run, in order.
-  c.compilation_cache = True  # Keep XLA compilations in <workdir>/jax_cache: reruns skip compiling.
+  c.compilation_cache = True  # XLA compilations in <workdir>/jax_cache ($JAX_COMPILATION_CACHE_DIR wins).
 
   # ---- data (datasets.md) ----
   c.data = d = ml_collections.ConfigDict()

@@ -66,7 +66,9 @@ def main(argv):
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
   os.makedirs(workdir, exist_ok=True)
-  if config.compilation_cache:  # Persistent: a rerun after a kill or a second run compiles less.
+  # Persistent: a rerun after a kill or a second run compiles less. JAX_COMPILATION_CACHE_DIR (set by
+  # launch/gpu.sh) takes precedence.
+  if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, COMPILATION_CACHE))
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())

@@ -87,6 +87,9 @@ def test_tiny_chain_through_main_then_noop_rerun(sampled, tmp_path):
   assert (workdir / 'report' / 'f1_per_class.png').exists()
   timings = json.loads((workdir / 'timings.json').read_text())
   assert {'hovernet_train', 'evaluate', 'report'} <= set(timings)
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # Else JAX's own cache folder is used.
+    cache = workdir / main.COMPILATION_CACHE
+    assert cache.is_dir() and any(cache.iterdir()), 'no persistent compilation cache in the workdir'
   again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   for stage in ('diffusion_train', 'sample', 'report'):
