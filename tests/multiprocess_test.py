@@ -51,6 +51,9 @@ FIXTURES = {2: 'two_processes', 4: 'four_processes'}
 def _config():
   c = tiny.get_config()
   c.hovernet.train.runs = RUN
+  # One grouped op per dense unit: the per-group split rounds differently with the per-device batch,
+  # and the untrained network's near-threshold maps then flip pixels past the 1e-6 metric tolerance.
+  c.hovernet.model.split_grouped_convs = False
   return c
 
 
