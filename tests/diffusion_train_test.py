@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from flax import linen as nn
 import jax
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from configs import tiny
 from diffmix_jax import diffusion_train
 from diffmix_jax import sharding
+from diffmix_jax import train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # configs/tiny.py trains 12 + 8 steps, checkpoints every 4, logs every step, samples every 10.
@@ -176,13 +178,12 @@ def _checkpoint_params(workdir):
 
 def test_jit_init_gives_the_initialisers_values():
   """train_lib.jit_init (optimisation level 0 on CPU) draws the same parameters as a plain jit."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
+  fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
   class Net(nn.Module):
     @nn.compact
     def __call__(self, x):
-      x = nn.Conv(8, (3, 3), kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))(x)
+      x = nn.Conv(8, (3, 3), kernel_init=fan_out)(x)
       return nn.Dense(4, kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(x))
 
   init = lambda rng: Net().init(rng, jax.numpy.zeros((1, 8, 8, 3)))

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import io as sio
 
@@ -112,7 +113,6 @@ def test_phase1_is_a_gradient_path_rule():
       assert np.any(np.asarray(g)), names  # conv0, d0 shortcut/blk_bna, conv_bot, decoders.
 
 
-
 def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
   """StepLR per phase (§3.2: lr for lr_step_epochs epochs of that phase, then lr * gamma) and the
   step's `-lr * ADAM` update, which must equal optax.adam(lr) bit for bit over a few steps."""
@@ -121,7 +121,6 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
   assert [trainer.lr(0, k) for k in (0, 5, 6, 40)] == [np.float32(v) for v in
                                                        (1e-3, 1e-3, 1e-4, 1e-4)]
   assert [trainer.lr(1, k) for k in (0, 9, 10)] == [np.float32(v) for v in (1e-3, 1e-3, 1e-4)]
-  import optax  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   params = {'w': jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), 'b': jnp.zeros(3)}
   ref_tx = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
