@@ -122,6 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
   hm.mode = 'original'  # original (270->80) | fast (256->164).
   hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
   hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
+  hm.decoder_units = '8,4'  # Dense units of the u3, u2 decoder levels (official 8, 4).
   hm.width = 1  # Divisor of every channel count: 1 = official network, 16 = tiny (tests).
   hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
   hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).

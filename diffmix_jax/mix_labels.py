@@ -311,7 +311,7 @@ def run(config, workdir: os.PathLike) -> None:
   """
   stage = stage_files.StageDir(workdir, STAGE)
   if stage.done():
-    logging.info('mix_labels: %s is finished (DONE exists); nothing to do', stage.path)
+    logging.info('mix_labels: already done (%s)', stage.path)
     return
   num_classes = config.data.num_classes
   class_names = labels.class_names(config.data.class_names, num_classes)

@@ -33,19 +33,43 @@ def consep_dir() -> pathlib.Path:
   return p
 
 
+def shared_workdir(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """A folder that `build(folder)` fills once per test session, also across pytest-xdist workers.
+
+  Under xdist the workers share the session's base temp folder's parent; a file lock makes the first
+  worker that needs the folder build it while the others wait, then all read the same files. A
+  build that fails leaves no `.ready` marker, so the next test that needs it builds it again.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent
+  folder, ready = root / f'shared_{name}', root / f'shared_{name}.ready'
+  with filelock.FileLock(str(root / f'shared_{name}.lock')):
+    if not ready.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      build(folder)
+      ready.touch()
+  return folder
+
+
 @pytest.fixture(scope='session')
 def tiny_trained(tmp_path_factory) -> pathlib.Path:
   """A workdir of configs/tiny.py after build_data, diffusion_train and mix_labels (in process).
 
-  Tests that write into a workdir copy it first (`copy_workdir`).
+  Built once per session (`shared_workdir`); tests that write into a workdir copy it first
+  (`copy_workdir`).
   """
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from diffmix_jax import build_data, diffusion_train, mix_labels  # pylint: disable=g-import-not-at-top
-  workdir = tmp_path_factory.mktemp('tiny_trained')
-  config = tiny.get_config()
-  for stage in (build_data, diffusion_train, mix_labels):
-    stage.run(config, str(workdir))
-  return workdir
+
+  def build(workdir):
+    config = tiny.get_config()
+    for stage in (build_data, diffusion_train, mix_labels):
+      stage.run(config, str(workdir))
+  return shared_workdir(tmp_path_factory, 'tiny_trained', build)
 
 
 def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
@@ -60,7 +84,53 @@ def sampled(tiny_trained, tmp_path_factory) -> pathlib.Path:
   """A copy of `tiny_trained` after an uninterrupted, in-process run of the sample stage."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
-  workdir = copy_workdir(tiny_trained, tmp_path_factory.mktemp('sampled') / 'w',
-                         skip=('synthetic',))
-  sample.run(tiny.get_config(), str(workdir))
-  return workdir
+
+  def build(folder):
+    workdir = copy_workdir(tiny_trained, folder / 'w', skip=('synthetic',))
+    sample.run(tiny.get_config(), str(workdir))
+  return shared_workdir(tmp_path_factory, 'sampled', build) / 'w'
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+  """`-n auto`: one worker per usable core, at most 4 (each holds JAX, TF and 8 CPU devices)."""
+  del config
+  return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+# Seconds a test's call may take unless it is marked `e2e` (DIFFMIX_TEST_TIME_LIMIT overrides).
+TIME_LIMIT = float(os.environ.get('DIFFMIX_TEST_TIME_LIMIT', '120'))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Fails a test whose call ran past TIME_LIMIT, unless it is a named end-to-end test (`e2e`).
+
+  Times are never asserted inside tests; this guard keeps a slow test from creeping into the
+  suite's 15-minute budget unnoticed (README, Tests).
+  """
+  report = yield
+  if (call.when == 'call' and report.passed and call.duration > TIME_LIMIT and
+      item.get_closest_marker('e2e') is None):
+    report.outcome = 'failed'
+    report.longrepr = (f'{item.nodeid} took {call.duration:.0f} s, over the {TIME_LIMIT:.0f} s '
+                       'limit of a unit test: make it cheaper, or mark it e2e and list it in README')
+  return report
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+  """Longest work first, so that two workers finish together.
+
+  The multi-process group first (its worker builds the shared tiny workdirs on the way), then slow
+  tests that need no shared workdir (the other worker is busy meanwhile), then slow tests that read
+  the shared workdirs (built by then), then the rest. A stable sort: file order within each rank.
+  """
+  del config
+  shared = {'tiny_trained', 'sampled'}
+
+  def rank(item) -> int:
+    if item.get_closest_marker('xdist_group') is not None:
+      return 0
+    if item.get_closest_marker('slow') is None:
+      return 3
+    return 2 if shared & set(item.fixturenames) else 1
+  items.sort(key=rank)

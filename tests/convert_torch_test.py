@@ -121,8 +121,9 @@ def test_load_hovernet_from_official_wrapper_bit_for_bit(tmp_path):
   from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
   from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
   module = hovernet.HoVerNet(mode='fast', nr_types=5, width=16)
-  variables = jax.jit(lambda: module.init(jax.random.key(1), jnp.zeros((1, 256, 256, 3)),
-                                          train=False))()
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(1), jnp.zeros((1, 256, 256, 3))))
+  rng = np.random.default_rng(1)  # Distinct random values: a swapped or transposed leaf shows.
+  variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
   sd = convert_hovernet.state_dict_from_variables(jax.device_get(variables), 'fast')
   path = tmp_path / 'hovernet.tar'
   torch.save({'desc': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, path)

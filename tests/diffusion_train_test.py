@@ -1,11 +1,9 @@
-"""Tests of the SDM training stage: device-count invariance, label dropping, resume, TensorBoard."""
+"""Tests of the SDM training stage: device-count invariance, label dropping, TensorBoard.
+
+The SIGKILL-and-resume check (bit-identical EMA and params) is part of main_test.py's chain test.
+"""
 
 import pathlib
-import random
-import signal
-import subprocess
-import sys
-import time
 
 from flax import linen as nn
 import jax
@@ -18,7 +16,7 @@ from diffmix_jax import sharding
 from diffmix_jax import train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# configs/tiny.py trains 12 + 8 steps, checkpoints every 4, logs every step, samples every 10.
+# configs/tiny.py trains 8 + 4 steps, checkpoints every 4, logs every step, samples every 6.
 
 
 def _config(**overrides):
@@ -62,6 +60,7 @@ SMALL = {'data.crop_size': 16, 'diffusion.model.image_size': 16,
          'diffusion.model.channel_mult': '1', 'diffusion.model.attention_resolutions': '16'}
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses_and_params():
   batches = _batches(_config(**SMALL), 5)
   l1, p1, e1 = _train(_config(**SMALL), 1, batches)
@@ -73,6 +72,7 @@ def test_one_and_eight_devices_give_the_same_losses_and_params():
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_label_drop_rates_through_the_step_function():
   # Step 0 is phase 1 with drop rate 1.0; the next 10 steps are phase 2 with drop rate 0.2.
   c = _config(**SMALL, **{'diffusion.train.batch_size': 104, 'diffusion.train.phase1_steps': 1,
@@ -105,18 +105,22 @@ def _read_events(logdir):
   return acc
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_scalars_and_sample_grids(reference_run):
   acc = _read_events(reference_run / 'diffusion' / 'tb')
   tags = acc.Tags()
   names = set(tags['tensors']) | set(tags['scalars'])
   for tag in ('loss', 'mse', 'vb', 'grad_norm', 'lr', 'steps_per_sec', 'images_per_sec'):
     assert tag in names, (tag, tags)
+  tc = tiny.get_config().diffusion.train  # Phase 2 starts at step phase1_steps + 1.
+  total = tc.phase1_steps + tc.phase2_steps
   losses = [float(jax.numpy.asarray(tf_tensor_value(e))) for e in acc.Tensors('loss')]
-  assert len(losses) == 20 and all(np.isfinite(losses))
+  assert len(losses) == total and all(np.isfinite(losses))
   images = acc.Tensors('label_real_ema_sample')
-  assert [e.step for e in images] == [10, 20]
+  assert [e.step for e in images] == list(range(tc.sample_every_steps, total + 1,
+                                                tc.sample_every_steps))
+  assert len(images) >= 2
   lr = {e.step: float(tf_tensor_value(e)) for e in acc.Tensors('lr')}
-  tc = tiny.get_config().diffusion.train  # Phase 2 starts at step phase1_steps + 1 (13).
   assert lr[tc.phase1_steps] == pytest.approx(tc.phase1_lr)
   assert lr[tc.phase1_steps + 1] == pytest.approx(tc.phase2_lr) and tc.phase1_lr != tc.phase2_lr
 
@@ -124,56 +128,6 @@ def test_tensorboard_holds_scalars_and_sample_grids(reference_run):
 def tf_tensor_value(event):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.make_ndarray(event.tensor_proto)
-
-
-def _main(workdir, data_dir, *extra):
-  """Starts `main` for the training stage on an already built demo dataset."""
-  return subprocess.Popen(
-      [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
-       str(workdir), '--config.stages=diffusion_train', f'--config.data.data_dir={data_dir}',
-       *extra],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.mark.slow
-def test_kill_and_resume_equals_uninterrupted_run(reference_run, tmp_path):
-  workdir, data_dir = tmp_path / 'killed', reference_run / 'tfds'
-  proc = _main(workdir, data_dir)
-  first = workdir / 'diffusion' / 'checkpoints' / '4'
-  deadline = time.time() + 400
-  while not first.is_dir() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.1)
-  time.sleep(random.uniform(0, 1.5))
-  assert proc.poll() is None, 'the run ended before it could be killed:\n' + proc.stdout.read()[-3000:]
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not (workdir / 'diffusion' / 'DONE').exists()
-  resumed = _main(workdir, data_dir)
-  log = resumed.communicate(timeout=600)[0]
-  assert resumed.returncode == 0, log[-3000:]
-  assert 'diffusion_train: resumed from step' in log
-  name = diffusion_train.EMA_FILE
-  assert (workdir / 'diffusion' / name).read_bytes() == (reference_run / 'diffusion' /
-                                                         name).read_bytes()
-  # The final checkpoint's params equal the reference bit for bit too.
-  assert _checkpoint_params(workdir) == _checkpoint_params(reference_run)
-  start = time.time()
-  again = _main(workdir, data_dir)
-  log = again.communicate(timeout=300)[0]
-  assert again.returncode == 0 and 'diffusion_train: already done' in log
-  assert time.time() - start < 60
-
-
-def _checkpoint_params(workdir):
-  from flax import serialization  # pylint: disable=g-import-not-at-top
-  c = _config()
-  trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
-  from diffmix_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
-  step, state, _ = checkpoint.restore_latest(
-      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
-  assert step == 20
-  return serialization.to_bytes(jax.device_get(state.params))
 
 
 def test_jit_init_gives_the_initialisers_values():

@@ -11,6 +11,7 @@ import pytest
 from diffmix_jax import convert_hovernet
 from diffmix_jax import hovernet_infer
 from diffmix_jax import hovernet_targets
+from diffmix_jax import train_lib
 from diffmix_jax.models import hovernet
 
 # The specs' state-dict tables, in ../shared beside the checkout.
@@ -71,6 +72,26 @@ def test_full_size_output_geometry(mode, size, out):
     jax.eval_shape(lambda v: module.apply(v, jnp.zeros((1, size + 2, size + 2, 3))), variables)
 
 
+@pytest.mark.parametrize('mode,size,out', [('original', 270, 80), ('fast', 256, 164)])
+def test_shallow_decoder_keeps_the_official_geometry(mode, size, out):
+  """decoder_units=(1, 1): one dense unit per level, the missing units' valid-conv borders cropped
+  instead, so outputs and skip sums keep the official sides; the official units then differ only
+  in the dense blocks' unit lists."""
+  shallow = hovernet.HoVerNet(mode=mode, nr_types=5, decoder_units=(1, 1), width=16)
+  variables = _abstract(shallow)
+  outs = jax.eval_shape(lambda v: shallow.apply(v, jnp.zeros((1, size, size, 3))), variables)
+  assert {k: v.shape for k, v in outs.items()} == {
+      'tp': (1, out, out, 5), 'np': (1, out, out, 2), 'hv': (1, out, out, 2)}
+  full = _abstract(hovernet.HoVerNet(mode=mode, nr_types=5, width=16))
+  for level, units in (('u3', 8), ('u2', 4)):
+    dense = lambda v: set(v['params']['decoder']['np'][level]['dense'])
+    assert dense(variables) == {'units_0', 'blk_bna'}
+    assert dense(full) == {f'units_{j}' for j in range(units)} | {'blk_bna'}
+  for bad in ((0, 1), (9, 4), (8, 5), (1,)):
+    with pytest.raises(ValueError, match='decoder_units'):
+      _abstract(hovernet.HoVerNet(mode=mode, decoder_units=bad, width=16))
+
+
 @pytest.mark.parametrize('split', [True, False])
 def test_grouped_conv_equals_flax_grouped_conv(split):
   """GroupedConv holds nn.Conv(feature_group_count=4)'s kernel (same path, shape and initial values)
@@ -92,24 +113,25 @@ def test_grouped_conv_equals_flax_grouped_conv(split):
     mine.init(jax.random.key(0), jnp.zeros((1, 9, 9, 6)))
 
 
+@pytest.mark.slow
 def test_zero_head_init_starts_each_output_at_its_bias():
   """head_init='zeros': same tree as the official init, zero output kernels, official biases; so the
   untrained HV map is the constant bias instead of noise of std ~sqrt(C/2)."""
-  kw = dict(mode='fast', nr_types=5, encoder_units=(1, 1, 1, 1), width=16)
+  kw = dict(mode='fast', nr_types=5, encoder_units=(1, 1, 1, 1), decoder_units=(1, 1), width=16)
   x = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255.0)
   official = hovernet.HoVerNet(**kw)
   zeros = hovernet.HoVerNet(**kw, head_init='zeros')
-  v_off, v_zero = (jax.jit(m.init)(jax.random.key(0), x) for m in (official, zeros))
+  v_off, v_zero = (train_lib.jit_init(m.init)(jax.random.key(0), x) for m in (official, zeros))
   assert jax.tree.structure(v_off) == jax.tree.structure(v_zero)
   for branch in ('tp', 'np', 'hv'):
     head_off = v_off['params']['decoder'][branch]['u0']['conv']
     head_zero = v_zero['params']['decoder'][branch]['u0']['conv']
     assert not np.any(head_zero['kernel']) and np.std(head_off['kernel']) > 0.5
     np.testing.assert_array_equal(head_zero['bias'], head_off['bias'])
-  out = zeros.apply(v_zero, x)
+  out = jax.jit(zeros.apply)(v_zero, x)
   bias = np.asarray(v_zero['params']['decoder']['hv']['u0']['conv']['bias'])
   np.testing.assert_allclose(out['hv'], np.broadcast_to(bias, out['hv'].shape), atol=1e-6)
-  assert float(np.std(official.apply(v_off, x)['hv'])) > 0.5
+  assert float(np.std(jax.jit(official.apply)(v_off, x)['hv'])) > 0.5
   with pytest.raises(ValueError, match="head_init='normal'"):
     hovernet.HoVerNet(**kw, head_init='normal').init(jax.random.key(0), x)
 

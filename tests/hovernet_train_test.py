@@ -18,6 +18,7 @@ from diffmix_jax import hovernet_targets
 from diffmix_jax import hovernet_train
 from diffmix_jax import input_pipeline
 from diffmix_jax import sharding
+from diffmix_jax import train_lib
 from diffmix_jax.models import hovernet
 
 
@@ -91,10 +92,12 @@ def _batch(module, n=2, seed=0):
   return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
 
 
+@pytest.mark.slow
 def test_phase1_is_a_gradient_path_rule():
-  module = hovernet.HoVerNet(mode='fast', nr_types=5, encoder_units=(2, 1, 1, 1), width=16)
+  module = hovernet.HoVerNet(mode='fast', nr_types=5, encoder_units=(2, 1, 1, 1),
+                             decoder_units=(1, 1), width=16)
   batch = _batch(module, n=1)
-  variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
+  variables = train_lib.jit_init(module.init)(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))
 
   def grads(params, freeze: bool):
     def loss(p):
@@ -137,6 +140,7 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
       np.testing.assert_array_equal(a, b, err_msg=f'step {k}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('freeze_bn_stats', [True, False])
 def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
   """Acceptance 4. With phase1_freeze_bn_stats (True) every frozen encoder parameter and BN
@@ -231,6 +235,8 @@ def test_each_epoch_takes_the_next_synthetic_items():
   np.testing.assert_array_equal(patches.item(0, 2)[0], patches.item(0, 0)[0])  # Real: fixed.
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch):
   """hovernet_train.run then evaluate.run on one demo tile: files, metrics JSON, DONE, no-op reruns;
   then a run killed after the phase-1 checkpoint (step 2 of 4) resumes to bit-identical weights."""
@@ -308,6 +314,7 @@ def test_tiled_inference_chain_scores_an_oracle_network():
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_hovernet_overfits_demo_patches(tmp_path, monkeypatch):
   """Acceptance 5: after overfitting one demo tile, `evaluate` on it gives Dice > 0.8.
 

@@ -29,6 +29,7 @@ def _one_device_env() -> dict:
   return env
 
 
+@pytest.mark.slow
 def test_demo_data_stage_and_noop_rerun(tmp_path):
   workdir = tmp_path / 'demo'
   out = run_main('--config', 'configs/demo.py', '--workdir', str(workdir),
@@ -59,20 +60,85 @@ def test_bad_config_value_is_an_error_naming_the_field(tmp_path):
   assert "config.stages: unknown stage(s) ['nonsense']" in out.stderr
 
 
-@pytest.mark.slow
-def test_tiny_chain_through_main_then_noop_rerun(sampled, tmp_path):
-  """The whole chain of configs/tiny.py through `main`.
+def _kill_when(cmd: list, ready, what: str, timeout: float = 600) -> str:
+  """Starts `cmd`, SIGKILLs it as soon as `ready()` holds, returns its output so far."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + timeout
+  while not ready() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  alive = proc.poll() is None
+  proc.send_signal(signal.SIGKILL)
+  out = proc.communicate()[0]
+  assert alive, f'the run ended before it could be killed in {what}:\n{out[-3000:]}'
+  return out
 
-  Starts from a workdir whose data, SDM, mixing and synthesis stages are done (shared with the stage
-  tests): `main` must skip them, train both HoVer-Net runs, evaluate and report.
+
+def _checkpoint_params(workdir: pathlib.Path) -> bytes:
+  """The SDM params of the last checkpoint in `workdir`, serialised."""
+  # pylint: disable=g-import-not-at-top
+  from flax import serialization
+  import jax
+  from configs import tiny
+  from diffmix_jax import checkpoint, diffusion_train, sharding
+  c = tiny.get_config()
+  trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
+  manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
+  step, state, _ = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  assert step == c.diffusion.train.phase1_steps + c.diffusion.train.phase2_steps
+  return serialization.to_bytes(jax.device_get(state.params))
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
+    tiny_trained, sampled, tmp_path):
+  """The whole chain of configs/tiny.py through `main`, SIGKILLed twice on the way.
+
+  Starts from the built dataset of `tiny_trained`. Run 1 is killed after the first SDM checkpoint;
+  run 2 resumes training (its EMA and params equal the uninterrupted in-process run of
+  `tiny_trained` bit for bit), mixes labels and is killed after the second synthetic shard; run 3
+  resumes sampling (every patch exactly once, shards equal `sampled`'s), trains both HoVer-Net
+  runs, evaluates and reports; run 4 is a no-op.
   """
-  from conftest import copy_workdir  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  workdir = copy_workdir(sampled, tmp_path / 'chain')
-  out = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=1500)
-  assert out.returncode == 0, out.stderr[-4000:]
-  for stage in ('build_data', 'diffusion_train', 'mix_labels', 'sample'):
-    assert f'{stage}: already done' in out.stderr or f'{stage}: ' in out.stderr
+  # pylint: disable=g-import-not-at-top
+  from conftest import copy_workdir
+  import numpy as np
+  from configs import tiny
+  from diffmix_jax import diffusion_train, input_pipeline, sample, synthetic_io
+  config = tiny.get_config()
+  tc = config.diffusion.train
+  assert tc.checkpoint_every_steps < tc.phase1_steps  # Killed with steps to go.
+  workdir = copy_workdir(tiny_trained, tmp_path / 'chain',
+                         skip=('diffusion', 'mixed_labels', 'synthetic'))
+  cmd = [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
+         str(workdir)]
+  first = workdir / 'diffusion' / 'checkpoints' / str(tc.checkpoint_every_steps)
+  _kill_when(cmd, first.is_dir, 'diffusion_train')
+  assert not (workdir / 'diffusion' / 'DONE').exists()
+  out = _kill_when(cmd, synthetic_io.shard_path(workdir, 1).exists, 'sample')
+  assert 'diffusion_train: resumed from step' in out, out[-3000:]
+  name = diffusion_train.EMA_FILE
+  assert (workdir / 'diffusion' / name).read_bytes() == (tiny_trained / 'diffusion' /
+                                                         name).read_bytes()
+  assert _checkpoint_params(workdir) == _checkpoint_params(tiny_trained)
+  assert not (workdir / 'synthetic' / 'DONE').exists()
+
+  done = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=1500)
+  assert done.returncode == 0, done.stderr[-4000:]
+  assert re.search(r'sample: \d+ patches in (\d+) shards, (?!\1 )\d+ shards to render',
+                   done.stderr), done.stderr[-3000:]
+  tiles = {t['name']: t for t in input_pipeline.load_split(config, str(workdir), 'train')}
+  items = sample.work_items(config, str(workdir), tiles)
+  shards = lambda w: [synthetic_io.read_shard(w, k)
+                      for k in range(len(list((w / 'synthetic' / 'shards').glob('shard_*.npz'))))]
+  got, want = shards(workdir), shards(sampled)
+  assert len(got) == -(-len(items) // config.sample.shard_size) > 3
+  np.testing.assert_array_equal(np.concatenate([s['index'] for s in got]), np.arange(len(items)))
+  for a, b in zip(got, want):  # Same seed, same images, however the run was interrupted.
+    for key in synthetic_io.SHARD_KEYS:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
   for run in ('baseline', 'diffmix'):
     assert (workdir / f'hovernet_{run}' / 'DONE').exists()
     result = json.loads((workdir / 'eval' / f'{run}.json').read_text())
@@ -86,14 +152,16 @@ def test_tiny_chain_through_main_then_noop_rerun(sampled, tmp_path):
   assert '| baseline |' in md and '| diffmix |' in md
   assert (workdir / 'report' / 'f1_per_class.png').exists()
   timings = json.loads((workdir / 'timings.json').read_text())
-  assert {'hovernet_train', 'evaluate', 'report'} <= set(timings)
+  assert {'diffusion_train', 'sample', 'hovernet_train', 'evaluate', 'report'} <= set(timings)
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # Else JAX's own cache folder is used.
     cache = workdir / main.COMPILATION_CACHE
     assert cache.is_dir() and any(cache.iterdir()), 'no persistent compilation cache in the workdir'
+  start = time.time()
   again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
-  for stage in ('diffusion_train', 'sample', 'report'):
-    assert f'{stage}: already done' in again.stderr
+  for stage in ('build_data', 'diffusion_train', 'mix_labels', 'sample', 'report'):
+    assert f'{stage}: already done' in again.stderr, stage
+  assert time.time() - start < 60
 
 
 def _finished_checkpoint(folder: pathlib.Path) -> bool:

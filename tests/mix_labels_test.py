@@ -292,6 +292,7 @@ def test_load_mixed_errors(tmp_path):
     mix_labels.load_mixed(tmp_path, 'blend', 'train_1')
 
 
+@pytest.mark.slow
 def test_real_consep_summary(consep_dir, tmp_path, monkeypatch):
   """§8 items 13-17 on the merged CoNSeP train split (27 tiles), default parameters, seed 0."""
   def load_split(config, workdir, split):

@@ -38,7 +38,8 @@ from diffmix_jax import stage_files
 from diffmix_jax import synthetic_io
 from diffmix_jax.models import hovernet
 
-pytestmark = pytest.mark.slow
+# One worker runs this module: its fixtures are module-scoped multi-process runs.
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group('multiprocess')]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = 'diffusion_train,mix_labels,sample,evaluate'

@@ -218,6 +218,7 @@ def test_demo_set_is_deterministic_and_imbalanced(tmp_path):
   np.testing.assert_array_equal(ids, np.arange(ids.size))  # 0 and ids 1..N contiguous.
 
 
+@pytest.mark.slow
 def test_build_data_cli_on_real_consep(consep_dir, tmp_path):
   """Acceptance: 27 train and 14 test tiles, per-class counts equal ../shared/data/README.md."""
   out = subprocess.run(

@@ -180,9 +180,14 @@ class DenseBlock(nn.Module):
 
 
 class UpLevel(nn.Module):
-  """u3/u2: k x k valid conva, dense block, 1x1 convf (hovernet.md §1.3)."""
+  """u3/u2: k x k valid conva, dense block, 1x1 convf (hovernet.md §1.3).
+
+  A block of fewer than `official_units` units is centre-cropped by the (k - 1) / 2 pixels per side
+  that each missing valid conv would have removed, so the level keeps the official geometry.
+  """
   conva: int
   dense_units: int
+  official_units: int
   mid: int
   growth: int
   convf: int
@@ -194,6 +199,7 @@ class UpLevel(nn.Module):
     x = _conv(self.conva, self.k, 'conva', padding='VALID')(x)
     x = DenseBlock(self.dense_units, self.mid, self.growth, self.k, self.split, name='dense')(
         x, train)
+    x = centre_crop(x, max(self.official_units - self.dense_units, 0) * ((self.k - 1) // 2))
     return _conv(self.convf, 1, 'convf')(x)
 
 
@@ -229,15 +235,18 @@ class Branch(nn.Module):
   skip_crops: tuple[int, int]
   split: bool  # Grouped convs as per-group convs (GroupedConv).
   zero_head: bool  # Zero-initialised output conv (Head).
+  dense_units: tuple[int, int] = (8, 4)  # Dense units of u3 and u2 (official 8, 4).
 
   @nn.compact
   def __call__(self, d: Sequence[jax.Array], train: bool) -> jax.Array:
     w, k = self.width, self.k
     mid, growth = max(128 // w, 8), max(32 // w, 4)  # Grouped convs need multiples of 4.
     x = upsample2x(d[3]) + d[2]
-    x = UpLevel(256 // w, 8, mid, growth, 512 // w, k, self.split, name='u3')(x, train)
+    x = UpLevel(256 // w, self.dense_units[0], 8, mid, growth, 512 // w, k, self.split,
+                name='u3')(x, train)
     x = upsample2x(x) + centre_crop(d[1], self.skip_crops[1])
-    x = UpLevel(128 // w, 4, mid, growth, 256 // w, k, self.split, name='u2')(x, train)
+    x = UpLevel(128 // w, self.dense_units[1], 4, mid, growth, 256 // w, k, self.split,
+                name='u2')(x, train)
     x = upsample2x(x) + centre_crop(d[0], self.skip_crops[0])
     x = U1(64 // w, k, name='u1')(x)
     return Head(self.out_ch, self.zero_head, name='u0')(x, train)
@@ -251,6 +260,7 @@ class Decoder(nn.Module):
   skip_crops: tuple[int, int]
   split: bool
   zero_head: bool
+  dense_units: tuple[int, int]
 
   @nn.compact
   def __call__(self, d: Sequence[jax.Array], train: bool) -> dict[str, jax.Array]:
@@ -258,7 +268,7 @@ class Decoder(nn.Module):
     heads = ([('tp', self.nr_types)] if self.nr_types else []) + [('np', 2), ('hv', 2)]
     for name, ch in heads:
       outs[name] = Branch(ch, self.k, self.width, self.skip_crops, self.split, self.zero_head,
-                          name=name)(d, train)
+                          self.dense_units, name=name)(d, train)
     return outs
 
 
@@ -269,6 +279,8 @@ class HoVerNet(nn.Module):
     mode: 'original' (270 -> 80, 5x5 decoder convs, valid stem) or 'fast' (256 -> 164, 3x3, same stem).
     nr_types: type classes incl. background; None for a segmentation-only model (no `tp` output).
     encoder_units: residual units per group (official (3, 4, 6, 3)).
+    decoder_units: dense units of the u3 and u2 levels of each branch (official (8, 4)); fewer
+      give small networks whose compile time is a fraction of the official depth's (tests).
     width: divisor of every channel count (1 = official; 8 or 16 give tiny networks for tests);
       the dense blocks keep at least 8 bottleneck and 4 growth channels (groups = 4).
     split_grouped_convs: run the dense units' grouped convs as per-group convs (`GroupedConv`);
@@ -278,6 +290,7 @@ class HoVerNet(nn.Module):
   mode: str = 'original'
   nr_types: int | None = 5
   encoder_units: tuple[int, ...] = (3, 4, 6, 3)
+  decoder_units: tuple[int, ...] = (8, 4)
   width: int = 1
   split_grouped_convs: bool = True
   head_init: str = 'kaiming'
@@ -307,6 +320,10 @@ class HoVerNet(nn.Module):
       raise ValueError(f'HoVerNet.mode={self.mode!r}: expected one of {MODES}')
     if len(self.encoder_units) != 4:
       raise ValueError(f'HoVerNet.encoder_units={self.encoder_units}: expected 4 group sizes')
+    if (len(self.decoder_units) != 2 or min(self.decoder_units) < 1 or
+        self.decoder_units[0] > 8 or self.decoder_units[1] > 4):
+      raise ValueError(f'HoVerNet.decoder_units={self.decoder_units}: expected dense units of u3 '
+                       'and u2, at least 1 and at most the official 8 and 4')
     if self.head_init not in HEAD_INITS:
       raise ValueError(f'HoVerNet.head_init={self.head_init!r}: expected one of {HEAD_INITS}')
     if self.width not in (1, 2, 4, 8, 16):
@@ -331,14 +348,16 @@ class HoVerNet(nn.Module):
       feats.append(x)
     feats[3] = _conv(1024 // w, 1, 'conv_bot')(feats[3])
     return Decoder(self.nr_types, k, w, _SKIP_CROPS[self.mode], self.split_grouped_convs,
-                   self.head_init == 'zeros', name='decoder')(feats, train)
+                   self.head_init == 'zeros', tuple(self.decoder_units), name='decoder')(
+                       feats, train)
 
 
 def create_hovernet(model_config: ml_collections.ConfigDict) -> HoVerNet:
   """HoVerNet from the fields of `config.hovernet.model` (configs/common.py)."""
-  units = tuple(int(v) for v in str(model_config.encoder_units).split(',') if v.strip())
+  units = lambda text: tuple(int(v) for v in str(text).split(',') if v.strip())
   return HoVerNet(mode=model_config.mode, nr_types=model_config.nr_types or None,
-                  encoder_units=units, width=model_config.width,
+                  encoder_units=units(model_config.encoder_units),
+                  decoder_units=units(model_config.decoder_units), width=model_config.width,
                   split_grouped_convs=model_config.split_grouped_convs,
                   head_init=model_config.head_init)
 
