@@ -141,6 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
   ht.lr_step_epochs = 25  # StepLR step (epochs within a phase).
   ht.lr_gamma = 0.1  # StepLR factor.
   ht.mse_weight = 1.0  # Weight of the HV MSE term (PyTorch repo 1; TF original 2).
+  ht.tp_class_weighting = 'none'  # TP CE: none (official mean) | median_frequency (class-balanced).
   ht.phase1_freeze_bn_stats = False  # Keep frozen-encoder BN running stats fixed (reference: False).
   ht.loader_threads = 4  # Host threads preparing batches (augmentation, targets).
   ht.log_every_steps = 20  # Scalars to TensorBoard every N steps (and at every epoch end).

@@ -9,6 +9,47 @@ import numpy as np
 from scipy import ndimage
 
 MIN_HV_PIXELS = 30  # Instances with fewer pixels inside the output crop get HV = 0 (pitfall 8).
+TP_CLASS_WEIGHTINGS = ('none', 'median_frequency')  # config.hovernet.train.tp_class_weighting
+
+
+def tp_class_weights(type_maps, nr_types: int, weighting: str) -> np.ndarray | None:
+  """Per-class weights of the TP cross-entropy, from the pixel counts of the training type maps.
+
+  The official loss averages the TP cross-entropy over pixels, so ~90 % of its weight is background
+  and a short run learns types in order of pixel share (on the demo, 150 steps learn background and
+  epithelial only). 'median_frequency' weights class c by median_k(f_k) / f_c, f_c its pixel share
+  in the training tiles (median-frequency balancing, Eigen & Fergus 2015); the weighted loss is
+  sum(w_y * CE) / sum(w_y), so equal weights give the official mean.
+
+  Args:
+    type_maps: iterable of int [H, W] type maps with ids in [0, nr_types).
+    nr_types: number of type classes including background.
+    weighting: one of TP_CLASS_WEIGHTINGS.
+
+  Returns:
+    None for 'none' (the official unweighted loss), else float32 [nr_types]; a class absent from
+    the maps gets weight 1.
+
+  Raises:
+    ValueError: for an unknown weighting or a type id outside [0, nr_types).
+  """
+  if weighting not in TP_CLASS_WEIGHTINGS:
+    raise ValueError(f'config.hovernet.train.tp_class_weighting={weighting!r}: expected one of '
+                     f'{TP_CLASS_WEIGHTINGS}')
+  if weighting == 'none':
+    return None
+  counts = np.zeros(nr_types, np.int64)
+  for i, t in enumerate(type_maps):
+    t = np.asarray(t)
+    if t.size and (t.min() < 0 or t.max() >= nr_types):
+      raise ValueError(f'training type map {i}: ids {t.min()}..{t.max()} outside [0, {nr_types}) '
+                       '(config.hovernet.model.nr_types)')
+    counts += np.bincount(t.ravel(), minlength=nr_types)
+  present = counts > 0
+  freq = counts / max(counts.sum(), 1)
+  weights = np.ones(nr_types, np.float64)
+  weights[present] = np.median(freq[present]) / freq[present]
+  return weights.astype(np.float32)
 
 
 def centre_crop(a: np.ndarray, size: int) -> np.ndarray:

@@ -212,11 +212,16 @@ def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, sta
 
 # ---------------------------------------------------------------- losses -------------------------
 
-def xentropy(logits: jax.Array, labels_: jax.Array, n: int) -> jax.Array:
-  """CE of §3.1: softmax, clamp to [1e-7, 1 - 1e-7], mean over N*H*W."""
+def xentropy(logits: jax.Array, labels_: jax.Array, n: int,
+             class_weights: jax.Array | None = None) -> jax.Array:
+  """CE of §3.1: softmax, clamp to [1e-7, 1 - 1e-7], mean over N*H*W; with `class_weights` [n]
+  the mean is weighted by the weight of each pixel's label (sum w_y CE / sum w_y)."""
   p = jnp.clip(jax.nn.softmax(logits, axis=-1), 1e-7, 1.0 - 1e-7)
-  y = jax.nn.one_hot(labels_, n)
-  return -jnp.mean(jnp.sum(y * jnp.log(p), axis=-1))
+  ce = -jnp.sum(jax.nn.one_hot(labels_, n) * jnp.log(p), axis=-1)
+  if class_weights is None:
+    return jnp.mean(ce)
+  w = jnp.asarray(class_weights, jnp.float32)[labels_]
+  return jnp.sum(w * ce) / jnp.sum(w)
 
 
 def dice_loss(logits: jax.Array, labels_: jax.Array, n: int) -> jax.Array:
@@ -247,13 +252,15 @@ def msge_loss(pred: jax.Array, true: jax.Array, nuclei: jax.Array) -> jax.Array:
   return jnp.sum(m * d * d) / (jnp.sum(m) + 1e-8)
 
 
-def compute_losses(out: dict, batch: dict, nr_types: int | None, mse_weight: float) -> dict:
-  """All loss terms and the total (§3.1; weights 1, MSE weighted by `mse_weight`)."""
+def compute_losses(out: dict, batch: dict, nr_types: int | None, mse_weight: float,
+                   tp_weights=None) -> dict:
+  """All loss terms and the total (§3.1; weights 1, MSE weighted by `mse_weight`); `tp_weights`
+  [nr_types] weights the TP cross-entropy by class (`hovernet_targets.tp_class_weights`)."""
   t = {'np_ce': xentropy(out['np'], batch['np'], 2), 'np_dice': dice_loss(out['np'], batch['np'], 2),
        'hv_mse': jnp.mean((out['hv'] - batch['hv']) ** 2),
        'hv_msge': msge_loss(out['hv'], batch['hv'], batch['np'])}
   if nr_types:
-    t['tp_ce'] = xentropy(out['tp'], batch['tp'], nr_types)
+    t['tp_ce'] = xentropy(out['tp'], batch['tp'], nr_types, tp_weights)
     t['tp_dice'] = dice_loss(out['tp'], batch['tp'], nr_types)
   t['loss'] = sum(v * (mse_weight if k == 'hv_mse' else 1.0) for k, v in t.items())
   return t
@@ -277,7 +284,8 @@ def _frozen_mask(tree) -> Any:
 
 
 def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, phase1: bool,
-               mse_weight: float, freeze_bn_stats: bool) -> tuple[TrainState, dict]:
+               mse_weight: float, freeze_bn_stats: bool, tp_weights: tuple | None = None
+               ) -> tuple[TrainState, dict]:
   """One Adam step on the §3.1 loss; phase 1 freezes the encoder as a gradient path (pitfall 1).
 
   Args:
@@ -295,7 +303,7 @@ def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, pha
     out, upd = module.apply({'params': params, 'batch_stats': state.batch_stats},
                             batch['image'].astype(jnp.float32), train=True, freeze=phase1,
                             mutable=['batch_stats'])
-    terms = compute_losses(out, batch, module.nr_types, mse_weight)
+    terms = compute_losses(out, batch, module.nr_types, mse_weight, tp_weights)
     return terms['loss'], (terms, upd['batch_stats'])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -337,8 +345,10 @@ class Trainer:
   reset_optimizer: Callable[[TrainState], TrainState]  # Fresh phase-2 Adam (moments and count).
 
 
-def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tuple[int, int]):
-  """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps."""
+def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tuple[int, int],
+                   tp_weights: np.ndarray | None = None):
+  """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps;
+  `tp_weights` [nr_types] (or None) weights the TP cross-entropy, a constant of the steps."""
   tc = config.hovernet.train
   module = hovernet.create_hovernet(config.hovernet.model)
   size = module.patch_shapes[0]
@@ -353,7 +363,8 @@ def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tup
   state_sh = sharding.state_shardings(abstract_state, mesh, False)
   steps = tuple(jax.jit(
       functools.partial(train_step, module=module, tx=ADAM, phase1=p == 0,
-                        mse_weight=tc.mse_weight, freeze_bn_stats=tc.phase1_freeze_bn_stats),
+                        mse_weight=tc.mse_weight, freeze_bn_stats=tc.phase1_freeze_bn_stats,
+                        tp_weights=None if tp_weights is None else tuple(map(float, tp_weights))),
       in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0) for p in (0, 1))
   reset = jax.jit(lambda s: s.replace(opt_state=ADAM.init(s.params)),
@@ -440,7 +451,12 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
   spe = tuple(len(patches) // b for b in batches)
   phase_steps = (tc.phase1_epochs * spe[0], tc.phase2_epochs * spe[1])
   total = sum(phase_steps)
-  trainer = create_trainer(config, mesh, spe)
+  tp_weights = (hovernet_targets.tp_class_weights(
+      [t['type_map'] for t in tiles], config.hovernet.model.nr_types, tc.tp_class_weighting)
+                if config.hovernet.model.nr_types else None)
+  if tp_weights is not None:  # From the real tiles only: every run weights its loss alike.
+    logging.info('hovernet_train %s: TP cross-entropy class weights %s', run, np.round(tp_weights, 4))
+  trainer = create_trainer(config, mesh, spe, tp_weights)
   input_size, output_size = trainer.module.patch_shapes
   manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
   restored = checkpoint.restore_latest(

@@ -162,3 +162,16 @@ def test_real_consep_tile_patches_and_targets(consep_dir):
   assert t['hv'].shape == (80, 80, 2) and np.abs(t['hv']).max() <= 1
   assert np.all(t['hv'][t['np'] == 0] == 0) and set(np.unique(t['tp'])) <= set(range(5))
   assert (t['np'] > 0).mean() > 0.01  # train_1 has 850 nuclei.
+
+
+def test_median_frequency_tp_class_weights_by_hand():
+  # Pixel counts 6, 1, 3, 0 of classes 0..3 over two maps: shares .6, .1, .3; median .3.
+  maps = [np.array([[0, 0, 0], [0, 2, 2]]), np.array([[0, 0, 1, 2]])]
+  got = hovernet_targets.tp_class_weights(maps, 4, 'median_frequency')
+  np.testing.assert_allclose(got, [0.5, 3.0, 1.0, 1.0], rtol=1e-6)  # Absent class 3: weight 1.
+  assert got.dtype == np.float32
+  assert hovernet_targets.tp_class_weights(maps, 4, 'none') is None
+  with pytest.raises(ValueError, match='tp_class_weighting'):
+    hovernet_targets.tp_class_weights(maps, 4, 'inverse')
+  with pytest.raises(ValueError, match=r'training type map 1: ids 0\.\.4 outside \[0, 4\)'):
+    hovernet_targets.tp_class_weights([maps[0], np.array([[0, 4]])], 4, 'median_frequency')

@@ -38,6 +38,14 @@ def test_ce_and_dice_match_numpy():
   dice = np.sum(1 - (2 * (p * y).sum((0, 1, 2)) + 1e-3) / (p.sum((0, 1, 2)) + y.sum((0, 1, 2)) + 1e-3))
   np.testing.assert_allclose(hovernet_train.xentropy(logits, labels, 3), ce, rtol=1e-5)
   np.testing.assert_allclose(hovernet_train.dice_loss(logits, labels, 3), dice, rtol=1e-5)
+  # Class-weighted CE: sum w_y CE / sum w_y; equal weights give the official mean.
+  p = np.clip(_np_softmax(logits.astype(np.float64)), 1e-7, 1 - 1e-7)
+  w = np.array([0.5, 3.0, 1.0])[labels]
+  weighted = np.sum(w * -np.sum(y * np.log(p), -1)) / np.sum(w)
+  np.testing.assert_allclose(hovernet_train.xentropy(logits, labels, 3, np.array([0.5, 3.0, 1.0])),
+                             weighted, rtol=1e-5)
+  np.testing.assert_allclose(hovernet_train.xentropy(logits, labels, 3, np.full(3, 7.0)), ce,
+                             rtol=1e-5)
 
 
 def test_msge_kernel_orientation_and_cross_derivatives():
