@@ -24,6 +24,7 @@ import jax  # noqa: E402
 from configs import tiny  # noqa: E402
 from diffmix_jax import demo_data  # noqa: E402
 from diffmix_jax import evaluate  # noqa: E402
+from diffmix_jax import hovernet_data  # noqa: E402
 from diffmix_jax import hovernet_infer  # noqa: E402
 from diffmix_jax import hovernet_train  # noqa: E402
 from diffmix_jax import sharding  # noqa: E402
@@ -61,12 +62,12 @@ def main(argv):
   tiles = [_tile('train', i) for i in range(_TILES.value)]
   eval_tiles = (tiles[:1] if _EVAL.value == 'train'
                 else [_tile('test', i) for i in range(_EVAL_TILES.value)])
-  patches = hovernet_train.PatchSet(tiles, [], h.patch_window, _WINDOW_STEP.value, 0)
+  patches = hovernet_data.PatchSet(tiles, [], h.patch_window, _WINDOW_STEP.value, 0)
   per_epoch = len(patches) // _BATCH.value
   trainer = hovernet_train.create_trainer(c, mesh, (per_epoch, per_epoch))
   size, out = trainer.module.patch_shapes
   state = trainer.init(jax.random.key(_SEED.value))
-  it = hovernet_train.create_dataset(patches, phase_seed=1, global_batch=_BATCH.value, start=0,
+  it = hovernet_data.create_dataset(patches, phase_seed=1, global_batch=_BATCH.value, start=0,
                                      total=_STEPS.value, input_size=size, output_size=out,
                                      augment=False, num_threads=2)
   print(f'device {jax.devices()[0].device_kind}; {len(patches)} windows, batch {_BATCH.value}, '

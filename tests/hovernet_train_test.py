@@ -13,6 +13,7 @@ from scipy import io as sio
 from configs import tiny
 from diffmix_jax import demo_data
 from diffmix_jax import evaluate
+from diffmix_jax import hovernet_data
 from diffmix_jax import hovernet_infer
 from diffmix_jax import hovernet_targets
 from diffmix_jax import hovernet_train
@@ -94,9 +95,9 @@ def _tiles(n, split='train'):
 def _batch(module, n=2, seed=0):
   size, out = module.patch_shapes
   tile = _tiles(1)[0]
-  patches = hovernet_train.PatchSet([tile], [], size, out, 0)
+  patches = hovernet_data.PatchSet([tile], [], size, out, 0)
   rng = np.random.default_rng(seed)
-  exs = [hovernet_train.make_example(patches[i], rng, size, out, True) for i in range(n)]
+  exs = [hovernet_data.make_example(patches[i], rng, size, out, True) for i in range(n)]
   return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
 
 
@@ -193,11 +194,11 @@ def test_synthetic_reader_contract_and_missing_folder(tmp_path):
   cv2.imwrite(str(tmp_path / 'synthetic' / 'Images' / 's_0.png'), tile['image'][..., ::-1])
   sio.savemat(tmp_path / 'synthetic' / 'Labels' / 's_0.mat',
               {'inst_map': tile['inst_map'], 'type_map': tile['type_map']})
-  got = hovernet_train.read_synthetic(tmp_path / 'synthetic')
+  got = hovernet_data.read_synthetic(tmp_path / 'synthetic')
   assert len(got) == 1 and got[0]['name'] == 's_0'
   np.testing.assert_array_equal(got[0]['image'], tile['image'])
   np.testing.assert_array_equal(got[0]['inst_map'], tile['inst_map'])
-  patches = hovernet_train.PatchSet([tile], got, 256, 164, 1.0)
+  patches = hovernet_data.PatchSet([tile], got, 256, 164, 1.0)
   assert len(patches) == 8 and patches.num_synthetic == 4  # 4 real windows, ratio 1.
   assert patches[7][0].shape == (256, 256, 3)
 
@@ -215,7 +216,7 @@ def _synthetic(n, side, ids_per_patch=3):
 
 
 def test_small_synthetic_patches_are_packed_with_distinct_instance_ids():
-  packed = hovernet_train.pack_patches(_synthetic(20, 64), 256)
+  packed = hovernet_data.pack_patches(_synthetic(20, 64), 256)
   assert [p['name'] for p in packed] == ['packed_0', 'packed_1']
   first = packed[0]
   assert first['image'].shape == (256, 256, 3) and first['inst_map'].shape == (256, 256)
@@ -226,17 +227,17 @@ def test_small_synthetic_patches_are_packed_with_distinct_instance_ids():
   np.testing.assert_array_equal(packed[1]['image'][64:], 0)  # 4 patches in the last: row 0.
   assert packed[1]['image'][0, 64 * 3, 0] == 20 and packed[1]['inst_map'].max() == 4 * 3
   same = _synthetic(3, 256)
-  assert hovernet_train.pack_patches(same, 256) is same  # Window-sized patches stay as they are.
+  assert hovernet_data.pack_patches(same, 256) is same  # Window-sized patches stay as they are.
   mixed = _synthetic(2, 64) + _synthetic(1, 32)
   with pytest.raises(ValueError, match=r's_0 \(64, 64\) and s_0 \(32, 32\) differ in size'):
-    hovernet_train.pack_patches(mixed, 256)
+    hovernet_data.pack_patches(mixed, 256)
 
 
 def test_each_epoch_takes_the_next_synthetic_items():
   """synthetic_ratio 0.5 over 4 real windows: 2 synthetic items per epoch, epoch e takes items
   2e, 2e + 1 (mod 5): all 5 are used before any is reused (none silently left out)."""
   tile = _tiles(1)[0]
-  patches = hovernet_train.PatchSet([tile], _synthetic(5, 256), 256, 164, 0.5)
+  patches = hovernet_data.PatchSet([tile], _synthetic(5, 256), 256, 164, 0.5)
   assert len(patches) == 6 and patches.num_synthetic == 2
   seen = [int(patches.item(k, epoch)[0][0, 0, 0]) - 1 for epoch in range(3) for k in (4, 5)]
   assert seen == [0, 1, 2, 3, 4, 0]

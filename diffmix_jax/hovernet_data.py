@@ -1,0 +1,183 @@
+"""HoVer-Net training data: the synthetic-set reader, patch packing, mirror-mode windows, batches.
+
+Host-side (NumPy, grain): what the `hovernet_train` stage feeds its jitted steps (hovernet.md §2,
+§6.3). Every batch is a pure function of (phase seed, step), so a resumed run sees the same batches.
+"""
+
+import os
+import pathlib
+from typing import Any
+
+import cv2
+import grain
+import jax
+import numpy as np
+from scipy import io as sio
+
+from diffmix_jax import hovernet_augment
+from diffmix_jax import hovernet_targets
+
+def read_synthetic(folder: str | os.PathLike) -> list[dict]:
+  """The synthetic patch set, CoNSeP layout: `Images/<name>.png` + `Labels/<name>.mat`.
+
+  This is the reader contract with the `sample` stage, whose `synthetic_io.export_consep` writes
+  `<workdir>/synthetic/consep_format/`: each `.mat` holds `inst_map` and `type_map` [H, W] (merged
+  classes), each PNG the RGB image of the same size.
+
+  Returns:
+    A list of {`name`, `image` uint8 [H, W, 3], `inst_map` int32, `type_map` int32} in name order.
+
+  Raises:
+    FileNotFoundError: when the folder or its Images/Labels parts are missing or empty.
+    ValueError: naming the file, for a missing key or mismatched sizes.
+  """
+  folder = pathlib.Path(folder)
+  images = sorted((folder / 'Images').glob('*.png')) if (folder / 'Images').is_dir() else []
+  if not images:
+    raise FileNotFoundError(
+        f'{folder}/Images/*.png: no synthetic patches. The `diffmix` HoVer-Net run needs the '
+        'synthetic set written by the `sample` stage (Images/<name>.png + Labels/<name>.mat with '
+        'inst_map and type_map); run that stage first, or train only the `baseline` run '
+        '(--config.hovernet.train.runs=baseline)')
+  out = []
+  for path in images:
+    mat_path = folder / 'Labels' / f'{path.stem}.mat'
+    if not mat_path.exists():
+      raise FileNotFoundError(f'{mat_path}: missing label file for {path}')
+    mat = sio.loadmat(str(mat_path))
+    for key in ('inst_map', 'type_map'):
+      if key not in mat:
+        raise ValueError(f'{mat_path}: no {key!r} key; expected inst_map and type_map [H, W]')
+    image = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    inst, types = mat['inst_map'].astype(np.int32), mat['type_map'].astype(np.int32)
+    if inst.shape != image.shape[:2] or types.shape != image.shape[:2]:
+      raise ValueError(f'{mat_path}: label maps {inst.shape}/{types.shape} differ from the image '
+                       f'{image.shape[:2]} of {path}')
+    out.append({'name': path.stem, 'image': image, 'inst_map': inst, 'type_map': types})
+  return out
+
+
+def pack_patches(patches: list[dict], window: int) -> list[dict]:
+  """Packs synthetic patches smaller than half the window into a grid per window (row-major).
+
+  A p x p patch padded alone to the network input would be mostly black; packing
+  floor(window / p)^2 of them per window gives each training step as much synthetic content as a
+  real window. Instance ids are offset so they stay distinct; the last window may be partly black.
+
+  Args:
+    patches: `read_synthetic` items (`image` uint8 [p, p, 3], `inst_map`, `type_map` int32 [p, p]).
+    window: the training window side (the real windows' size).
+
+  Returns:
+    The patches unchanged when p > window / 2; else packed items with `name` 'packed_<k>' and
+    arrays of side floor(window / p) * p.
+
+  Raises:
+    ValueError: when patches smaller than half the window differ in size (naming two of them).
+  """
+  if not patches or 2 * max(patches[0]['image'].shape[:2]) > window:
+    return patches
+  side = patches[0]['image'].shape[:2]
+  for q in patches:
+    if q['image'].shape[:2] != side:
+      raise ValueError(f'synthetic patches {patches[0]["name"]} {side} and {q["name"]} '
+                       f'{q["image"].shape[:2]} differ in size; expected one patch size')
+  rows, cols = window // side[0], window // side[1]
+  out = []
+  for k in range(0, len(patches), rows * cols):
+    image = np.zeros((rows * side[0], cols * side[1], 3), np.uint8)
+    inst, types = (np.zeros(image.shape[:2], np.int32) for _ in range(2))
+    offset = 0
+    for n, q in enumerate(patches[k:k + rows * cols]):
+      r, c = divmod(n, cols)
+      win = (slice(r * side[0], (r + 1) * side[0]), slice(c * side[1], (c + 1) * side[1]))
+      image[win], types[win] = q['image'], q['type_map']
+      inst[win] = np.where(q['inst_map'] > 0, q['inst_map'] + offset, 0)
+      offset += int(q['inst_map'].max())
+    out.append({'name': f'packed_{k // (rows * cols)}', 'image': image, 'inst_map': inst,
+                'type_map': types})
+  return out
+
+
+class PatchSet:
+  """Training items: mirror-mode windows of real tiles (§6.3) followed by synthetic items.
+
+  With `synthetic_ratio` r >= 0 each epoch holds round(r * real windows) synthetic items, taken in
+  turn from the synthetic set (epoch e continues where epoch e - 1 stopped), so every synthetic
+  patch is used before any is reused; r < 0 uses all of them once per epoch. Synthetic patches
+  smaller than half the window are packed several per item (`pack_patches`).
+  """
+
+  def __init__(self, tiles: list[dict], synthetic: list[dict], window: int, step: int,
+               synthetic_ratio: float):
+    self.images, self.labels, self.offsets = [], [], []
+    for i, t in enumerate(tiles):
+      self.images.append(hovernet_targets.mirror_pad(np.asarray(t['image'], np.uint8), window, step))
+      self.labels.append(hovernet_targets.mirror_pad(
+          np.stack([t['inst_map'], t['type_map']], axis=-1).astype(np.int32), window, step))
+      self.offsets += [(i, r, c) for r, c in
+                       hovernet_targets.patch_offsets(self.images[-1].shape[:2], window, step)]
+    self.window, self.synthetic = window, pack_patches(synthetic, window)
+    n_syn = (len(self.synthetic) if synthetic_ratio < 0
+             else int(round(synthetic_ratio * len(self.offsets))))
+    self.num_synthetic = n_syn if self.synthetic else 0
+
+  def __len__(self) -> int:
+    return len(self.offsets) + self.num_synthetic
+
+  def item(self, k: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Item `k` of epoch `epoch`: (image uint8 [S, S, 3], inst_map, type_map int32 [S, S])."""
+    if k < len(self.offsets):
+      i, r, c = self.offsets[k]
+      win = (slice(r, r + self.window), slice(c, c + self.window))
+      lab = self.labels[i][win]
+      return self.images[i][win], lab[..., 0], lab[..., 1]
+    j = epoch * self.num_synthetic + k - len(self.offsets)
+    s = self.synthetic[j % len(self.synthetic)]
+    return s['image'], s['inst_map'], s['type_map']
+
+  def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return self.item(k)
+
+
+def make_example(item, rng: np.random.Generator, input_size: int, output_size: int,
+                 augment: bool) -> dict:
+  """One training example (hovernet.md §2.1): shape aug, intensity aug, targets.
+
+  Returns:
+    `image` uint8 [I, I, 3], `np`, `tp` int32 [O, O], `hv` float32 [O, O, 2].
+  """
+  image, inst, types = item
+  image, inst, types = hovernet_augment.shape_augment(rng, image, inst, types, input_size, augment)
+  if augment:
+    image = hovernet_augment.intensity_augment(rng, image)
+  return {'image': image, **hovernet_targets.targets(inst, types, output_size)}
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int) -> tuple[int, np.ndarray]:
+  """(epoch, item indices) of global batch `step` of an epoch-wise reshuffled stream with drop_last
+  (seeded per epoch)."""
+  per_epoch = n // global_batch
+  epoch, k = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return epoch, order[k * global_batch:(k + 1) * global_batch]
+
+
+def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, start: int,
+                   total: int, input_size: int, output_size: int, augment: bool,
+                   num_threads: int) -> Any:
+  """Iterator over this process's rows of global batches start..total-1 (a pure function of step)."""
+  local = global_batch // jax.process_count()
+  lo = jax.process_index() * local
+
+  def load(step: int) -> dict:
+    epoch, rows = batch_indices(len(patches), step, global_batch, phase_seed)
+    rows = rows[lo:lo + local]
+    exs = [make_example(patches.item(int(j), epoch),
+                        np.random.default_rng([phase_seed, step, lo + i]),
+                        input_size, output_size, augment) for i, j in enumerate(rows)]
+    return {key: np.stack([e[key] for e in exs]) for key in exs[0]}
+
+  ds = grain.MapDataset.range(start, total).map(load)
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(num_threads, 1),
+                                                   prefetch_buffer_size=max(2 * num_threads, 2))))
