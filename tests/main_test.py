@@ -1,5 +1,6 @@
 """Tests through the real `main` entry point."""
 
+import functools
 import json
 import os
 import pathlib
@@ -60,15 +61,21 @@ def test_bad_config_value_is_an_error_naming_the_field(tmp_path):
   assert "config.stages: unknown stage(s) ['nonsense']" in out.stderr
 
 
-def _kill_when(cmd: list, ready, what: str, timeout: float = 600) -> str:
-  """Starts `cmd`, SIGKILLs it as soon as `ready()` holds, returns its output so far."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + timeout
-  while not ready() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  alive = proc.poll() is None
-  proc.send_signal(signal.SIGKILL)
-  out = proc.communicate()[0]
+def _kill_when(cmd: list, ready, what: str, log: pathlib.Path, timeout: float = 600,
+               env=None) -> str:
+  """Starts `cmd`, SIGKILLs it as soon as `ready()` holds, returns its output (kept in `log`).
+
+  A file, not a pipe: nobody reads a pipe while waiting, and a full one would stall the run.
+  """
+  with open(log, 'w') as f:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  out = log.read_text(errors='replace')
   assert alive, f'the run ended before it could be killed in {what}:\n{out[-3000:]}'
   return out
 
@@ -114,9 +121,10 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   cmd = [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
          str(workdir)]
   first = workdir / 'diffusion' / 'checkpoints' / str(tc.checkpoint_every_steps)
-  _kill_when(cmd, first.is_dir, 'diffusion_train')
+  _kill_when(cmd, first.is_dir, 'diffusion_train', tmp_path / 'run1.log')
   assert not (workdir / 'diffusion' / 'DONE').exists()
-  out = _kill_when(cmd, synthetic_io.shard_path(workdir, 1).exists, 'sample')
+  out = _kill_when(cmd, synthetic_io.shard_path(workdir, 1).exists, 'sample',
+                   tmp_path / 'run2.log')
   assert 'diffusion_train: resumed from step' in out, out[-3000:]
   name = diffusion_train.EMA_FILE
   assert (workdir / 'diffusion' / name).read_bytes() == (tiny_trained / 'diffusion' /
@@ -194,21 +202,14 @@ def test_chain_killed_in_three_stages_equals_uninterrupted(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   killed = tmp_path / 'killed'
   cmd = [sys.executable, '-m', 'diffmix_jax.main', '--config', config, '--workdir', str(killed)]
-  logs = []
+  outs = []
   for stage, folder, part_done, _ in KILL_POINTS:
-    logs.append(tmp_path / f'run_killed_in_{stage}.log')
-    with open(logs[-1], 'w') as log:
-      proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-      deadline = time.time() + timeout
-      while not part_done(killed / folder) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-      assert proc.poll() is None, f'the chain ended before it could be killed in {stage}'
-      assert not (killed / folder / 'DONE').exists(), stage
-      proc.send_signal(signal.SIGKILL)
-      proc.wait()
+    outs.append(_kill_when(cmd, functools.partial(part_done, killed / folder), stage,
+                           tmp_path / f'run_killed_in_{stage}.log', timeout, env))
+    assert not (killed / folder / 'DONE').exists(), stage
   done = run_main('--config', config, '--workdir', str(killed), timeout=timeout, env=env)
   assert done.returncode == 0, done.stderr[-4000:]
-  later = [p.read_text() for p in logs[1:]] + [done.stderr]
+  later = outs[1:] + [done.stderr]
   for (stage, _, _, resumed), text in zip(KILL_POINTS, later):
     assert re.search(resumed, text), f'the run after the kill in {stage} did not resume it'
   got, want = (json.loads((w / 'report' / 'metrics.json').read_text()) for w in (killed, reference))
