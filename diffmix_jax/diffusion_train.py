@@ -185,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
   if start == 0:
     train_lib.log_overview(config, jax.device_get(state.params))
-  progress = train_lib.create_progress(total, writer)
+  progress = train_lib.create_progress(total)
   last_log, last_time = start, time.time()
   for step in range(start, total):
     local = next(it)

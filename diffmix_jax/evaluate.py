@@ -272,7 +272,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   variables = hovernet_infer.load_variables(hovernet_infer.variables_path(workdir, run), module)
   predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
   mine = [tiles[i] for i in eval_indices_for(len(tiles))]
-  progress = train_lib.create_progress(len(mine), None)
+  progress = train_lib.create_progress(len(mine))
   for k, tile in enumerate(mine):
     if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
       save_mat(true_dir / f'{tile["name"]}.mat',

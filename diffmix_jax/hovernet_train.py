@@ -334,7 +334,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
   writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
   if start == 0:
     train_lib.log_overview(config, jax.device_get(state.params))
-  progress = train_lib.create_progress(total, writer)
+  progress = train_lib.create_progress(total)
   logging.info('hovernet_train %s: %d patches (%d synthetic), %d + %d steps', run, len(patches),
                patches.num_synthetic, *phase_steps)
   for phase in (0, 1):

@@ -78,6 +78,7 @@ def _tiny_config(**train):
   h.runs = 'baseline'
   h.phase1_batch_size = h.phase2_batch_size = 2
   h.patch_step = 164  # 4 windows per 256-px demo tile.
+  h.phase1_epochs = 1  # Both phases (configs/tiny.py trains phase 2 only).
   for k, v in train.items():
     h[k] = v
   c.eval.batch_size = 8
@@ -273,8 +274,8 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
 
   real_progress = hovernet_train.train_lib.create_progress
 
-  def dying_progress(total, writer):
-    report = real_progress(total, writer)
+  def dying_progress(total):
+    report = real_progress(total)
 
     def progress(step):
       report(step)
