@@ -90,8 +90,16 @@ def nuclei_per_class(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, in
   return {int(i): int(c) for i, c in zip(ids, counts)}
 
 
+# What a reader of a dataset's summary table must know about how its splits were drawn.
+SPLIT_NOTES = {
+    'demo_nuclei': ('train is imbalanced like CoNSeP (rare class 1 in ~1/3 of the tiles, 1-2 each); '
+                    'test is enriched in the rare class (8-10 per tile) so that its F_c can be '
+                    'measured; the splits are drawn from separate random streams'),
+}
+
+
 def format_summary(summary: dict, class_names=None) -> str:
-  """A readable table of `summarize`'s output."""
+  """A readable table of `summarize`'s output (and the dataset's SPLIT_NOTES)."""
   lines = [f"{summary['dataset']} ({summary['labels']} labels) in {summary['data_dir']}"]
   classes = sorted({int(c) for s in summary['splits'].values() for c in s['nuclei_per_class']})
   head = ['split', 'tiles', 'empty', 'nuclei'] + [
@@ -103,6 +111,8 @@ def format_summary(summary: dict, class_names=None) -> str:
   widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
   for r in rows:
     lines.append('  '.join(str(v).rjust(w) for v, w in zip(r, widths)))
+  if summary['dataset'] in SPLIT_NOTES:
+    lines.append(f"note: {SPLIT_NOTES[summary['dataset']]}")
   return '\n'.join(lines)
 
 

@@ -13,6 +13,11 @@ SEED = 0  # The demo set is always generated from this seed.
 TILE_SIZE = 256
 NUM_TILES = {'train': 32, 'test': 8}
 CLASS_NAMES = ('background', 'other', 'inflammatory', 'epithelial', 'spindle')
+# Rare "other" nuclei per split: (share of tiles that hold any, fewest and most per such tile). Train is
+# imbalanced like CoNSeP (~1.6 % of its nuclei); the test split is enriched in the rare class (every
+# tile, 8-10 each: ~80 of ~450 nuclei) so that its F_c can be measured, as rare-class performance
+# usually is. The splits use separate random streams, so nothing of the test split leaks into train.
+RARE = {'train': (0.35, 1, 2), 'test': (1.0, 8, 10)}
 
 # Per class: (mean RGB of the nucleus, semi-axes range a, b in px, boundary irregularity, texture).
 _STYLE = {
@@ -58,8 +63,9 @@ def _nucleus_mask(rng: np.random.Generator, cls: int, angle: float
   return mask, np.array([r, r])
 
 
-def _layout(rng: np.random.Generator, size: int, fibre_angle: float, rare_tile: bool):
-  """Draws nucleus (class, centre y, centre x, angle) tuples for one tile."""
+def _layout(rng: np.random.Generator, size: int, fibre_angle: float, rare: tuple[int, int]):
+  """Draws nucleus (class, centre y, centre x, angle) tuples for one tile; `rare`: (fewest, most)
+  rare nuclei, (0, 0) for none."""
   out = []
   for _ in range(rng.integers(0, 3)):  # Gland-like epithelial clusters (rings of large nuclei).
     cy, cx = rng.uniform(30, size - 30, 2)
@@ -74,8 +80,8 @@ def _layout(rng: np.random.Generator, size: int, fibre_angle: float, rare_tile: 
       out.append((2, cy + rng.normal(0, 12), cx + rng.normal(0, 12), rng.uniform(0, np.pi)))
   for _ in range(rng.integers(8, 22)):  # Spindle cells along the fibres.
     out.append((4, *rng.uniform(0, size, 2), fibre_angle + rng.normal(0, 0.25)))
-  if rare_tile:  # Rare "other" nuclei: one or two per tile that has any.
-    for _ in range(rng.integers(1, 3)):
+  if rare[1]:  # Rare "other" nuclei.
+    for _ in range(rng.integers(rare[0], rare[1] + 1)):
       out.append((1, *rng.uniform(12, size - 12, 2), rng.uniform(0, np.pi)))
   order = rng.permutation(len(out))
   return [out[i] for i in order]
@@ -99,9 +105,10 @@ def make_tile(seed: int, split: str, index: int, size: int = TILE_SIZE):
   inst = np.zeros((size, size), np.int32)
   types = np.zeros((size, size), np.int32)
   texture = np.zeros((size, size), np.float32)
-  rare_tile = rng.random() < 0.35
+  share, fewest, most = RARE[split]
+  rare = (fewest, most) if rng.random() < share else (0, 0)
   n = 0
-  for cls, cy, cx, angle in _layout(rng, size, fibre_angle, rare_tile):
+  for cls, cy, cx, angle in _layout(rng, size, fibre_angle, rare):
     mask, (oy, ox) = _nucleus_mask(rng, cls, angle)
     y0, x0 = int(round(cy)) - oy, int(round(cx)) - ox
     ys, xs = np.nonzero(mask)

@@ -210,6 +210,11 @@ def test_demo_set_is_deterministic_and_imbalanced(tmp_path):
   rare_share = counts[1] / sum(counts.values())
   assert 0.005 < rare_share < 0.05  # One rare class, like CoNSeP's "other" at ~2 %.
   assert min(counts[2], counts[3], counts[4]) > 10 * counts[1]
+  # The test split is enriched in the rare class (issue 17: >= 60 rare nuclei to measure its F_c),
+  # and the summary table says so.
+  test = {int(c): n for c, n in s1['splits']['test']['nuclei_per_class'].items()}
+  assert test[1] >= 60 and min(test[2], test[3], test[4]) >= 60, test
+  assert 'test is enriched in the rare class' in build_data.format_summary(s1)
   a = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'a'), 'merged', 'train')[5]
   b = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'b'), 'merged', 'train')[5]
   np.testing.assert_array_equal(a['image'], b['image'])

@@ -7,8 +7,11 @@ from tfds_builders import tiles
 
 
 class DemoNuclei(tfds.core.GeneratorBasedBuilder):
-  """32 train and 8 test generated tiles of 256x256 in CoNSeP's merged classes, strongly imbalanced."""
-  VERSION = tiles.VERSION
+  """32 train and 8 test generated tiles of 256x256 in CoNSeP's merged classes: train strongly
+  imbalanced, test enriched in the rare class (demo_data.RARE)."""
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Test split as imbalanced as train (5 rare nuclei).',
+                   '1.1.0': 'Test split enriched in the rare class (77 of 456 nuclei).'}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='merged', description='generated, merged ids')]
 
   def _info(self) -> tfds.core.DatasetInfo:
