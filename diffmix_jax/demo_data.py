@@ -143,11 +143,6 @@ def make_tile(seed: int, split: str, index: int, size: int = TILE_SIZE):
   return np.clip(np.round(img), 0, 255).astype(np.uint8), inst, types
 
 
-# Colours of the merged classes in label previews: other, inflammatory, epithelial, spindle.
-CLASS_COLOURS = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80]],
-                         np.uint8)
-
-
 def preview(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
   """Two rows: the images, then their labels with classes in colour and instance edges in white.
 
@@ -161,7 +156,7 @@ def preview(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarra
   images = np.concatenate([t[0] for t in tiles], axis=1)
   maps = []
   for _, inst, types in tiles:
-    colour = CLASS_COLOURS[types].copy()
+    colour = labels.class_colours(types)
     colour[labels.edge_map(inst) & (inst > 0)] = 255
     maps.append(colour)
   return np.concatenate([images, np.concatenate(maps, axis=1)], axis=0)

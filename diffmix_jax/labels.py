@@ -19,6 +19,18 @@ _MERGES = {
 # Number of classes incl. background after the merge.
 MERGED_NUM_CLASSES = {'consep': 5, 'glysac': 4}
 
+# The one class palette of every figure and preview (uint8 RGB by class id; ids past the end wrap):
+# background black, 1 other yellow, 2 inflammatory red, 3 epithelial blue, 4 spindle green, then
+# colours for the unmerged ids of CoNSeP (7) and GLySAC (10).
+CLASS_COLOURS = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80],
+                          [200, 80, 220], [255, 130, 0], [0, 200, 200], [150, 90, 40],
+                          [255, 150, 190], [150, 150, 150]], np.uint8)
+
+
+def class_colours(type_map: np.ndarray) -> np.ndarray:
+  """`CLASS_COLOURS` looked up by class id: int [...] -> uint8 [..., 3]."""
+  return CLASS_COLOURS[np.asarray(type_map) % len(CLASS_COLOURS)]
+
 
 def original_max_id(dataset: str) -> int:
   """Largest raw class id of `dataset` ('consep': 7, 'glysac': 10)."""

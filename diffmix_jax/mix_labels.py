@@ -254,8 +254,8 @@ def summarize(tiles, balanced, enlarged, bparams, seed: int, num_classes: int,
 
 
 def _class_cmap(num_classes: int) -> mcolors.ListedColormap:
-  base = ['#000000', '#e41a1c', '#377eb8', '#4daf4a', '#ff7f00', '#984ea3', '#ffff33', '#a65628']
-  return mcolors.ListedColormap([base[i % len(base)] for i in range(num_classes)])
+  """The project's class palette (labels.CLASS_COLOURS) as a colormap over ids 0..num_classes-1."""
+  return mcolors.ListedColormap(labels.class_colours(np.arange(num_classes)) / 255.0)
 
 
 def plot_histogram(summary: dict, class_names, path: pathlib.Path) -> None:

@@ -12,9 +12,8 @@ import numpy as np
 import optax
 from absl import logging
 
-# Colours of merged class ids 0..4 in label previews (background black).
-CLASS_COLOURS = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80],
-                          [200, 80, 220]], np.uint8)
+from diffmix_jax import labels
+
 
 
 def jit_init(init, out_shardings=None):
@@ -111,7 +110,7 @@ def check_finite(first_bad_step: int, where: str) -> None:
 
 def colour_labels(type_map: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
   """Classes in colour (and instance edges in white): uint8 [..., H, W, 3]."""
-  out = CLASS_COLOURS[np.clip(type_map, 0, len(CLASS_COLOURS) - 1)]
+  out = labels.class_colours(type_map)
   if edges is not None:
     out = np.where(edges[..., None], np.uint8(255), out)
   return out.astype(np.uint8)

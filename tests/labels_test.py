@@ -86,3 +86,21 @@ def test_glysac_merge():
 def test_merge_rejects_ids_outside_raw_scheme():
   with pytest.raises(ValueError, match=r'0\.\.7; found \[8, 9\]'):
     labels.merge_classes(np.array([1, 8, 9]), 'consep')
+
+
+def test_one_class_palette_for_every_figure():
+  """Training previews, the mixing preview's colormap and the demo preview colour a class alike."""
+  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import demo_data
+  from diffmix_jax import mix_labels
+  from diffmix_jax import train_lib
+  ids = np.arange(5)
+  want = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80]])
+  np.testing.assert_array_equal(train_lib.colour_labels(ids[None])[0], want)
+  cmap = mix_labels._class_cmap(5)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.round([np.array(cmap(k)[:3]) * 255 for k in ids]), want)
+  image, inst, types = demo_data.make_tile(demo_data.SEED, 'test', 0, size=64)
+  label_row = demo_data.preview([(image, inst, types)])[64:]
+  interior = (types > 0) & ~labels.edge_map(inst)
+  np.testing.assert_array_equal(label_row[interior], want[types[interior]])
+  assert labels.class_colours(np.array([7, 10])).tolist() == [[0, 200, 200], [150, 150, 150]]
