@@ -183,7 +183,8 @@ def _finish(config, workdir: str, out: stage_files.StageDir, num_shards: int, ti
   """TFDS set, CoNSeP-format export, preview grid and TensorBoard image; then DONE."""
   synthetic_io.build_tfds(workdir)
   synthetic_io.export_consep(workdir, num_shards)
-  grid = preview(workdir, tiles, config.sample.patch_size, num_shards)
+  names = labels.class_names(config.data.class_names, config.data.num_classes)
+  grid = preview(workdir, tiles, config.sample.patch_size, num_shards, names)
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
@@ -196,10 +197,19 @@ def _finish(config, workdir: str, out: stage_files.StageDir, num_shards: int, ti
   logging.info('sample: wrote %s', out.path)
 
 
-def preview(workdir: str, tiles: dict, size: int, num_shards: int, count: int = 6) -> np.ndarray:
-  """Rows of (mixed label in colour, original crop, synthetic image, synthetic with contours)."""
+def preview(workdir: str, tiles: dict, size: int, num_shards: int, class_names, count: int = 8,
+            panel: int = 128) -> np.ndarray:
+  """The synthetic samples figure: a title strip, `count` rows of (mixed label in colour, original
+  crop, synthetic image, synthetic with contours), each panel upscaled (nearest neighbour) to at
+  least `panel` px, and a legend of the class colours. uint8 [H, 4 P, 3], P = ceil(panel/size) size.
+  """
+  # The patches with the most classes, then the most nuclei, of the first shards (most patches of
+  # a tile are plain stroma), in their order in the set.
+  examples = [ex for _, ex in synthetic_io.iter_examples(workdir, min(num_shards, 4))]
+  score = lambda ex: (len(np.unique(ex['type_map'])), int(ex['inst_map'].max()))
+  best = sorted(sorted(range(len(examples)), key=lambda i: score(examples[i]), reverse=True)[:count])
   rows = []
-  for _, ex in synthetic_io.iter_examples(workdir, min(num_shards, 2)):
+  for ex in (examples[i] for i in best):
     r, c = ex['offset']
     edges = labels.edge_map(ex['inst_map']) & (ex['inst_map'] > 0)
     contour = ex['image'].copy()
@@ -207,6 +217,9 @@ def preview(workdir: str, tiles: dict, size: int, num_shards: int, count: int = 
     rows.append([train_lib.colour_labels(ex['type_map'], edges)[None],
                  tiles[ex['source_tile']]['image'][r:r + size, c:c + size][None],
                  ex['image'][None], contour[None]])
-    if len(rows) == count:
-      break
-  return train_lib.image_grid([np.concatenate(col) for col in zip(*rows)])
+  grid = train_lib.image_grid([np.concatenate(col) for col in zip(*rows)])
+  k = -(-panel // size)
+  grid = np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
+  titles = train_lib.text_strip(grid.shape[1], ['mixed label', 'original crop', 'synthetic',
+                                                'synthetic + contours'], columns=True)
+  return np.concatenate([titles, grid, train_lib.legend_strip(grid.shape[1], class_names)])

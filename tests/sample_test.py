@@ -36,8 +36,15 @@ def test_exports_pass_evaluate_checks_and_agree_with_mixed_labels(sampled):
     ids = np.unique(inst[inst > 0])
     want = [int(types[inst == i][0]) for i in ids]
     np.testing.assert_array_equal(np.asarray(record['inst_type']).ravel(), want)
-  preview = workdir / 'synthetic' / 'preview.png'
-  assert preview.exists() and preview.stat().st_size > 0
+  # The figure (issue 17 item 7): 8 rows of 4 panels of >= 128 px each (the 16-px patches upscaled
+  # 8x by repetition, so each source pixel is an 8x8 block), short side >= 512 px, between a title
+  # strip and a legend strip of 24 px each.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  fig = np.asarray(Image.open(workdir / 'synthetic' / 'preview.png'))
+  assert fig.shape == (24 + 8 * 128 + 24, 4 * 128, 3), fig.shape
+  shown = fig[24:24 + 128:8, 2 * 128:3 * 128:8]  # Row 0's synthetic image, one pixel per block.
+  images = np.concatenate([synthetic_io.read_shard(workdir, k)['image'] for k in range(4)])
+  assert any(np.array_equal(shown, im) for im in images)
 
 
 @pytest.mark.slow
