@@ -4,22 +4,23 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC, idle; 2026-12-01 15:09-15:22 UTC): 12 min 48 s
-end to end (build 11 s, SDM 212 s, mixing 2 s, synthesis 96 s, HoVer-Net 407 s for both runs,
-evaluate 33 s, report 0.4 s); the same command again returns in 15 s (every stage says "already
-done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a kill compiles less.
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-03 17:08-17:22 UTC, cold compilation
+cache): 13 min 45 s end to end (build 10 s, SDM 233 s, mixing 2 s, synthesis 111 s, HoVer-Net 428 s
+for both runs, evaluate 34 s, report 0.5 s); the same command again returns in 7 s (every stage
+says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a kill
+compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
     step 150. The synthetic images (report's synthetic_samples.png) paint nuclei of the mixed
     label's classes where it has them (dark elongated spindle, large pale epithelial) on a smooth
     pink background; the real stroma's fibres are mostly lost at this training length.
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 256 synthetic patches.
-  - HoVer-Net (tiny, 160 baseline / 180 diffmix steps of 2 windows): on the 8 test tiles
-    baseline Dice 0.941, AJI 0.614, PQ 0.587, F_d 0.763; diffmix Dice 0.904, AJI 0.527, PQ 0.506,
-    F_d 0.686. Classification is barely learned in this budget: F_c is 0.51 (baseline) / 0.60
-    (diffmix) for epithelial and 0 for the other classes (acc 0.52 / 0.61). DiffMix's gain is a
-    claim about the full-size model on real data (diffmix_method.md §5), not something this
-    3-minute run can show; its synthetic images are cruder than the real tiles.
+  - HoVer-Net (tiny, 160 baseline / 180 diffmix steps of 2 windows): on the 8 test tiles (456
+    nuclei, 77 of the rare class: the test split is rare-enriched) baseline Dice 0.953, AJI 0.581,
+    PQ 0.600, F_d 0.767; diffmix Dice 0.919, AJI 0.496, PQ 0.485, F_d 0.691. Classification is not
+    learned in this budget: F_c is 0.41 (baseline) / 0.46 (diffmix) for epithelial and 0 for the
+    other classes (acc 0.42 / 0.48); issue 17 tracks the fix. DiffMix's gain is a claim about the
+    full-size model on real data (diffmix_method.md §5), not something this run shows yet.
 """
 
 from configs import common

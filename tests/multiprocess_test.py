@@ -181,7 +181,7 @@ def two_processes(reference, tmp_path_factory):
 
 SLOW = bool(os.environ.get('DIFFMIX_SLOW_TESTS'))
 SLOW_COMMAND = ('DIFFMIX_SLOW_TESTS=1 python -m pytest -q -n 0 tests/multiprocess_test.py '
-                '(the whole module: 7 min 33 s on 2 cores)')
+                '(the whole module: 7 min 7 s on 2 cores)')
 
 
 @pytest.fixture(scope='module')
