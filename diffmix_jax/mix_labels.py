@@ -274,23 +274,34 @@ def plot_histogram(summary: dict, class_names, path: pathlib.Path) -> None:
   _save_figure(fig, path)
 
 
+def most_moved_patches(enlarged, count: int) -> list[tuple[int, int, int]]:
+  """(nuclei moved, tile index, patch index) of the `count` enlarging patches that moved the most,
+  most first (ties: lower tile, then patch index). `enlarged`: EnlargeResult per tile."""
+  ranked = sorted(((int(n), i, p) for i, e in enumerate(enlarged)
+                   for p, n in enumerate(e.num_moved)), key=lambda x: (-x[0], x[1], x[2]))
+  return ranked[:count]
+
+
 def plot_preview(tiles, balanced, enlarged, count: int, num_classes: int, class_names,
                  path: pathlib.Path) -> None:
-  """Real / balancing type maps of a few tiles and the real / enlarging map of one patch each."""
+  """Real / balancing type maps of the tiles with the most replacements, beside the real /
+  enlarging maps of the patches (of any tile) where enlarging moved the most nuclei."""
   by_reps = sorted(range(len(tiles)), key=lambda i: -len(balanced[i].provenance['target_id']))
   chosen = sorted(by_reps[:max(count, 1)])
+  most_moved = most_moved_patches(enlarged, len(chosen))
   cmap = _class_cmap(num_classes)
   fig, axes = plt.subplots(len(chosen), 4, figsize=(13, 3.3 * len(chosen)), squeeze=False)
-  for row, i in zip(axes, chosen):
-    t, b, e = tiles[i], balanced[i], enlarged[i]
+  for k, (row, i) in enumerate(zip(axes, chosen)):
+    t, b = tiles[i], balanced[i]
     panels = [(t.classes[t.inst_map], f'{t.name}: real'),
               (b.type_map, f'balancing ({len(b.provenance["target_id"])} replaced)')]
-    if len(e.offsets):
-      p = int(np.argmax(e.num_moved))
+    if k < len(most_moved):
+      n, j, p = most_moved[k]
+      e, te = enlarged[j], tiles[j]
       r, c = e.offsets[p]
       s = e.inst_maps.shape[1]
-      panels += [(t.classes[t.inst_map[r:r + s, c:c + s]], f'real patch {p} at ({r}, {c})'),
-                 (e.type_maps()[p], f'enlarging ({e.num_moved[p]} moved)')]
+      panels += [(te.classes[te.inst_map[r:r + s, c:c + s]], f'{te.name} patch {p} at ({r}, {c})'),
+                 (e.type_maps()[p], f'enlarging ({n} moved)')]
     for ax, (img, title) in zip(row, panels):
       ax.imshow(img, cmap=cmap, vmin=0, vmax=num_classes - 1, interpolation='nearest')
       ax.set_title(title, fontsize=9)

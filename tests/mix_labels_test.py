@@ -322,3 +322,12 @@ def test_real_consep_summary(consep_dir, tmp_path, monkeypatch):
   assert abs(s['enlarge_nuclei_per_patch'] - 42.7) <= 0.1
   assert abs(s['enlarge_interior_per_patch'] - 17.0) <= 0.1
   assert abs(s['enlarge_moved_per_patch'] - 8.5) <= 0.3
+
+
+def test_preview_shows_the_enlarging_patches_that_moved_the_most():
+  """On 48-px demo patches enlarging moves ~0.2 nuclei per patch, so the preview looks for them
+  across tiles (it showed '0 moved' in every row when it took one patch of each chosen tile)."""
+  import types  # pylint: disable=g-import-not-at-top
+  enlarged = [types.SimpleNamespace(num_moved=np.array(m)) for m in ([0, 2, 0], [0, 0], [3, 2, 1])]
+  assert mix_labels.most_moved_patches(enlarged, 3) == [(3, 2, 0), (2, 0, 1), (2, 2, 1)]
+  assert mix_labels.most_moved_patches(enlarged, 10)[-1] == (0, 1, 1)
