@@ -17,7 +17,9 @@ import numpy as np
 import scipy.io
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from diffmix_jax import label_mixing  # noqa: E402
+from diffmix_jax.mixing import balancing  # noqa: E402
+from diffmix_jax.mixing import enlarging  # noqa: E402
+from diffmix_jax.mixing import tiles as mixing_tiles  # noqa: E402
 
 
 def main() -> None:
@@ -31,21 +33,21 @@ def main() -> None:
   if not folder.is_dir():
     sys.exit(f'--consep_dir (or $DIFFMIX_CONSEP_DIR) must hold Train/Labels/*.mat; got {folder}')
   raw = []
-  for path in sorted(folder.glob('*.mat'), key=lambda p: label_mixing.natural_key(p.stem)):
+  for path in sorted(folder.glob('*.mat'), key=lambda p: mixing_tiles.natural_key(p.stem)):
     m = scipy.io.loadmat(path)
     raw.append((path.stem, m['inst_map'].astype(np.int32), m['type_map'].astype(np.int32)))
   n = len(raw)
-  bp, ep = label_mixing.BalanceParams(), label_mixing.EnlargeParams()
+  bp, ep = balancing.BalanceParams(), enlarging.EnlargeParams()
   print(f'{n} tiles, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, '
         f'num_workers={args.num_workers}')
   best = None
   for rep in range(args.repeats):
     t0 = time.perf_counter()
-    tiles = [label_mixing.prepare_tile(name, inst, typ, 5) for name, inst, typ in raw]
+    tiles = [mixing_tiles.prepare_tile(name, inst, typ, 5) for name, inst, typ in raw]
     t1 = time.perf_counter()
-    bal = label_mixing.balance_all(tiles, bp, args.seed, args.num_workers)
+    bal = balancing.balance_all(tiles, bp, args.seed, args.num_workers)
     t2 = time.perf_counter()
-    enl = label_mixing.enlarge_all(tiles, ep, args.seed, args.num_workers)
+    enl = enlarging.enlarge_all(tiles, ep, args.seed, args.num_workers)
     t3 = time.perf_counter()
     times = (t1 - t0, t2 - t1, t3 - t2, t3 - t0)
     reps = sum(len(b.provenance['target_id']) for b in bal)
@@ -56,12 +58,12 @@ def main() -> None:
     best = times if best is None or times[3] < best[3] else best
   print(f'best: total {best[3]:.2f} s for {n} tiles = {best[3] / n:.3f} s per tile '
         f'(prepare {best[0] / n:.3f}, balance {best[1] / n:.3f}, enlarge {best[2] / n:.3f})')
-  donors = label_mixing.rare_donors(tiles, bp)
+  donors = balancing.rare_donors(tiles, bp)
   per_tile = []
   for i, t in enumerate(tiles):
     t0 = time.perf_counter()
-    label_mixing.balance_tile(tiles, i, bp, args.seed, donors)
-    label_mixing.enlarge_tile(t, i, ep, args.seed)
+    balancing.balance_tile(tiles, i, bp, args.seed, donors)
+    enlarging.enlarge_tile(t, i, ep, args.seed)
     per_tile.append((time.perf_counter() - t0, t.name, int(t.areas[1:].astype(bool).sum())))
   slow = max(per_tile)
   print(f'slowest tile (balance + enlarge, serial): {slow[1]} with {slow[2]} nuclei, {slow[0]:.3f} s')

@@ -2,7 +2,7 @@
 
 Layout (every file written to a temporary name and renamed; `DONE` last; diffmix_method.md §2.5, §3.3):
   balance/<tile>.npz   inst_map, type_map int32 [H, W]; ids, inst_type int32 [M]; inst_centroid
-                       float64 [M, 2] (x, y); prov_<column> int64 [R] (see label_mixing.balance_tile),
+                       float64 [M, 2] (x, y); prov_<column> int64 [R] (see balancing.balance_tile),
                        prov_donor_name str [R]; touched int32 [K]
   enlarge/<tile>.npz   offsets int32 [P, 2]; inst_maps int32 [P, S, S]; classes, real_ids int32 [P, K];
                        move_<column> int32 [Q]; num_nuclei, num_interior, num_moved int32 [P]
@@ -24,8 +24,10 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffmix_jax import label_mixing  # noqa: E402
 from diffmix_jax import labels  # noqa: E402
+from diffmix_jax.mixing import balancing  # noqa: E402
+from diffmix_jax.mixing import enlarging  # noqa: E402
+from diffmix_jax.mixing import tiles as mixing_tiles  # noqa: E402
 from diffmix_jax import stage_files  # noqa: E402
 
 STAGE = 'mixed_labels'
@@ -62,8 +64,8 @@ def parse_classes(text: str, field: str, num_classes: int) -> tuple[int, ...]:
   return tuple(out)
 
 
-def balance_params(cfg, num_classes: int) -> label_mixing.BalanceParams:
-  """Validated `label_mixing.BalanceParams` from `config.mix.balance` (§2.4 parameters)."""
+def balance_params(cfg, num_classes: int) -> balancing.BalanceParams:
+  """Validated `balancing.BalanceParams` from `config.mix.balance` (§2.4 parameters)."""
   f = 'config.mix.balance.'
   rare = parse_classes(cfg.rare_classes, f + 'rare_classes', num_classes)
   common = parse_classes(cfg.common_classes, f + 'common_classes', num_classes)
@@ -76,27 +78,27 @@ def balance_params(cfg, num_classes: int) -> label_mixing.BalanceParams:
     raise ValueError(f'{f}area_ratio must be > 0; got {cfg.area_ratio}')
   if cfg.dilation_iterations < 0 or cfg.border_margin < 0:
     raise ValueError(f'{f}dilation_iterations and {f}border_margin must be >= 0')
-  if cfg.paste_mode not in label_mixing.PASTE_MODES:
-    raise ValueError(f'{f}paste_mode must be one of {label_mixing.PASTE_MODES}; '
+  if cfg.paste_mode not in balancing.PASTE_MODES:
+    raise ValueError(f'{f}paste_mode must be one of {balancing.PASTE_MODES}; '
                      f'got {cfg.paste_mode!r}')
   cap = cfg.max_replacements_per_tile
   if cap is not None and cap < 0:
     raise ValueError(f'{f}max_replacements_per_tile must be None or >= 0; got {cap}')
-  return label_mixing.BalanceParams(rare, common, float(cfg.target_fraction), float(cfg.area_ratio),
+  return balancing.BalanceParams(rare, common, float(cfg.target_fraction), float(cfg.area_ratio),
                                     int(cfg.dilation_iterations), float(cfg.border_margin),
                                     cfg.paste_mode, None if cap is None else int(cap))
 
 
-def enlarge_params(cfg, patch_size: int, stride: int) -> label_mixing.EnlargeParams:
-  """Validated `label_mixing.EnlargeParams` from `config.mix.enlarge` and `config.sample`'s grid.
+def enlarge_params(cfg, patch_size: int, stride: int) -> enlarging.EnlargeParams:
+  """Validated `enlarging.EnlargeParams` from `config.mix.enlarge` and `config.sample`'s grid.
 
   §3.3, §4.1. The `author_issue3` preset selects every interior nucleus and shifts by -3..3 px.
   """
   f = 'config.mix.enlarge.'
-  if cfg.preset not in label_mixing.PRESETS:
-    raise ValueError(f'{f}preset must be one of {label_mixing.PRESETS}; got {cfg.preset!r}')
-  if cfg.collision not in label_mixing.COLLISIONS:
-    raise ValueError(f'{f}collision must be one of {label_mixing.COLLISIONS}; '
+  if cfg.preset not in enlarging.PRESETS:
+    raise ValueError(f'{f}preset must be one of {enlarging.PRESETS}; got {cfg.preset!r}')
+  if cfg.collision not in enlarging.COLLISIONS:
+    raise ValueError(f'{f}collision must be one of {enlarging.COLLISIONS}; '
                      f'got {cfg.collision!r}')
   prob, low, high = cfg.axis_probability, cfg.shift_low, cfg.shift_high
   if cfg.preset == 'author_issue3':
@@ -112,7 +114,7 @@ def enlarge_params(cfg, patch_size: int, stride: int) -> label_mixing.EnlargePar
   if 2 * cfg.frame_margin == patch_size:
     logging.warning('%sframe_margin=%d leaves no interior in a %d px patch: enlarging maps will '
                     'equal the real labels', f, cfg.frame_margin, patch_size)
-  return label_mixing.EnlargeParams(int(cfg.frame_margin), float(prob), int(low), int(high),
+  return enlarging.EnlargeParams(int(cfg.frame_margin), float(prob), int(low), int(high),
                                     cfg.collision, int(patch_size), int(stride))
 
 
@@ -122,7 +124,7 @@ def mixed_names(workdir: os.PathLike, kind: str) -> list[str]:
     raise ValueError(f'kind must be one of {KINDS}; got {kind!r}')
   folder = pathlib.Path(workdir) / STAGE / kind
   names = [p.stem for p in folder.glob('*.npz')] if folder.is_dir() else []
-  return sorted(names, key=label_mixing.natural_key)
+  return sorted(names, key=mixing_tiles.natural_key)
 
 
 def load_mixed(workdir: os.PathLike, kind: str, name: str) -> dict:
@@ -152,7 +154,7 @@ def load_mixed(workdir: os.PathLike, kind: str, name: str) -> dict:
     prov = {k[5:]: d.pop(k) for k in list(d) if k.startswith('prov_')}
     return dict(d, provenance=prov)
   moves = {k[5:]: d.pop(k) for k in list(d) if k.startswith('move_')}
-  d['type_maps'] = label_mixing.patch_type_maps(d['classes'], d['inst_maps'])
+  d['type_maps'] = enlarging.patch_type_maps(d['classes'], d['inst_maps'])
   return dict(d, moves=moves)
 
 
@@ -189,9 +191,9 @@ def summarize(tiles, balanced, enlarged, bparams, seed: int, num_classes: int,
   """The summary.json dict: the measured quantities of §2.3 and §3.3 (§8 items 13-17).
 
   Args:
-    tiles: real tiles (label_mixing.Tile), tile-name order.
-    balanced: their label_mixing.BalanceResult, same order.
-    enlarged: their label_mixing.EnlargeResult, same order.
+    tiles: real tiles (mixing_tiles.Tile), tile-name order.
+    balanced: their balancing.BalanceResult, same order.
+    enlarged: their enlarging.EnlargeResult, same order.
     bparams: balancing parameters (rare / common roles, border margin).
     seed: master seed, recorded.
     num_classes: classes incl. background; counts and shares are keyed '1'..'num_classes-1'.
@@ -212,8 +214,8 @@ def summarize(tiles, balanced, enlarged, bparams, seed: int, num_classes: int,
                                     bparams.rare_classes)
   na, _ = _patches_without_rare([b.type_map for b in balanced], offsets, patch_size,
                                 bparams.rare_classes)
-  donors = label_mixing.rare_donors(tiles, bparams)
-  common = [label_mixing.eligible(t, bparams.border_margin)
+  donors = balancing.rare_donors(tiles, bparams)
+  common = [mixing_tiles.eligible(t, bparams.border_margin)
             & np.isin(t.classes, bparams.common_classes) for t in tiles]
   reps = {b.name: int(len(b.provenance['target_id'])) for b in balanced}
 
@@ -331,20 +333,20 @@ def run(config, workdir: os.PathLike) -> None:
   # Imported here so that this NumPy stage does not load the pipeline's dependencies until it runs.
   from diffmix_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   raw = input_pipeline.load_split(config, workdir, 'train')
-  raw = sorted(raw, key=lambda d: label_mixing.natural_key(d['name']))
+  raw = sorted(raw, key=lambda d: mixing_tiles.natural_key(d['name']))
   if not raw:
     raise ValueError('mix_labels: the training split has no tiles')
   if len({d['name'] for d in raw}) != len(raw):
     raise ValueError('mix_labels: tile names of the training split are not unique')
-  tiles = [label_mixing.prepare_tile(d['name'], d['inst_map'], d['type_map'], num_classes,
+  tiles = [mixing_tiles.prepare_tile(d['name'], d['inst_map'], d['type_map'], num_classes,
                                      d.get('inst_centroid')) for d in raw]
   for t in tiles:
     if min(t.inst_map.shape) < eparams.patch_size:
       logging.warning('mix_labels: tile %s (%s) is smaller than %d px: no enlarging patches',
                       t.name, t.inst_map.shape, eparams.patch_size)
   seed, workers = config.seed, config.mix.num_workers
-  balanced = label_mixing.balance_all(tiles, bparams, seed, workers)
-  enlarged = label_mixing.enlarge_all(tiles, eparams, seed, workers)
+  balanced = balancing.balance_all(tiles, bparams, seed, workers)
+  enlarged = enlarging.enlarge_all(tiles, eparams, seed, workers)
   summary = summarize(tiles, balanced, enlarged, bparams, seed, num_classes, eparams.patch_size)
   summary['messages'] = []
   write_balance = summary['eligible_rare'] > 0

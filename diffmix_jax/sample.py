@@ -27,24 +27,24 @@ import numpy as np
 
 from diffmix_jax import gaussian_diffusion as gd
 from diffmix_jax import input_pipeline
-from diffmix_jax import label_mixing
 from diffmix_jax import labels
 from diffmix_jax import mix_labels
+from diffmix_jax.mixing import tiles as mixing_tiles
+from diffmix_jax.models import sdm_unet
 from diffmix_jax import samplers
 from diffmix_jax import sharding
 from diffmix_jax import stage_files
 from diffmix_jax import synthetic_io
 from diffmix_jax import train_lib
-from diffmix_jax.models import sdm_unet
 
 
 def work_items(config: ml_collections.ConfigDict, workdir: str, tiles: dict) -> list[tuple]:
   """All (kind, tile name, patch index, row, col) items in their global order."""
   items = []
   for kind in mix_labels.KINDS:
-    for name in sorted(mix_labels.mixed_names(workdir, kind), key=label_mixing.natural_key):
+    for name in sorted(mix_labels.mixed_names(workdir, kind), key=mixing_tiles.natural_key):
       h, w = tiles[name]['image'].shape[:2]
-      offsets = label_mixing.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
+      offsets = mixing_tiles.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
       items += [(kind, name, p, int(r), int(c)) for p, (r, c) in enumerate(offsets)]
   return items
 

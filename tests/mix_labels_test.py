@@ -14,8 +14,10 @@ from skimage import morphology
 
 from configs import common
 import diffmix_jax
-from diffmix_jax import label_mixing
 from diffmix_jax import mix_labels
+from diffmix_jax.mixing import balancing
+from diffmix_jax.mixing import enlarging
+from diffmix_jax.mixing import tiles as mixing_tiles
 
 
 def _install_loader(monkeypatch, fn):
@@ -112,10 +114,10 @@ def _enlarge_cfg(**kw):
 def test_config_defaults_match_spec():
   """§2.4 and §3.3 parameters, §4.1 grid."""
   c = common.base_config()
-  assert mix_labels.balance_params(c.mix.balance, c.data.num_classes) == label_mixing.BalanceParams(
+  assert mix_labels.balance_params(c.mix.balance, c.data.num_classes) == balancing.BalanceParams(
       (1,), (2, 3, 4), 0.8, 2.3, 2, 30.0, 'overwrite', None)
   assert mix_labels.enlarge_params(c.mix.enlarge, c.sample.patch_size, c.sample.grid_stride) == (
-      label_mixing.EnlargeParams(32, 0.3, -15, 14, 'overwrite', 256, 76))
+      enlarging.EnlargeParams(32, 0.3, -15, 14, 'overwrite', 256, 76))
 
 
 @pytest.mark.parametrize('field,value,message', [
@@ -157,9 +159,9 @@ def test_stage_outputs_and_summary(tmp_path, monkeypatch):
   assert mix_labels.mixed_names(tmp_path, 'balance') == names
   assert mix_labels.mixed_names(tmp_path, 'enlarge') == names
   # Known answers from the raw split.
-  tiles = {d['name']: label_mixing.prepare_tile(d['name'], d['inst_map'], d['type_map'], 5)
+  tiles = {d['name']: mixing_tiles.prepare_tile(d['name'], d['inst_map'], d['type_map'], 5)
            for d in data}
-  elig = {n: label_mixing.eligible(t, 30) for n, t in tiles.items()}
+  elig = {n: mixing_tiles.eligible(t, 30) for n, t in tiles.items()}
   commons = {n: int((elig[n] & np.isin(t.classes, [2, 3, 4])).sum()) for n, t in tiles.items()}
   assert s['eligible_common'] == sum(commons.values())
   assert s['eligible_rare'] == sum(int((elig[n] & (t.classes == 1)).sum()) for n, t in tiles.items())

@@ -6,8 +6,8 @@ import pytest
 from configs import tiny
 from diffmix_jax import evaluate
 from diffmix_jax import input_pipeline
-from diffmix_jax import label_mixing
 from diffmix_jax import mix_labels
+from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax import sample
 from diffmix_jax import synthetic_io
 
@@ -26,7 +26,7 @@ def test_exports_pass_evaluate_checks_and_agree_with_mixed_labels(sampled):
     tile, kind, patch = path.stem.rsplit('_', 2)
     mixed = mix_labels.load_mixed(workdir, kind, tile)
     if kind == 'balance':
-      offsets = label_mixing.grid_offsets(256, 256, size, config.sample.grid_stride)
+      offsets = mixing_tiles.grid_offsets(256, 256, size, config.sample.grid_stride)
       r, c = (int(v) for v in offsets[int(patch)])
       inst = mixed['inst_map'][r:r + size, c:c + size]
       types = mixed['type_map'][r:r + size, c:c + size]

@@ -1,0 +1,148 @@
+"""Per-id tables of a real tile, the patch grid and helpers shared by balancing and enlarging.
+
+NumPy only. Every mixing draw comes from a Generator seeded per tile or per grid patch from
+`SeedSequence(seed, spawn_key=...)`, so outputs never depend on the order or the parallelism in
+which tiles are processed (`map_tiles`). Per-nucleus work is done on bounding-box windows.
+"""
+
+import concurrent.futures
+import dataclasses
+import re
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage
+
+CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connected cross (§2.2 step 4.1, F6).
+
+@dataclasses.dataclass
+class Tile:
+  """Real labels of one tile with per-id tables (index = instance id, row 0 = background)."""
+  name: str
+  inst_map: np.ndarray  # int32 [H, W], ids 1..N (gaps allowed).
+  classes: np.ndarray  # int32 [N + 1], merged class per id.
+  areas: np.ndarray  # int64 [N + 1], pixel count per id.
+  centroids: np.ndarray  # float64 [N + 1, 2], (x, y) per id; NaN for absent ids.
+  boxes: np.ndarray  # int64 [N + 1, 4], (row0, col0, row1, col1) exclusive; zeros if absent.
+
+
+def natural_key(name: str) -> list:
+  """Sort key that orders train_2 before train_10 (the pipeline's tile-name order)."""
+  return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', name)]
+
+
+def id_tables(inst_map: np.ndarray, num_ids: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-id areas, centres of mass and bounding boxes of an instance map.
+
+  Args:
+    inst_map: int [H, W], 0 = background.
+    num_ids: minimum N of the tables.
+
+  Returns:
+    areas int64 [N + 1], centroids float64 [N + 1, 2] as (x, y) (NaN where absent), boxes int64
+    [N + 1, 4] as (row0, col0, row1, col1) with exclusive ends; N = max(inst_map.max(), num_ids).
+  """
+  h, w = inst_map.shape
+  n = max(int(inst_map.max(initial=0)), num_ids)
+  flat = inst_map.ravel()
+  areas = np.bincount(flat, minlength=n + 1)
+  ys = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)
+  xs = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    centroids = np.stack([xs / areas, ys / areas], axis=1)
+  centroids[areas == 0] = np.nan
+  centroids[0] = np.nan
+  boxes = np.zeros((n + 1, 4), np.int64)
+  for i, sl in enumerate(ndimage.find_objects(inst_map), start=1):
+    if sl is not None:
+      boxes[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+  return areas, centroids, boxes
+
+
+def prepare_tile(name: str, inst_map: np.ndarray, type_map: np.ndarray, num_classes: int,
+                 inst_centroid: Optional[np.ndarray] = None) -> Tile:
+  """Builds the per-id tables of a real tile (§2.2 inputs; centroids per §2.4 F3).
+
+  Args:
+    name: tile stem.
+    inst_map: int [H, W] instance ids.
+    type_map: int [H, W] merged classes in 0..num_classes-1.
+    num_classes: classes incl. background.
+    inst_centroid: optional float [N, 2] stored (x, y) centroids of ids 1..N; else centre of mass.
+
+  Returns:
+    A `Tile`; an id's class is the majority class over its pixels.
+  """
+  inst = np.ascontiguousarray(inst_map, dtype=np.int32)
+  types = np.asarray(type_map).astype(np.int64)
+  if inst.shape != types.shape or inst.ndim != 2:
+    raise ValueError(f'tile {name}: inst_map {inst.shape} and type_map {types.shape} must be equal 2-D')
+  if inst.min(initial=0) < 0 or types.min(initial=0) < 0 or types.max(initial=0) >= num_classes:
+    raise ValueError(f'tile {name}: type_map values must be in 0..{num_classes - 1} and ids >= 0')
+  areas, centroids, boxes = id_tables(inst)
+  centroids[0] = np.nan
+  n = len(areas) - 1
+  counts = np.bincount(inst.ravel().astype(np.int64) * num_classes + types.ravel(),
+                       minlength=(n + 1) * num_classes).reshape(n + 1, num_classes)
+  classes = (np.argmax(counts[:, 1:], axis=1) + 1).astype(np.int32)
+  classes[areas == 0] = 0
+  classes[0] = 0
+  if np.any((areas[1:] > 0) & (counts[1:, 1:].sum(axis=1) == 0)):
+    raise ValueError(f'tile {name}: a nucleus has type 0 on all its pixels (type_map > 0 must '
+                     f'hold wherever inst_map > 0)')
+  if inst_centroid is not None:
+    stored = np.asarray(inst_centroid, np.float64).reshape(-1, 2)
+    if len(stored) == n:
+      centroids[1:] = np.where(areas[1:, None] > 0, stored, np.nan)
+  return Tile(name, inst, classes, areas, centroids, boxes)
+
+
+def eligible(tile: Tile, margin: float) -> np.ndarray:
+  """bool [N + 1]: present ids whose centroid is >= margin px from every tile edge (§2.2 step 1)."""
+  h, w = tile.inst_map.shape
+  x, y = tile.centroids[:, 0], tile.centroids[:, 1]
+  with np.errstate(invalid='ignore'):
+    ok = (tile.areas > 0) & (x >= margin) & (x <= w - margin) & (y >= margin) & (y <= h - margin)
+  ok[0] = False
+  return ok
+
+
+def keep_largest_component(inst: np.ndarray, ids, boxes: dict) -> None:
+  """F6 in place: each listed id keeps its largest 4-connected component (ties: first in raster order).
+
+  Args:
+    inst: int32 [H, W] map, edited in place.
+    ids: ids to clean.
+    boxes: id -> (row0, col0, row1, col1) window that holds all of the id's pixels.
+  """
+  for i in ids:
+    r0, c0, r1, c1 = boxes[i]
+    win = inst[r0:r1, c0:c1]
+    lab, n = ndimage.label(win == i, CROSS)
+    if n > 1:
+      keep = int(np.argmax(np.bincount(lab.ravel())[1:])) + 1
+      win[(lab > 0) & (lab != keep)] = 0
+
+
+def map_tiles(fn, n: int, num_workers: int) -> list:
+  """[fn(0), ..., fn(n - 1)], serially or on a thread pool (results are order-independent)."""
+  if num_workers and num_workers > 0 and n > 1:
+    with concurrent.futures.ThreadPoolExecutor(num_workers) as ex:
+      return list(ex.map(fn, range(n)))
+  return [fn(i) for i in range(n)]
+
+
+def grid_offsets(height: int, width: int, patch_size: int, stride: int) -> np.ndarray:
+  """Top-left corners of the patch grid (§4.1): range(0, L - patch + 1, stride) per axis.
+
+  Args:
+    height, width: tile size.
+    patch_size: patch side (256).
+    stride: grid step (76).
+
+  Returns:
+    int32 [P, 2] (row, col) in row-major order; P = 0 for a tile smaller than the patch.
+  """
+  rs = np.arange(0, height - patch_size + 1, stride)
+  cs = np.arange(0, width - patch_size + 1, stride)
+  return np.stack(np.meshgrid(rs, cs, indexing='ij'), -1).reshape(-1, 2).astype(np.int32)
