@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from diffmix_jax import run_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 RUNS = ('baseline', 'diffmix')
@@ -31,12 +32,20 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
 
 
 def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """metrics.json content: per run the evaluate JSON, plus timings and the config name."""
+  """metrics.json content: per run the evaluate JSON, plus timings and the config name.
+
+  Also `runs` (`{arm: {seed: evaluate JSON}}`), `summary` (mean, s.d., n per arm) and `paired`
+  (per-seed differences arm - baseline with their 95 % interval), from `run_stats`. Every run is
+  seed 0 until HoVer-Net seeds exist (issue 17 item 4): n = 1, so s.d. and intervals are null.
+  """
   root = pathlib.Path(workdir)
   runs = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
   out = {'config': config.name, 'dataset': config.data.name}
   for run in runs:
     out[run] = _read_json(root / 'eval' / f'{run}.json', 'evaluate')
+  out['runs'] = {run: {'0': out[run]} for run in runs}
+  out['summary'] = run_stats.summarize(out['runs'])
+  out['paired'] = run_stats.paired(out['runs'])
   timings = root / 'timings.json'
   out['timings_s'] = json.loads(timings.read_text()) if timings.exists() else {}
   return out
@@ -50,17 +59,22 @@ def _figure_png(fig) -> bytes:
 
 
 def f1_bars(metrics: dict, class_names: list[str]) -> bytes:
-  """Per-class F_c bars, one bar per run."""
+  """Per-class F_c bars, one per run: the mean over seeds, error bars one s.d. (none for n = 1)."""
   runs = [r for r in RUNS if r in metrics]
   classes = sorted({int(c) for r in runs for c in metrics[r]['f_c'] if int(c) > 0})
   fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(classes), 3.2))
   width = 0.8 / max(len(runs), 1)
   for k, run in enumerate(runs):
-    values = [metrics[run]['f_c'].get(str(c), np.nan) for c in classes]
-    ax.bar(np.arange(len(classes)) + k * width, values, width, label=run)
+    summary = metrics.get('summary', {}).get(run, {}).get('f_c', {})
+    values = [summary[str(c)]['mean'] if str(c) in summary else np.nan for c in classes]
+    sds = [summary[str(c)]['sd'] if str(c) in summary and summary[str(c)]['sd'] is not None
+           else np.nan for c in classes]
+    n = max([summary[str(c)]['n'] for c in classes if str(c) in summary], default=0)
+    ax.bar(np.arange(len(classes)) + k * width, values, width, yerr=sds, capsize=3,
+           label=f'{run} (n={n})')
   ax.set_xticks(np.arange(len(classes)) + width * (len(runs) - 1) / 2)
   ax.set_xticklabels([class_names[c] if c < len(class_names) else str(c) for c in classes])
-  ax.set_ylabel('F1 (F_c)')
+  ax.set_ylabel('F1 (F_c), mean ± s.d. over seeds')
   ax.set_ylim(0, 1)
   ax.legend()
   ax.set_title('Per-class detection+classification F1 on the test split')
@@ -79,6 +93,34 @@ def metrics_table(metrics: dict, class_names: list[str]) -> str:
     row = [run] + [f'{m[k]:.4f}' for k in TABLE_KEYS] + [
         f'{m["f_c"][str(c)]:.4f}' if str(c) in m['f_c'] else '—' for c in classes]
     lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines)
+
+
+def summary_tables(metrics: dict, class_names: list[str]) -> str:
+  """Markdown: mean ± s.d. over seeds per arm, then paired differences against baseline."""
+  summary, paired = metrics.get('summary', {}), metrics.get('paired', {})
+  classes = sorted({int(c) for m in summary.values() for c in m['f_c'] if int(c) > 0})
+  name = lambda c: class_names[c] if c < len(class_names) else str(c)
+  keys = ('dice', 'aji', 'pq', 'f_d', 'acc')
+  head = ['arm', 'n'] + [k.upper() if k != 'f_d' else 'F_d' for k in keys] + [
+      f'F_c {name(c)}' for c in classes]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for arm, m in summary.items():
+    lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [
+        run_stats.format_mean_sd(m[k]) for k in keys] + [
+            run_stats.format_mean_sd(m['f_c'].get(str(c))) for c in classes]) + ' |')
+  if paired:
+    def diff(e):
+      if e is None or e['mean_diff'] is None:
+        return '—'
+      if e['ci95_low'] is None:
+        return f"{e['mean_diff']:+.3f}"
+      return f"{e['mean_diff']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}]"
+    head = ['arm − baseline', 'n'] + [f'Δ {h}' for h in head[2:]]
+    lines += ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for arm, m in paired.items():
+      lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [diff(m[k]) for k in keys] + [
+          diff(m['f_c'].get(str(c))) for c in classes]) + ' |')
   return '\n'.join(lines)
 
 
@@ -106,7 +148,11 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
         metrics_table(metrics, names), '',
         'Dice, AJI, AJI+ and PQ are means over test tiles; F_d (detection F1), acc and F_c '
         '(per-class F1, HoVer-Net weights 2,2,1,1) are pooled over the split (hovernet.md §5).', '',
-        '![per-class F1](f1_per_class.png)', '']
+        '![per-class F1](f1_per_class.png)', '',
+        '## Over seeds', '',
+        'Mean ± sample s.d. over the HoVer-Net seeds of each arm, then the paired difference '
+        'arm − baseline at equal seeds with its 95 % t interval (none for n = 1).', '',
+        summary_tables(metrics, names), '']
   if summary:
     md += ['## Label maps before and after mixing', '',
            f"Replacements: {summary.get('replacements')} of {summary.get('targets')} targets; "

@@ -39,11 +39,18 @@ def test_report_files_and_noop_rerun(tmp_path):
   metrics = json.loads((out / 'metrics.json').read_text())
   assert metrics['baseline'] == base and metrics['diffmix'] == mix
   assert metrics['config'] == 'tiny' and metrics['timings_s']['sample'] == 3.25
+  # One seed per arm: runs keyed by seed, n = 1 summaries with null spread, paired differences.
+  assert metrics['runs'] == {'baseline': {'0': base}, 'diffmix': {'0': mix}}
+  assert metrics['summary']['baseline']['dice'] == {'mean': 0.8125, 'sd': None, 'n': 1}
+  assert metrics['summary']['diffmix']['f_c']['1'] == {'mean': 0.375, 'sd': None, 'n': 1}
+  rare = metrics['paired']['diffmix']['f_c']['1']
+  assert rare['mean_diff'] == 0.125 and rare['ci95_low'] is None and rare['n'] == 1
   md = (out / 'report.md').read_text()
   # The table row of each run holds its numbers; F_c per class named from config.data.class_names.
   assert '| baseline | 0.8125 | 0.7125 | 0.7325 | 0.6125 | 0.9000 | 0.8000 | 0.2500 |' in md
   assert '| diffmix | 0.8250 |' in md and 'F_c other' in md and 'F_c spindle' in md
   assert 'Replacements: 7 of 9 targets' in md and '| sample | 3.2 |' in md
+  assert '| baseline | 1 | 0.812 |' in md and '| +0.000 | +0.125 | +0.000 |' in md
   for name in ('f1_per_class.png', 'class_histogram.png', 'synthetic_samples.png'):
     assert (out / name).stat().st_size > 0 and f'({name})' in md
   np.testing.assert_array_equal(np.asarray(Image.open(out / 'synthetic_samples.png'))[0, 0], 200)
