@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   ht.patch_window = 540  # Mirror-mode training patch side (hovernet.md §6.3).
   ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).
   ht.augment = True  # Shape + intensity augmentation (§2.2-§2.3); False = centre crop only.
+  # ImageNet encoder file ('' = none): .tar/.pth ({'desc': state dict} or a bare one) or .npz with
+  # the PyTorch HoVer-Net names; loaded onto conv0, d0-d3 at init (§3.3). Phase 1 needs it.
+  ht.pretrained = ''
   ht.phase1_epochs = 50  # Epochs with the encoder frozen (§3.2).
   ht.phase2_epochs = 50  # Epochs with everything trainable (fresh Adam, restarted schedule).
   ht.phase1_batch_size = 16  # Global batch in phase 1 (official 16 per GPU).

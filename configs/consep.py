@@ -1,7 +1,14 @@
 """CoNSeP with the paper's settings (sdm.md §1, hovernet.md §3, diffmix_method.md).
 
   python -m diffmix_jax.main --config configs/consep.py --workdir runs/consep \
-      --config.data.manual_dir=/path/to/CoNSeP
+      --config.data.manual_dir=/path/to/CoNSeP \
+      --config.hovernet.train.pretrained=/path/to/ImageNet-ResNet50-Preact_pytorch.tar
+
+HoVer-Net phase 1 (50 epochs) trains the decoders on a frozen encoder, so it starts from the
+ImageNet pre-activation ResNet-50 of the official training (the `.tar` linked from the HoVer-Net
+README, or a `.npz`/torch state dict with the same PyTorch names); `main` refuses phase 1 without
+it. No file at hand: add --config.hovernet.train.phase1_epochs=0 to train everything from scratch
+(not the paper's recipe).
 
 Use --config.data.labels=merged for a copy whose type_map already holds the 4 merged classes (such as
 the rebuilt copy in ../shared/data/consep). Hardware: one 80 GB GPU (H100/A100) or a TPU slice. The

@@ -1,5 +1,7 @@
 """Validation of config values: every bad value is an error naming the field and the expected form."""
 
+import os
+
 import ml_collections
 
 from configs import common
@@ -56,3 +58,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
     bad = [i for i in ids if not 1 <= i < c.data.num_classes]
     if bad:
       raise ValueError(f'config.{field}: class id(s) {bad} not in 1..{c.data.num_classes - 1}')
+  _check_pretrained(c, stages)
+
+
+PRETRAINED_SOURCE = ('the official ImageNet-ResNet50-Preact_pytorch.tar (HoVer-Net README, Google '
+                     'Drive), or a .npz / torch state dict with the PyTorch HoVer-Net encoder names '
+                     'conv0.*, d0.* ... d3.*')
+
+
+def _check_pretrained(c: ml_collections.ConfigDict, stages: list[str]) -> None:
+  """Phase 1 freezes the encoder, so it needs ImageNet weights (hovernet.md §3.2-§3.3)."""
+  if 'hovernet_train' not in stages:
+    return
+  tc = c.hovernet.train
+  if tc.phase1_epochs > 0 and not tc.pretrained:
+    raise ValueError(
+        f'config.hovernet.train.phase1_epochs={tc.phase1_epochs} trains with the encoder frozen, '
+        'which only makes sense from ImageNet weights, and config.hovernet.train.pretrained is '
+        f"empty: set it to {PRETRAINED_SOURCE}; or train everything from scratch with "
+        '--config.hovernet.train.phase1_epochs=0')
+  if tc.pretrained and not os.path.isfile(tc.pretrained):
+    raise ValueError(f'config.hovernet.train.pretrained={tc.pretrained!r}: no such file; expected '
+                     f'{PRETRAINED_SOURCE}')

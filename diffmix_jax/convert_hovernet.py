@@ -193,3 +193,58 @@ def state_dict_from_variables(variables: dict, mode: str | None = None,
     if found != mode:
       raise ValueError(f'mode={mode!r} but the variables hold a {found!r} model')
   return out
+
+
+# The encoder of HoVer-Net (hovernet.md §3.3): what an ImageNet pre-activation ResNet-50 file fills.
+ENCODER_MODULES = ('conv0', 'd0', 'd1', 'd2', 'd3')
+
+
+def encoder_from_state_dict(state_dict: dict[str, Any], variables: dict,
+                            source: str = 'state dict') -> tuple[dict, dict]:
+  """Loads the `conv0` and `d0`-`d3` tensors of a state dict onto HoVer-Net variables, by name.
+
+  The official training's `strict=False` load of the ImageNet encoder (hovernet.md §3.3): params
+  and BatchNorm statistics of the encoder are replaced; `conv_bot` and the decoders keep theirs.
+
+  Args:
+    state_dict: PyTorch key -> array (a `module.` prefix is stripped; `num_batches_tracked` and
+      `upsample2x.unpool_mat` are ignored).
+    variables: {'params', 'batch_stats'} of a HoVerNet of any width (NumPy or JAX arrays).
+    source: the file name, for messages.
+
+  Returns:
+    (variables with the encoder replaced, NumPy float32 leaves where loaded, the rest as given;
+    report {'loaded', 'missing', 'unexpected'}: sorted PyTorch keys; missing = encoder keys of the
+    model absent from the file, unexpected = keys of the file that are not encoder keys of it).
+
+  Raises:
+    ValueError: a loaded key whose shape differs (naming the key and both shapes, PyTorch layout),
+      or a file from which no encoder key loads.
+  """
+  sd = {k: v for k, v in strip_module_prefix(state_dict).items()
+        if k not in IGNORED_KEYS and not k.endswith(IGNORED_SUFFIXES)}
+  flat = traverse_util.flatten_dict(dict(variables))
+  expected = {torch_key(p[0], p[1:]): p for p in flat if p[1] in ENCODER_MODULES}
+  loaded = sorted(set(sd) & set(expected))
+  for key in loaded:
+    fpath = expected[key]
+    value = _to_flax(sd[key], fpath[-1])
+    want = tuple(np.shape(flat[fpath]))
+    if value.shape != want:
+      raise ValueError(f'{source}: {key} has shape {list(np.shape(sd[key]))}; this HoVer-Net '
+                       f'expects {list(_to_torch(np.zeros(want), fpath[-1]).shape)}')
+    flat[fpath] = np.asarray(value, np.float32)
+  if not loaded:
+    raise ValueError(f'{source}: no encoder key (conv0.*, d0.* ... d3.* with the PyTorch HoVer-Net '
+                     f'names, e.g. conv0./.weight) among its {len(sd)} keys; expected an ImageNet '
+                     'pre-activation ResNet-50 file such as ImageNet-ResNet50-Preact_pytorch.tar')
+  report = {'loaded': loaded, 'missing': sorted(set(expected) - set(sd)),
+            'unexpected': sorted(set(sd) - set(expected))}
+  return traverse_util.unflatten_dict(flat), report
+
+
+def describe(report: dict) -> str:
+  """One line of an `encoder_from_state_dict` report: counts and the first keys of each list."""
+  part = lambda k: f"{len(report[k])} {k}" + (f" ({', '.join(report[k][:3])}, ...)"
+                                             if report[k] and k != 'loaded' else '')
+  return ', '.join(part(k) for k in ('loaded', 'missing', 'unexpected'))

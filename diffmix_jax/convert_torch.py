@@ -180,6 +180,34 @@ def load_hovernet(path: str, mode: str | None = None, nr_types: int | None = -1,
                                                     module=module)
 
 
+def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
+  """An ImageNet encoder file onto HoVer-Net variables (hovernet.md §3.3, `strict=False` by name).
+
+  Args:
+    path: `.npz` (arrays named with the PyTorch HoVer-Net keys), or a torch file (`.tar`/`.pth`:
+      the official {'desc': state dict} wrapper or a bare state dict), read with
+      `torch.load(weights_only=True)` (the `[torch]` extra).
+    variables: {'params', 'batch_stats'} of our HoVerNet.
+
+  Returns:
+    (variables, report) as `convert_hovernet.encoder_from_state_dict`: `conv0` and `d0`-`d3`
+    replaced, decoders unchanged; report lists loaded, missing and unexpected keys.
+
+  Raises:
+    FileNotFoundError: naming `path`.
+    ValueError: a shape mismatch (naming the key and both shapes) or no encoder key in the file.
+  """
+  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such encoder file (config.hovernet.train.pretrained)')
+  if path.lower().endswith('.npz'):
+    with np.load(path, allow_pickle=False) as npz:
+      state_dict = {k: npz[k] for k in npz.files}
+  else:
+    state_dict = load_torch_state_dict(path)
+  return convert_hovernet.encoder_from_state_dict(state_dict, variables, source=path)
+
+
 # ---- saving ----
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import optax
 
 from diffmix_jax import checkpoint
+from diffmix_jax import convert_hovernet
+from diffmix_jax import convert_torch
 from diffmix_jax import evaluate
 from diffmix_jax import hovernet_data
 from diffmix_jax import hovernet_infer
@@ -281,6 +283,16 @@ def _variables(state: TrainState) -> dict:
   return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
 
 
+def load_pretrained(trainer: Trainer, state: TrainState, path: str) -> TrainState:
+  """The state with the encoder (`conv0`, `d0`-`d3`) of an ImageNet file (hovernet.md §3.3); the
+  decoders keep their initialisation, the fresh Adam moments are zeros either way."""
+  variables, report = convert_torch.load_hovernet_encoder(path, _variables(state))
+  logging.info('hovernet_train: encoder from %s: %s', path, convert_hovernet.describe(report))
+  sh = trainer.state_sharding
+  return state.replace(params=sharding.put_global(variables['params'], sh.params),
+                       batch_stats=sharding.put_global(variables['batch_stats'], sh.batch_stats))
+
+
 def _write_validation(writer, step: int, module, state: TrainState, val_tiles: list[dict],
                       eval_config) -> None:
   """Validation metrics and the truth/prediction overlay of the first tile, to TensorBoard."""
@@ -327,6 +339,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
       manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
   if restored is None:
     state, start = trainer.init(jax.random.key(config.seed)), 0
+    if tc.pretrained:
+      state = load_pretrained(trainer, state, tc.pretrained)
   else:
     start, state, _ = restored
     logging.info('hovernet_train: run %s resumed from step %d', run, start)

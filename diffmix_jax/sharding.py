@@ -80,6 +80,13 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
           for k, v in local.items()}
 
 
+def put_global(tree, shardings):
+  """Host arrays, the same on every process, as global jax.Arrays placed by `shardings` (a tree of
+  the same structure); each process fills only its addressable shards."""
+  return jax.tree.map(lambda x, sh: jax.make_array_from_callback(
+      np.shape(x), sh, lambda idx: np.asarray(x)[idx]), tree, shardings)
+
+
 def _shard_largest_axis(leaf, mesh: Mesh) -> NamedSharding:
   n = mesh.shape[DATA]
   shape = getattr(leaf, 'shape', ())

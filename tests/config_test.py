@@ -11,8 +11,11 @@ CONFIGS = ('consep', 'glysac', 'demo', 'tiny')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
-def test_configs_load_and_validate(name):
+def test_configs_load_and_validate(name, tmp_path):
   c = importlib.import_module(f'configs.{name}').get_config()
+  if c.hovernet.train.phase1_epochs:  # The paper's configs: phase 1 needs the ImageNet file.
+    (tmp_path / 'encoder.tar').write_bytes(b'')
+    c.hovernet.train.pretrained = str(tmp_path / 'encoder.tar')
   config_checks.validate(c)
   # Configs override values only: the field set is the base config's.
   assert set(c.to_dict()) == set(common.base_config().to_dict())
@@ -56,3 +59,21 @@ def test_bad_values_name_the_field(field, value, match):
   node[key] = value
   with pytest.raises(ValueError, match=match):
     config_checks.validate(c)
+
+
+@pytest.mark.parametrize('name', ['consep', 'glysac'])
+def test_frozen_phase_without_imagenet_encoder_is_rejected(name, tmp_path):
+  """Phase 1 trains decoders on a frozen encoder: from random weights it is an error, named."""
+  c = importlib.import_module(f'configs.{name}').get_config()
+  with pytest.raises(ValueError, match=r'config\.hovernet\.train\.phase1_epochs=50 .*'
+                     r'config\.hovernet\.train\.pretrained is empty.*ImageNet-ResNet50-Preact'):
+    config_checks.validate(c)
+  c.hovernet.train.pretrained = str(tmp_path / 'absent.tar')
+  with pytest.raises(ValueError, match=r"pretrained='.*absent\.tar': no such file"):
+    config_checks.validate(c)
+  c.stages = 'build_data,diffusion_train'  # Without HoVer-Net training the field is not read.
+  config_checks.validate(c)
+  c.stages = common.base_config().stages
+  c.hovernet.train.phase1_epochs = 0  # Everything trainable from scratch: allowed.
+  c.hovernet.train.pretrained = ''
+  config_checks.validate(c)

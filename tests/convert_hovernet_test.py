@@ -2,7 +2,9 @@
 
 import json
 import pathlib
+import re
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +132,78 @@ def test_module_prefix_mode_and_type_detection():
   with pytest.raises(ValueError, match='nr_types=6'):
     convert_hovernet.variables_from_state_dict(convert_hovernet.strip_module_prefix(sd),
                                                'original', 6)
+
+
+def _encoder_keys(shapes: dict) -> dict:
+  return {k: v for k, v in shapes.items() if k.split('.')[0] in convert_hovernet.ENCODER_MODULES}
+
+
+def _full_size_variables(mode='original', fill=7.0):
+  """Full-size HoVer-Net variables, every leaf `fill` (so an untouched leaf is recognisable)."""
+  module = hovernet.HoVerNet(mode=mode, nr_types=5)
+  size = module.patch_shapes[0]
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  return jax.tree.map(lambda s: np.full(s.shape, fill, np.float32), abstract)
+
+
+def _check_encoder_loaded(got, sd, variables):
+  """Every encoder leaf equals the file's tensor (Flax layout); every other leaf is unchanged."""
+  flat_got = traverse_util.flatten_dict(got)
+  for fpath, old in traverse_util.flatten_dict(variables).items():
+    key = convert_hovernet.torch_key(fpath[0], fpath[1:])
+    if fpath[1] in convert_hovernet.ENCODER_MODULES:
+      want = sd[key].transpose(2, 3, 1, 0) if fpath[-1] == 'kernel' else sd[key]
+      np.testing.assert_array_equal(flat_got[fpath], want, err_msg=key)
+    else:
+      np.testing.assert_array_equal(flat_got[fpath], old, err_msg=key)
+
+
+def test_imagenet_encoder_files_load_by_name(tmp_path):
+  """Issue 18 acceptance 1: `.npz` and the official `.tar` ({'desc': ...}) with the spec's encoder
+  keys (random values) fill conv0 and d0-d3, params and BN statistics; the decoders keep theirs."""
+  from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  shapes = _encoder_keys(_tsv('original'))
+  assert len(shapes) == 298  # conv0 and d0-d3 of the official table, BN counters included.
+  sd = _random_state_dict(shapes, seed=1)
+  sd['linear.weight'] = np.ones((1000, 2048), np.float32)  # ImageNet classifier: not HoVer-Net's.
+  variables = _full_size_variables()
+  np.savez(tmp_path / 'encoder.npz', **sd)
+  got, report = convert_torch.load_hovernet_encoder(str(tmp_path / 'encoder.npz'), variables)
+  _check_encoder_loaded(got, sd, variables)
+  loaded = sorted(k for k in shapes if not k.endswith('num_batches_tracked'))
+  assert report == {'loaded': loaded, 'missing': [], 'unexpected': ['linear.weight']}
+  assert len(loaded) == 249
+  torch = pytest.importorskip('torch')
+  torch.save({'desc': {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, 'epoch': 90},
+             tmp_path / 'encoder.tar')
+  got_tar, report_tar = convert_torch.load_hovernet_encoder(str(tmp_path / 'encoder.tar'),
+                                                            variables)
+  assert report_tar == report
+  for a, b in zip(jax.tree.leaves(got_tar), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_encoder_load_reports_missing_and_rejects_bad_files(tmp_path):
+  from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  module, shapes = _tiny_shapes('fast')  # Any width: the loader reads shapes from the variables.
+  sd = _random_state_dict(_encoder_keys(shapes), seed=2)
+  variables = jax.tree.map(lambda s: np.full(s.shape, 3.0, np.float32), jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))))
+  dropped = 'd3.units.0.conv2.weight'
+  del sd[dropped]
+  got, report = convert_hovernet.encoder_from_state_dict(
+      {f'module.{k}': v for k, v in sd.items()}, variables)  # DataParallel prefix stripped.
+  assert report['missing'] == [dropped] and report['unexpected'] == []
+  sd[dropped] = np.full(shapes[dropped], 3.0, np.float32)  # Missing: the leaf keeps its init.
+  _check_encoder_loaded(got, sd, variables)
+  wrong = dict(sd, **{'d1.units.0.conv1.weight': np.zeros((7, 3, 1, 1), np.float32)})
+  np.savez(tmp_path / 'wrong.npz', **wrong)
+  want = list(shapes['d1.units.0.conv1.weight'])
+  with pytest.raises(ValueError, match=re.escape(
+      f'd1.units.0.conv1.weight has shape [7, 3, 1, 1]; this HoVer-Net expects {want}')):
+    convert_torch.load_hovernet_encoder(str(tmp_path / 'wrong.npz'), variables)
+  np.savez(tmp_path / 'decoder_only.npz', **{'conv_bot.weight': np.zeros((64, 128, 1, 1))})
+  with pytest.raises(ValueError, match='no encoder key'):
+    convert_torch.load_hovernet_encoder(str(tmp_path / 'decoder_only.npz'), variables)
+  with pytest.raises(FileNotFoundError, match='absent.npz'):
+    convert_torch.load_hovernet_encoder(str(tmp_path / 'absent.npz'), variables)

@@ -3,6 +3,7 @@
 import json
 import os
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from diffmix_jax import convert_hovernet
 from diffmix_jax import demo_data
 from diffmix_jax import evaluate
 from diffmix_jax import hovernet_data
@@ -85,6 +87,20 @@ def _tiny_config(**train):
   return c
 
 
+def _encoder_file(config, path, seed=0) -> dict:
+  """An ImageNet-style encoder file at the config's width: conv0, d0-d3 with the PyTorch names,
+  random values (BN variances positive), as `.npz`; returns its state dict."""
+  module = hovernet.create_hovernet(config.hovernet.model)
+  size = module.patch_shapes[0]
+  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  rng = np.random.default_rng(seed)
+  values = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), abstract)
+  sd = convert_hovernet.state_dict_from_variables(values, with_buffers=False)
+  sd = {k: v for k, v in sd.items() if k.split('.')[0] in convert_hovernet.ENCODER_MODULES}
+  np.savez(path, **sd)
+  return sd
+
+
 def _tiles(n, split='train'):
   out = []
   for i in range(n):
@@ -152,7 +168,7 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('freeze_bn_stats', [True, False])
-def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
+def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats, tmp_path):
   """Acceptance 4. With phase1_freeze_bn_stats (True) every frozen encoder parameter and BN
   statistic is bit-identical after a step; by default (the reference, pitfall 1) the frozen layers'
   BatchNorms stay in training mode and their running statistics move, parameters do not."""
@@ -161,8 +177,15 @@ def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
   config.hovernet.model.head_init = 'kaiming'
   mesh = sharding.create_mesh(config.mesh)
   trainer = hovernet_train.create_trainer(config, mesh, (2, 2))
-  state = trainer.init(jax.random.key(0))
+  # Phase 1 starts from an ImageNet-style encoder file (issue 18), generated here at this width.
+  encoder = _encoder_file(config, tmp_path / 'encoder.npz')
+  state = hovernet_train.load_pretrained(trainer, trainer.init(jax.random.key(0)),
+                                         str(tmp_path / 'encoder.npz'))
   before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  for (collection, *path), value in traverse_util.flatten_dict(before).items():
+    if path[0] in convert_hovernet.ENCODER_MODULES:  # Loaded: the file's tensors, Flax layout.
+      want = encoder[convert_hovernet.torch_key(collection, tuple(path))]
+      np.testing.assert_array_equal(value, want.transpose(2, 3, 1, 0) if want.ndim == 4 else want)
   bias = before['params']['decoder']['hv']['u0']['conv']['bias']
   assert np.all(np.abs(bias) <= 0.125) and np.any(bias != 0)  # PyTorch default U(+-1/8), §1.4.
   state, metrics = trainer.steps[0](state, sharding.global_batch(_batch(trainer.module), mesh),
@@ -180,6 +203,16 @@ def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats):
           assert not np.array_equal(old, new), names
       elif names[0] == 'decoder' or collection == 'params':
         assert not np.array_equal(old, new), names  # Decoders, conv0, d0 shortcut/blk_bna move.
+  # Phase 2 starts from these weights with a fresh Adam (official `pretrained: -1`, §3.2): the
+  # reset keeps every weight and statistic and zeroes the moments and the step count.
+  assert int(jax.device_get(state.opt_state.count)) == 1
+  fresh = trainer.reset_optimizer(state)
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(
+      jax.device_get({'params': fresh.params, 'batch_stats': fresh.batch_stats}))):
+    np.testing.assert_array_equal(a, b)
+  adam = jax.device_get(fresh.opt_state)
+  assert int(adam.count) == 0
+  assert not any(np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))
 
 
 def test_synthetic_reader_contract_and_missing_folder(tmp_path):
@@ -251,6 +284,8 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   """hovernet_train.run then evaluate.run on one demo tile: files, metrics JSON, DONE, no-op reruns;
   then a run killed after the phase-1 checkpoint (step 2 of 4) resumes to bit-identical weights."""
   config = _tiny_config(augment=True, phase1_freeze_bn_stats=True, log_every_steps=1, val_tiles=1)
+  _encoder_file(config, tmp_path / 'encoder.npz')  # Phase 1 from an ImageNet-style encoder file.
+  config.hovernet.train.pretrained = str(tmp_path / 'encoder.npz')
   tiles = _tiles(1)
   monkeypatch.setattr(input_pipeline, 'load_split', lambda c, w, split: tiles)
   workdir = str(tmp_path)
