@@ -235,12 +235,6 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config)
 
 # ---------------------------------------------------------------- stage --------------------------
 
-def _run_config(run: str) -> None:
-  if run not in RUNS:
-    raise ValueError(f'config.hovernet.train.runs: unknown run {run!r}; expected a comma list of '
-                     f'{", ".join(RUNS)}')
-
-
 def _training_data(config: ml_collections.ConfigDict, workdir: str, run: str, mesh,
                    tiles: list[dict] | None, val_tiles: list[dict] | None):
   """The run's patch set, validation tiles, steps per epoch and per phase, and TP class weights.
@@ -284,13 +278,23 @@ def _variables(state: TrainState) -> dict:
 
 
 def load_pretrained(trainer: Trainer, state: TrainState, path: str) -> TrainState:
-  """The state with the encoder (`conv0`, `d0`-`d3`) of an ImageNet file (hovernet.md §3.3); the
-  decoders keep their initialisation, the fresh Adam moments are zeros either way."""
+  """The state with the encoder (conv0, d0-d3) of an ImageNet file (hovernet.md §3.3)."""
   variables, report = convert_torch.load_hovernet_encoder(path, _variables(state))
   logging.info('hovernet_train: encoder from %s: %s', path, convert_hovernet.describe(report))
   sh = trainer.state_sharding
   return state.replace(params=sharding.put_global(variables['params'], sh.params),
                        batch_stats=sharding.put_global(variables['batch_stats'], sh.batch_stats))
+
+
+def _initial_state(trainer: Trainer, manager, config, run: str) -> tuple[TrainState, int]:
+  """(state, step): the latest checkpoint's, else a fresh state with the ImageNet encoder if set."""
+  restored = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  if restored is not None:
+    logging.info('hovernet_train: run %s resumed from step %d', run, restored[0])
+    return restored[1], restored[0]
+  state, path = trainer.init(jax.random.key(config.seed)), config.hovernet.train.pretrained
+  return (load_pretrained(trainer, state, path) if path else state), 0
 
 
 def _write_validation(writer, step: int, module, state: TrainState, val_tiles: list[dict],
@@ -321,7 +325,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
       `inst_map`, `type_map` int32 [H, W].
     val_tiles: validation tiles (default: the first `val_tiles` tiles of the test split).
   """
-  _run_config(run)
+  if run not in RUNS:
+    raise ValueError(f'config.hovernet.train.runs: unknown run {run!r}; expected a comma list of '
+                     f'{", ".join(RUNS)}')
   out = stage_files.StageDir(workdir, f'hovernet_{run}')
   if out.done():
     logging.info('hovernet_train: run %s already done (%s)', run, out.path)
@@ -335,15 +341,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
   trainer = create_trainer(config, mesh, spe, tp_weights)
   input_size, output_size = trainer.module.patch_shapes
   manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
-  restored = checkpoint.restore_latest(
-      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
-  if restored is None:
-    state, start = trainer.init(jax.random.key(config.seed)), 0
-    if tc.pretrained:
-      state = load_pretrained(trainer, state, tc.pretrained)
-  else:
-    start, state, _ = restored
-    logging.info('hovernet_train: run %s resumed from step %d', run, start)
+  state, start = _initial_state(trainer, manager, config, run)
   train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
   writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
   if start == 0:
