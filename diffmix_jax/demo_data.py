@@ -162,9 +162,62 @@ def preview(tiles: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarra
   return np.concatenate([images, np.concatenate(maps, axis=1)], axis=0)
 
 
-if __name__ == '__main__':
-  import sys  # pylint: disable=g-import-not-at-top
+def export(folder: str, splits: tuple[str, ...] = ('test',)) -> list[str]:
+  """Writes demo tiles in the CoNSeP layout, for `predict` and `evaluate` on files.
+
+  `folder/Images/<split>_<k>.png` (RGB) and `folder/Labels/<split>_<k>.mat` with `inst_map`,
+  `type_map` int32 [256, 256], `inst_type` int32 [N, 1] (majority class per nucleus) and
+  `inst_centroid` float64 [N, 2] (x, y), k = 1..NUM_TILES[split], the names of the built dataset;
+  every file written atomically.
+
+  Returns:
+    The tile names written.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  out = sys.argv[1] if len(sys.argv) > 1 else 'demo_tiles.png'
-  Image.fromarray(preview([make_tile(SEED, 'train', i) for i in (0, 2, 3, 5)])).save(out)
-  print(f'wrote {out}')
+  from scipy import io as sio  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.mixing import tiles as mixing_tiles  # pylint: disable=g-import-not-at-top
+  root, names = pathlib.Path(folder), []
+  for split in splits:
+    if split not in NUM_TILES:
+      raise ValueError(f'demo split {split!r}: expected one of {", ".join(NUM_TILES)}')
+    for i in range(NUM_TILES[split]):
+      image, inst, types = make_tile(SEED, split, i)
+      name = f'{split}_{i + 1}'
+      tile = mixing_tiles.prepare_tile(name, inst, types, len(CLASS_NAMES))
+      ids = np.arange(1, int(inst.max()) + 1)  # Demo ids are 1..N without gaps.
+      buf = io.BytesIO()
+      Image.fromarray(image).save(buf, format='png')
+      stage_files.atomic_write(root / 'Images' / f'{name}.png', buf.getvalue())
+      buf = io.BytesIO()
+      sio.savemat(buf, {'inst_map': inst.astype(np.int32), 'type_map': types.astype(np.int32),
+                        'inst_type': tile.classes[ids, None].astype(np.int32),
+                        'inst_centroid': tile.centroids[ids]}, do_compression=True)
+      stage_files.atomic_write(root / 'Labels' / f'{name}.mat', buf.getvalue())
+      names.append(name)
+  return names
+
+
+def main(argv: list[str] | None = None) -> None:
+  """`python -m diffmix_jax.demo_data [PNG]` draws the README picture; `--export DIR [--split S]`
+  writes demo tiles as Images/*.png + Labels/*.mat."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(prog='python -m diffmix_jax.demo_data', description=main.__doc__)
+  parser.add_argument('preview', nargs='?', default='demo_tiles.png', help='picture to write')
+  parser.add_argument('--export', metavar='DIR', help='write tiles in the CoNSeP layout instead')
+  parser.add_argument('--split', default='test', choices=(*NUM_TILES, 'all'),
+                      help='tiles to export (default test: the rare-enriched split)')
+  args = parser.parse_args(argv)
+  if args.export:
+    names = export(args.export, tuple(NUM_TILES) if args.split == 'all' else (args.split,))
+    print(f'wrote {len(names)} tiles to {args.export}/Images and {args.export}/Labels')
+    return
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(preview([make_tile(SEED, 'train', i) for i in (0, 2, 3, 5)])).save(args.preview)
+  print(f'wrote {args.preview}')
+
+
+if __name__ == '__main__':
+  main()
