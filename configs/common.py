@@ -158,4 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   ev.match_radius = 12  # Centroid pairing radius in pixels (inclusive).
   ev.f_c_weights = '2,2,1,1'  # Weights of F_c terms (official).
   ev.batch_size = 8  # Patches per jitted tiled-inference call (multiple of the local devices).
+  # Also score the baseline model on every synthetic patch against its own labels (report's
+  # synthetic_fidelity): does the SDM render each class recognisably?
+  ev.synthetic_fidelity = True
   return c

@@ -260,13 +260,16 @@ def format_table(metrics: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out) -> None:
-  """Predicts this process's test tiles for one run, then (process 0) scores them to JSON."""
+def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out,
+                  label: str = '') -> None:
+  """Predicts this process's share of `tiles` with run `run`'s model, then (process 0) scores them
+  to `eval/<label>.json` (label defaults to the run's name; its .mat files go to eval/<label>/)."""
   import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
   from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
-  pred_dir, true_dir = out.path / run / 'pred', out.path / run / 'true'
+  label = label or run
+  pred_dir, true_dir = out.path / label / 'pred', out.path / label / 'true'
   pred_dir.mkdir(parents=True, exist_ok=True)
   true_dir.mkdir(parents=True, exist_ok=True)
   variables = hovernet_infer.load_variables(hovernet_infer.variables_path(workdir, run), module)
@@ -281,12 +284,12 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
                hovernet_infer.predict_record(predict, module, tile['image']))
     progress(k + 1)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'evaluate {run} predicted')
+    multihost_utils.sync_global_devices(f'evaluate {label} predicted')
   if jax.process_index() == 0:
     metrics = evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
                             weights=[float(v) for v in config.eval.f_c_weights.split(',')])
-    write_json(metrics, out.path / f'{run}.json')
-    print(f'evaluate {run}:\n{format_table(metrics)}')
+    write_json(metrics, out.path / f'{label}.json')
+    print(f'evaluate {label}:\n{format_table(metrics)}')
 
 
 def eval_indices_for(n: int) -> list[int]:
@@ -296,12 +299,27 @@ def eval_indices_for(n: int) -> list[int]:
   return input_pipeline.eval_indices(n, jax.process_index(), jax.process_count())
 
 
+SYNTHETIC_FIDELITY = 'synthetic_fidelity'  # eval/<this>.json: the baseline model, synthetic set.
+
+
+def _synthetic_folder(config, workdir: str) -> str:
+  """The synthetic set to score with the baseline model, or '' when there is none to score
+  (`eval.synthetic_fidelity` off, no baseline run, or no synthetic set written)."""
+  runs = [r.strip() for r in config.hovernet.train.runs.split(',')]
+  folder = (config.hovernet.train.synthetic_dir or
+            os.path.join(workdir, 'synthetic', 'consep_format'))
+  if not config.eval.synthetic_fidelity or 'baseline' not in runs:
+    return ''
+  return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
+
+
 def run(config, workdir: str) -> None:
   """Stage `evaluate`: every run of config.hovernet.train.runs on the test split (hovernet.md §5, §7).
 
   Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
-  `evaluate_dirs`) and `<workdir>/eval/DONE`; a rerun of a finished stage is a no-op, and a killed one
-  keeps the tiles and runs it already finished.
+  `evaluate_dirs`), the same for the baseline model on the synthetic set as `synthetic_fidelity`
+  (when there is one and `config.eval.synthetic_fidelity`), and `<workdir>/eval/DONE`; a rerun of a
+  finished stage is a no-op, and a killed one keeps the tiles and runs it already finished.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -319,6 +337,13 @@ def run(config, workdir: str) -> None:
     if (out.path / f'{name}.json').exists():
       continue
     _evaluate_run(config, workdir, name, tiles, module, out)
+  synthetic = _synthetic_folder(config, workdir)
+  if synthetic and not (out.path / f'{SYNTHETIC_FIDELITY}.json').exists():
+    # The baseline model (real data only) reads every synthetic patch at its own size, padded as
+    # test tiles are, scored against the patch's own labels: is each class rendered recognisably?
+    from diffmix_jax import hovernet_data  # pylint: disable=g-import-not-at-top
+    _evaluate_run(config, workdir, 'baseline', hovernet_data.read_synthetic(synthetic), module, out,
+                  label=SYNTHETIC_FIDELITY)
   if jax.process_index() == 0:
     out.mark_done({'runs': runs, 'tiles': len(tiles)})
 

@@ -101,6 +101,28 @@ def _encoder_file(config, path, seed=0) -> dict:
   return sd
 
 
+def _crops(tile, size):
+  """Two size-px label crops of a tile with their images, ids renumbered 1..n."""
+  out = []
+  for r, c in ((0, 0), (100, 60)):
+    inst = tile['inst_map'][r:r + size, c:c + size]
+    _, inst = np.unique(inst, return_inverse=True)
+    out.append({'image': tile['image'][r:r + size, c:c + size], 'type_map':
+                tile['type_map'][r:r + size, c:c + size], 'inst_map': inst.reshape(size, size)})
+  return out
+
+
+def _synthetic_patches(tile, folder, size):
+  """A synthetic set in the sample stage's CoNSeP layout: crops of a real tile named syn_<k>."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  (folder / 'Images').mkdir(parents=True)
+  (folder / 'Labels').mkdir()
+  for k, p in enumerate(_crops(tile, size)):
+    cv2.imwrite(str(folder / 'Images' / f'syn_{k}.png'), p['image'][..., ::-1])
+    sio.savemat(folder / 'Labels' / f'syn_{k}.mat', {'inst_map': p['inst_map'].astype(np.int32),
+                                                     'type_map': p['type_map'].astype(np.int32)})
+
+
 def _tiles(n, split='train'):
   out = []
   for i in range(n):
@@ -294,9 +316,15 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert json.loads((out / 'DONE').read_text()) == {'steps': 4, 'patches': 4, 'synthetic': 0}
   assert (out / hovernet_infer.VARIABLES_FILE).exists() and (out / 'checkpoints').is_dir()
   assert list((out / 'tb').iterdir())
+  _synthetic_patches(tiles[0], tmp_path / 'synthetic' / 'consep_format', size=48)
   evaluate.run(config, workdir)
   metrics = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
   assert 0.0 <= metrics['dice'] <= 1.0 and metrics['num_images'] == 1
+  # The baseline model on each synthetic patch (its own 48 px, padded as tiles are), own labels.
+  fidelity = json.loads((tmp_path / 'eval' / 'synthetic_fidelity.json').read_text())
+  assert fidelity['num_images'] == 2 and sorted(fidelity['per_image']) == ['syn_0', 'syn_1']
+  want = sum(len(np.unique(p['inst_map'])) - 1 for p in _crops(tiles[0], 48))
+  assert fidelity['num_true'] == want
   assert (tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat').exists()
   assert (tmp_path / 'eval' / 'DONE').exists()
   again = evaluate.evaluate_dirs(tmp_path / 'eval' / 'baseline' / 'true',

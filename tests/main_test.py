@@ -153,6 +153,8 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
     assert result['num_images'] == 8 and result['num_true'] == 456
   metrics = json.loads((workdir / 'report' / 'metrics.json').read_text())
   assert metrics['config'] == 'tiny'
+  fidelity = metrics['synthetic_fidelity']  # The baseline model on all 64 synthetic patches.
+  assert fidelity['real_test'] == metrics['baseline'] and fidelity['synthetic']['num_images'] == 64
   for run in ('baseline', 'diffmix'):
     values = [metrics[run][k] for k in ('dice', 'aji', 'pq', 'f_d')]
     assert all(np.isfinite(values)), values

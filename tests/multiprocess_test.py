@@ -7,8 +7,8 @@ workdir of conftest.py (8 devices) plus `evaluate` by one `main` of 2 devices. E
 untrained HoVer-Net written once (training one would cost minutes; the metrics check how the test
 tiles are split over processes, not how good the network is). The 2-process run is first killed
 mid-training (one process gets SIGKILL), then rerun: it covers fail-fast, resume and equality at
-once. Per-step previews are off (`sample_every_steps=0`): they do not change the results and only
-add compiling.
+once. Per-step previews are off (`sample_every_steps=0`) and so is the synthetic-fidelity scoring:
+neither changes what is compared, both add work.
 
 The 4-process run (the whole chain again: its SDM losses, synthetic set and metrics each equal the
 single-process ones) is in the slow tier (DIFFMIX_SLOW_TESTS=1, SLOW_COMMAND below): every process
@@ -123,7 +123,8 @@ def _start(n: int, workdir: pathlib.Path, tag: str, heartbeat: int = 30,
       proc = subprocess.Popen(
           [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/tiny.py', '--workdir',
            str(workdir), f'--config.stages={stages}', f'--config.hovernet.train.runs={RUN}',
-           '--config.diffusion.train.sample_every_steps=0', *mesh],
+           '--config.diffusion.train.sample_every_steps=0',
+           '--config.eval.synthetic_fidelity=False', *mesh],
           cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     proc.log = log
     procs.append(proc)

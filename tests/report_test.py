@@ -27,6 +27,8 @@ def test_report_files_and_noop_rerun(tmp_path):
   (tmp_path / 'eval' / 'baseline.json').write_text(json.dumps(base))
   (tmp_path / 'eval' / 'diffmix.json').write_text(json.dumps(mix))
   (tmp_path / 'timings.json').write_text(json.dumps({'diffusion_train': 12.5, 'sample': 3.25}))
+  fidelity = _eval_json(0.75, {'1': 0.125, '2': 0.5, '3': 0.75, '4': 0.625})
+  (tmp_path / 'eval' / 'synthetic_fidelity.json').write_text(json.dumps(fidelity))
   (tmp_path / 'mixed_labels').mkdir()
   (tmp_path / 'mixed_labels' / 'summary.json').write_text(json.dumps(
       {'replacements': 7, 'targets': 9, 'normalised_entropy_before': 0.8,
@@ -41,6 +43,7 @@ def test_report_files_and_noop_rerun(tmp_path):
   assert metrics['config'] == 'tiny' and metrics['timings_s']['sample'] == 3.25
   # One seed per arm: runs keyed by seed, n = 1 summaries with null spread, paired differences.
   assert metrics['runs'] == {'baseline': {'0': base}, 'diffmix': {'0': mix}}
+  assert metrics['synthetic_fidelity'] == {'synthetic': fidelity, 'real_test': base}
   assert metrics['summary']['baseline']['dice'] == {'mean': 0.8125, 'sd': None, 'n': 1}
   assert metrics['summary']['diffmix']['f_c']['1'] == {'mean': 0.375, 'sd': None, 'n': 1}
   rare = metrics['paired']['diffmix']['f_c']['1']
@@ -51,7 +54,8 @@ def test_report_files_and_noop_rerun(tmp_path):
   assert '| diffmix | 0.8250 |' in md and 'F_c other' in md and 'F_c spindle' in md
   assert 'Replacements: 7 of 9 targets' in md and '| sample | 3.2 |' in md
   assert '| baseline | 1 | 0.812 |' in md and '| +0.000 | +0.125 | +0.000 |' in md
-  for name in ('f1_per_class.png', 'class_histogram.png', 'synthetic_samples.png'):
+  for name in ('f1_per_class.png', 'class_histogram.png', 'synthetic_samples.png',
+               'synthetic_fidelity.png'):
     assert (out / name).stat().st_size > 0 and f'({name})' in md
   np.testing.assert_array_equal(np.asarray(Image.open(out / 'synthetic_samples.png'))[0, 0], 200)
   assert list((out / 'tb').glob('events.out.tfevents.*'))
