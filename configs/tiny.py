@@ -63,4 +63,5 @@ def get_config():
   h.log_every_steps = 2
   h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
   h.loader_threads = 2
+  c.eval.synthetic_fidelity = True  # The demo skips it; 64 patches of 16 px cost seconds here.
   return c
