@@ -4,11 +4,8 @@
       --config.data.manual_dir=/path/to/GLySAC \
       --config.hovernet.train.pretrained=/path/to/ImageNet-ResNet50-Preact_pytorch.tar
 
-HoVer-Net phase 1 (50 epochs) trains the decoders on a frozen encoder, so it starts from the
-ImageNet pre-activation ResNet-50 of the official training (the `.tar` linked from the HoVer-Net
-README, or a `.npz`/torch state dict with the same PyTorch names); `main` refuses phase 1 without
-it. No file at hand: add --config.hovernet.train.phase1_epochs=0 to train everything from scratch
-(not the paper's recipe).
+The ImageNet encoder file is needed as for configs/consep.py (see there), or
+--config.hovernet.train.phase1_epochs=0.
 
 Raw GLySAC ids are merged {1,2,9,10} -> 1, {4,5,6,7} -> 2, {3,8} -> 3 (class names inferred, see
 diffmix_method.md §1). Guidance 2.0 as in the authors' GLySAC test line. Hardware and expected numbers
