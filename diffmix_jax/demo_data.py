@@ -173,10 +173,7 @@ def export(folder: str, splits: tuple[str, ...] = ('test',)) -> list[str]:
   Returns:
     The tile names written.
   """
-  import io  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from scipy import io as sio  # pylint: disable=g-import-not-at-top
   from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
   from diffmix_jax.mixing import tiles as mixing_tiles  # pylint: disable=g-import-not-at-top
   root, names = pathlib.Path(folder), []
@@ -188,14 +185,10 @@ def export(folder: str, splits: tuple[str, ...] = ('test',)) -> list[str]:
       name = f'{split}_{i + 1}'
       tile = mixing_tiles.prepare_tile(name, inst, types, len(CLASS_NAMES))
       ids = np.arange(1, int(inst.max()) + 1)  # Demo ids are 1..N without gaps.
-      buf = io.BytesIO()
-      Image.fromarray(image).save(buf, format='png')
-      stage_files.atomic_write(root / 'Images' / f'{name}.png', buf.getvalue())
-      buf = io.BytesIO()
-      sio.savemat(buf, {'inst_map': inst.astype(np.int32), 'type_map': types.astype(np.int32),
-                        'inst_type': tile.classes[ids, None].astype(np.int32),
-                        'inst_centroid': tile.centroids[ids]}, do_compression=True)
-      stage_files.atomic_write(root / 'Labels' / f'{name}.mat', buf.getvalue())
+      stage_files.write_consep_example(root, name, image, {
+          'inst_map': inst.astype(np.int32), 'type_map': types.astype(np.int32),
+          'inst_type': tile.classes[ids, None].astype(np.int32),
+          'inst_centroid': tile.centroids[ids]})
       names.append(name)
   return names
 

@@ -305,11 +305,11 @@ SYNTHETIC_FIDELITY = 'synthetic_fidelity'  # eval/<this>.json: the baseline mode
 def _synthetic_folder(config, workdir: str) -> str:
   """The synthetic set to score with the baseline model, or '' when there is none to score
   (`eval.synthetic_fidelity` off, no baseline run, or no synthetic set written)."""
+  from diffmix_jax import hovernet_data  # pylint: disable=g-import-not-at-top
   runs = [r.strip() for r in config.hovernet.train.runs.split(',')]
-  folder = (config.hovernet.train.synthetic_dir or
-            os.path.join(workdir, 'synthetic', 'consep_format'))
   if not config.eval.synthetic_fidelity or 'baseline' not in runs:
     return ''
+  folder = hovernet_data.synthetic_folder(config, workdir)
   return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
 
 

@@ -17,6 +17,12 @@ from scipy import io as sio
 from diffmix_jax import hovernet_augment
 from diffmix_jax import hovernet_targets
 
+def synthetic_folder(config, workdir: str) -> str:
+  """The synthetic set HoVer-Net reads: `hovernet.train.synthetic_dir`, else the sample stage's
+  `<workdir>/synthetic/consep_format`."""
+  return config.hovernet.train.synthetic_dir or os.path.join(workdir, 'synthetic', 'consep_format')
+
+
 def read_synthetic(folder: str | os.PathLike) -> list[dict]:
   """The synthetic patch set, CoNSeP layout: `Images/<name>.png` + `Labels/<name>.mat`.
 

@@ -245,8 +245,7 @@ def _training_data(config: ml_collections.ConfigDict, workdir: str, run: str, me
   tc = config.hovernet.train
   synthetic = []
   if run == 'diffmix':
-    synthetic = hovernet_data.read_synthetic(tc.synthetic_dir or
-                                             os.path.join(workdir, 'synthetic', 'consep_format'))
+    synthetic = hovernet_data.read_synthetic(hovernet_data.synthetic_folder(config, workdir))
   if tiles is None:
     tiles = input_pipeline.load_split(config, workdir, 'train')
   if val_tiles is None:

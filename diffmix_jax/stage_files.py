@@ -49,3 +49,18 @@ class StageDir:
 
   def write_text(self, relpath: str, text: str) -> pathlib.Path:
     return self.write_bytes(relpath, text.encode())
+
+
+def write_consep_example(folder: os.PathLike, name: str, image, record: dict) -> None:
+  """`folder/Images/<name>.png` (RGB uint8 [H, W, 3]) and `folder/Labels/<name>.mat` (`record`:
+  inst_map, type_map, inst_type, inst_centroid), each written atomically."""
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import scipy.io  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(folder)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='png')
+  atomic_write(folder / 'Images' / f'{name}.png', buf.getvalue())
+  buf = io.BytesIO()
+  scipy.io.savemat(buf, record, do_compression=True)
+  atomic_write(folder / 'Labels' / f'{name}.mat', buf.getvalue())

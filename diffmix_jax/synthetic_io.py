@@ -13,8 +13,6 @@ import os
 import pathlib
 
 import numpy as np
-from PIL import Image
-import scipy.io
 import tensorflow_datasets as tfds
 
 from diffmix_jax import stage_files
@@ -121,12 +119,7 @@ def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   inst_centroid), atomically per file."""
   out = pathlib.Path(workdir) / STAGE / 'consep_format'
   for name, ex in iter_examples(workdir, num_shards):
-    buf = io.BytesIO()
-    Image.fromarray(ex['image']).save(buf, format='png')
-    stage_files.atomic_write(out / 'Images' / f'{name}.png', buf.getvalue())
-    mat = {'inst_map': ex['inst_map'].astype(np.int32), 'type_map': ex['type_map'].astype(np.int32),
-           **instance_record(ex['inst_map'], ex['type_map'])}
-    buf = io.BytesIO()
-    scipy.io.savemat(buf, mat, do_compression=True)
-    stage_files.atomic_write(out / 'Labels' / f'{name}.mat', buf.getvalue())
+    stage_files.write_consep_example(out, name, ex['image'], {
+        'inst_map': ex['inst_map'].astype(np.int32), 'type_map': ex['type_map'].astype(np.int32),
+        **instance_record(ex['inst_map'], ex['type_map'])})
   return out
