@@ -127,9 +127,14 @@ def base_config() -> ml_collections.ConfigDict:
   hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
   hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).
   c.hovernet.train = ht = ml_collections.ConfigDict()
-  ht.runs = 'baseline,diffmix'  # Training runs: real only, and real + synthetic.
+  # Arms (diffmix_jax/arms.py): baseline (real only) | balancing | enlarging (real + synthetics of
+  # that mixing kind) | diffmix (real + both); each trained once per HoVer-Net seed in `seeds`.
+  ht.runs = 'baseline,diffmix'
+  ht.seeds = '0'  # HoVer-Net seeds (comma list): init, batch order, augmentation; SDM unchanged.
   ht.synthetic_dir = ''  # Images/*.png + Labels/*.mat ('' = <workdir>/synthetic/consep_format).
-  ht.synthetic_ratio = -1.0  # Synthetic patches per real patch each epoch (-1 = all, once each).
+  # Synthetic rows per real row of each batch, added to the real batch (same steps and real batches
+  # in every arm); -1 = enough rows that every synthetic item is seen once per epoch.
+  ht.synthetic_ratio = -1.0
   ht.patch_window = 540  # Mirror-mode training patch side (hovernet.md §6.3).
   ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).
   ht.augment = True  # Shape + intensity augmentation (§2.2-§2.3); False = centre crop only.

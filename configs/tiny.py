@@ -59,7 +59,7 @@ def get_config():
   h.lr = 5e-4
   h.lr_step_epochs = 2
   h.augment = True  # The tests exercise the augmentation path the demo switches off.
-  h.synthetic_ratio = 0.25  # 8 synthetic patches beside the 32 real ones per epoch.
+  h.synthetic_ratio = 0.5  # 8 synthetic rows beside the 16 real ones of each batch.
   h.log_every_steps = 2
   h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
   h.loader_threads = 2

@@ -5,6 +5,7 @@ import os
 import ml_collections
 
 from configs import common
+from diffmix_jax import arms
 
 
 def _ints(text: str, field: str) -> list[int]:
@@ -58,6 +59,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     bad = [i for i in ids if not 1 <= i < c.data.num_classes]
     if bad:
       raise ValueError(f'config.{field}: class id(s) {bad} not in 1..{c.data.num_classes - 1}')
+  arms.runs(c)  # Unknown arms or bad seeds fail here, before any stage runs.
   _check_pretrained(c, stages)
 
 

@@ -304,48 +304,50 @@ SYNTHETIC_FIDELITY = 'synthetic_fidelity'  # eval/<this>.json: the baseline mode
 
 def _synthetic_folder(config, workdir: str) -> str:
   """The synthetic set to score with the baseline model, or '' when there is none to score
-  (`eval.synthetic_fidelity` off, no baseline run, or no synthetic set written)."""
+  (`eval.synthetic_fidelity` off, no baseline arm, or no synthetic set written)."""
+  from diffmix_jax import arms  # pylint: disable=g-import-not-at-top
   from diffmix_jax import hovernet_data  # pylint: disable=g-import-not-at-top
-  runs = [r.strip() for r in config.hovernet.train.runs.split(',')]
-  if not config.eval.synthetic_fidelity or 'baseline' not in runs:
+  if not config.eval.synthetic_fidelity or arms.fidelity_run(config) is None:
     return ''
   folder = hovernet_data.synthetic_folder(config, workdir)
   return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
 
 
 def run(config, workdir: str) -> None:
-  """Stage `evaluate`: every run of config.hovernet.train.runs on the test split (hovernet.md §5, §7).
+  """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (hovernet.md §5, §7).
 
   Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
-  `evaluate_dirs`), the same for the baseline model on the synthetic set as `synthetic_fidelity`
-  (when there is one and `config.eval.synthetic_fidelity`), and `<workdir>/eval/DONE`; a rerun of a
-  finished stage is a no-op, and a killed one keeps the tiles and runs it already finished.
+  `evaluate_dirs`; run names of `arms.run_name`), the same for the first seed's baseline model on
+  the synthetic set as `synthetic_fidelity` (when there is one and `config.eval.synthetic_fidelity`),
+  and `<workdir>/eval/DONE`. A rerun is a no-op when every wanted JSON exists; runs added to the
+  config since are scored alone, and a killed stage keeps the tiles and runs it finished.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import arms  # pylint: disable=g-import-not-at-top
   from diffmix_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
   from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
   out = stage_files.StageDir(workdir, 'eval')
-  if out.done():
+  names = [arms.run_name(a, s) for a, s in arms.runs(config)]
+  synthetic = _synthetic_folder(config, workdir)
+  wanted = names + ([SYNTHETIC_FIDELITY] if synthetic else [])
+  if out.done() and all((out.path / f'{n}.json').exists() for n in wanted):
     logging.info('evaluate: already done (%s)', out.path)
     return
-  runs = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
   module = hovernet.create_hovernet(config.hovernet.model)
   tiles = input_pipeline.load_split(config, workdir, 'test')
-  for name in runs:
-    if (out.path / f'{name}.json').exists():
-      continue
-    _evaluate_run(config, workdir, name, tiles, module, out)
-  synthetic = _synthetic_folder(config, workdir)
+  for name in names:
+    if not (out.path / f'{name}.json').exists():
+      _evaluate_run(config, workdir, name, tiles, module, out)
   if synthetic and not (out.path / f'{SYNTHETIC_FIDELITY}.json').exists():
     # The baseline model (real data only) reads every synthetic patch at its own size, padded as
     # test tiles are, scored against the patch's own labels: is each class rendered recognisably?
     from diffmix_jax import hovernet_data  # pylint: disable=g-import-not-at-top
-    _evaluate_run(config, workdir, 'baseline', hovernet_data.read_synthetic(synthetic), module, out,
-                  label=SYNTHETIC_FIDELITY)
+    _evaluate_run(config, workdir, arms.fidelity_run(config),
+                  hovernet_data.read_synthetic(synthetic), module, out, label=SYNTHETIC_FIDELITY)
   if jax.process_index() == 0:
-    out.mark_done({'runs': runs, 'tiles': len(tiles)})
+    out.mark_done({'runs': names, 'tiles': len(tiles)})
 
 
 def main(argv: Sequence[str]) -> None:

@@ -4,9 +4,11 @@ Host-side (NumPy, grain): what the `hovernet_train` stage feeds its jitted steps
 §6.3). Every batch is a pure function of (phase seed, step), so a resumed run sees the same batches.
 """
 
+import dataclasses
+import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import grain
@@ -17,34 +19,64 @@ from scipy import io as sio
 from diffmix_jax import hovernet_augment
 from diffmix_jax import hovernet_targets
 
+
 def synthetic_folder(config, workdir: str) -> str:
   """The synthetic set HoVer-Net reads: `hovernet.train.synthetic_dir`, else the sample stage's
   `<workdir>/synthetic/consep_format`."""
   return config.hovernet.train.synthetic_dir or os.path.join(workdir, 'synthetic', 'consep_format')
 
 
-def read_synthetic(folder: str | os.PathLike) -> list[dict]:
+MANIFEST = 'manifest.json'  # Written by `synthetic_io.export_consep` beside Images/ and Labels/.
+
+
+def _kind_filter(folder: pathlib.Path, names: list[str], kinds: tuple[str, ...]) -> list[str]:
+  """The names whose manifest kind is in `kinds`; every name must be in the manifest."""
+  path = folder / MANIFEST
+  if not path.exists():
+    raise FileNotFoundError(
+        f'{path}: missing. Training on the {"/".join(kinds)} patches alone needs the manifest the '
+        'sample stage writes ({"patches": {<name>: {"kind": "balance"|"enlarge", ...}}}); rerun '
+        'the sample stage into a fresh workdir, or use the `diffmix` arm (all patches)')
+  entries = json.loads(path.read_text()).get('patches', {})
+  missing = [n for n in names if n not in entries]
+  if missing:
+    raise ValueError(f'{path}: no entry for {len(missing)} patch(es), e.g. {missing[:3]}')
+  return [n for n in names if entries[n].get('kind') in kinds]
+
+
+def read_synthetic(folder: str | os.PathLike, kinds: tuple[str, ...] | None = None) -> list[dict]:
   """The synthetic patch set, CoNSeP layout: `Images/<name>.png` + `Labels/<name>.mat`.
 
   This is the reader contract with the `sample` stage, whose `synthetic_io.export_consep` writes
   `<workdir>/synthetic/consep_format/`: each `.mat` holds `inst_map` and `type_map` [H, W] (merged
-  classes), each PNG the RGB image of the same size.
+  classes), each PNG the RGB image of the same size; `manifest.json` records each patch's kind.
+
+  Args:
+    folder: the set's folder.
+    kinds: keep only patches of these mixing kinds ('balance', 'enlarge'; `arms.ARMS`), read from
+      the manifest; None keeps every patch (no manifest needed).
 
   Returns:
     A list of {`name`, `image` uint8 [H, W, 3], `inst_map` int32, `type_map` int32} in name order.
 
   Raises:
-    FileNotFoundError: when the folder or its Images/Labels parts are missing or empty.
+    FileNotFoundError: when the folder, its Images/Labels parts or (with `kinds`) the manifest are
+      missing, or when no patch of `kinds` is there.
     ValueError: naming the file, for a missing key or mismatched sizes.
   """
   folder = pathlib.Path(folder)
   images = sorted((folder / 'Images').glob('*.png')) if (folder / 'Images').is_dir() else []
   if not images:
     raise FileNotFoundError(
-        f'{folder}/Images/*.png: no synthetic patches. The `diffmix` HoVer-Net run needs the '
-        'synthetic set written by the `sample` stage (Images/<name>.png + Labels/<name>.mat with '
-        'inst_map and type_map); run that stage first, or train only the `baseline` run '
+        f'{folder}/Images/*.png: no synthetic patches. The HoVer-Net arms with synthetic data need '
+        'the set written by the `sample` stage (Images/<name>.png + Labels/<name>.mat with '
+        'inst_map and type_map); run that stage first, or train only the `baseline` arm '
         '(--config.hovernet.train.runs=baseline)')
+  if kinds is not None and set(kinds) != {'balance', 'enlarge'}:
+    keep = set(_kind_filter(folder, [p.stem for p in images], kinds))
+    images = [p for p in images if p.stem in keep]
+    if not images:
+      raise FileNotFoundError(f'{folder / MANIFEST}: no patch of kind {"/".join(kinds)}')
   out = []
   for path in images:
     mat_path = folder / 'Labels' / f'{path.stem}.mat'
@@ -106,16 +138,9 @@ def pack_patches(patches: list[dict], window: int) -> list[dict]:
 
 
 class PatchSet:
-  """Training items: mirror-mode windows of real tiles (§6.3) followed by synthetic items.
+  """The real training items: mirror-mode windows of the tiles (§6.3), in tile then grid order."""
 
-  With `synthetic_ratio` r >= 0 each epoch holds round(r * real windows) synthetic items, taken in
-  turn from the synthetic set (epoch e continues where epoch e - 1 stopped), so every synthetic
-  patch is used before any is reused; r < 0 uses all of them once per epoch. Synthetic patches
-  smaller than half the window are packed several per item (`pack_patches`).
-  """
-
-  def __init__(self, tiles: list[dict], synthetic: list[dict], window: int, step: int,
-               synthetic_ratio: float):
+  def __init__(self, tiles: list[dict], window: int, step: int):
     self.images, self.labels, self.offsets = [], [], []
     for i, t in enumerate(tiles):
       self.images.append(hovernet_targets.mirror_pad(np.asarray(t['image'], np.uint8), window, step))
@@ -123,27 +148,26 @@ class PatchSet:
           np.stack([t['inst_map'], t['type_map']], axis=-1).astype(np.int32), window, step))
       self.offsets += [(i, r, c) for r, c in
                        hovernet_targets.patch_offsets(self.images[-1].shape[:2], window, step)]
-    self.window, self.synthetic = window, pack_patches(synthetic, window)
-    n_syn = (len(self.synthetic) if synthetic_ratio < 0
-             else int(round(synthetic_ratio * len(self.offsets))))
-    self.num_synthetic = n_syn if self.synthetic else 0
+    self.window = window
 
   def __len__(self) -> int:
-    return len(self.offsets) + self.num_synthetic
-
-  def item(self, k: int, epoch: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Item `k` of epoch `epoch`: (image uint8 [S, S, 3], inst_map, type_map int32 [S, S])."""
-    if k < len(self.offsets):
-      i, r, c = self.offsets[k]
-      win = (slice(r, r + self.window), slice(c, c + self.window))
-      lab = self.labels[i][win]
-      return self.images[i][win], lab[..., 0], lab[..., 1]
-    j = epoch * self.num_synthetic + k - len(self.offsets)
-    s = self.synthetic[j % len(self.synthetic)]
-    return s['image'], s['inst_map'], s['type_map']
+    return len(self.offsets)
 
   def __getitem__(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return self.item(k)
+    """Window k: (image uint8 [S, S, 3], inst_map, type_map int32 [S, S])."""
+    i, r, c = self.offsets[k]
+    win = (slice(r, r + self.window), slice(c, c + self.window))
+    lab = self.labels[i][win]
+    return self.images[i][win], lab[..., 0], lab[..., 1]
+
+
+def synthetic_per_batch(ratio: float, real_batch: int, num_items: int, steps_per_epoch: int) -> int:
+  """Synthetic items beside `real_batch` real ones in every batch: round(ratio * real_batch), or
+  for ratio < 0 enough that each of `num_items` (packed) items is seen once per epoch of
+  `steps_per_epoch` steps."""
+  if ratio < 0:
+    return -(-num_items // steps_per_epoch)
+  return int(round(ratio * real_batch))
 
 
 def make_example(item, rng: np.random.Generator, input_size: int, output_size: int,
@@ -160,28 +184,61 @@ def make_example(item, rng: np.random.Generator, input_size: int, output_size: i
   return {'image': image, **hovernet_targets.targets(inst, types, output_size)}
 
 
-def batch_indices(n: int, step: int, global_batch: int, seed: int) -> tuple[int, np.ndarray]:
+def batch_indices(n: int, step: int, global_batch: int, seed: Sequence[int]
+                  ) -> tuple[int, np.ndarray]:
   """(epoch, item indices) of global batch `step` of an epoch-wise reshuffled stream with drop_last
   (seeded per epoch)."""
   per_epoch = n // global_batch
   epoch, k = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(n)
+  order = np.random.default_rng([*seed, epoch]).permutation(n)
   return epoch, order[k * global_batch:(k + 1) * global_batch]
 
 
-def create_dataset(patches: PatchSet, *, phase_seed: int, global_batch: int, start: int,
-                   total: int, input_size: int, output_size: int, augment: bool,
-                   num_threads: int) -> Any:
-  """Iterator over this process's rows of global batches start..total-1 (a pure function of step)."""
-  local = global_batch // jax.process_count()
+def cycle_indices(n: int, step: int, per_batch: int, seed: Sequence[int]) -> np.ndarray:
+  """Indices of the `per_batch` items batch `step` takes from a set of n drawn in cycles: each
+  cycle is a fresh permutation, so every item is used once before any is reused."""
+  cycle, pos = np.divmod(step * per_batch + np.arange(per_batch), n)
+  return np.array([np.random.default_rng([*seed, c]).permutation(n)[p]
+                   for c, p in zip(cycle, pos)], np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+  """The random streams of one run and phase: real batch order, synthetic draw, augmentation."""
+  real: tuple[int, ...]
+  synthetic: tuple[int, ...]
+  augment: tuple[int, ...]
+
+  @classmethod
+  def of(cls, master: int, seed: int, phase: int) -> 'Seeds':
+    """From (config.seed, HoVer-Net seed, phase) only: every arm of a seed gets the same."""
+    return cls(*((master, seed, phase, k) for k in range(3)))
+
+
+def create_dataset(real: PatchSet, synthetic: list[dict], *, seeds: Seeds, real_batch: int,
+                   synthetic_batch: int, start: int, total: int, input_size: int,
+                   output_size: int, augment: bool, num_threads: int) -> Any:
+  """Iterator over this process's rows of global batches start..total-1 (a pure function of step).
+
+  Global batch `step` is `real_batch` real windows (`batch_indices`, epochs of the real set) then
+  `synthetic_batch` items of `synthetic` (`cycle_indices`); row i is augmented with the generator
+  [*seeds.augment, step, i]. The real rows depend only on `seeds` and `real_batch`, so runs that
+  differ in their synthetic data train on the same real examples in the same order.
+  """
+  if synthetic_batch and not synthetic:
+    raise ValueError('synthetic_batch > 0 with an empty synthetic set')
+  local = (real_batch + synthetic_batch) // jax.process_count()
   lo = jax.process_index() * local
 
   def load(step: int) -> dict:
-    epoch, rows = batch_indices(len(patches), step, global_batch, phase_seed)
-    rows = rows[lo:lo + local]
-    exs = [make_example(patches.item(int(j), epoch),
-                        np.random.default_rng([phase_seed, step, lo + i]),
-                        input_size, output_size, augment) for i, j in enumerate(rows)]
+    _, rows = batch_indices(len(real), step, real_batch, seeds.real)
+    items = [real[int(j)] for j in rows]  # Views of the padded tiles: cheap to take them all.
+    if synthetic_batch:
+      picked = cycle_indices(len(synthetic), step, synthetic_batch, seeds.synthetic)
+      items += [(synthetic[j]['image'], synthetic[j]['inst_map'], synthetic[j]['type_map'])
+                for j in picked]
+    exs = [make_example(items[i], np.random.default_rng([*seeds.augment, step, i]), input_size,
+                        output_size, augment) for i in range(lo, lo + local)]
     return {key: np.stack([e[key] for e in exs]) for key in exs[0]}
 
   ds = grain.MapDataset.range(start, total).map(load)

@@ -1,10 +1,11 @@
 """Stage `hovernet_train`: HoVer-Net on real (+ synthetic) patches, both phases, data-parallel, resumable.
 
-For each run of `config.hovernet.train.runs` (`baseline`: real patches only; `diffmix`: real plus the
-synthetic set under `<workdir>/synthetic/`), phase 1 (encoder frozen as a gradient path, §1.5) then
-phase 2 (all trainable, fresh Adam, restarted StepLR), hovernet.md §3. Outputs under
-`<workdir>/hovernet_<run>/`: orbax checkpoints, TensorBoard events, `variables.msgpack` (eval
-variables for the evaluate stage) and `DONE`.
+For each arm x seed of `config.hovernet.train.runs` x `seeds` (`arms`: `baseline` real windows only;
+`balancing`, `enlarging`, `diffmix` add synthetic patches of their kinds from `<workdir>/synthetic/`
+to every batch), phase 1 (encoder frozen as a gradient path, §1.5) then phase 2 (all trainable,
+fresh Adam, restarted StepLR), hovernet.md §3. Outputs under `<workdir>/hovernet_<run>/`
+(`arms.run_name`): orbax checkpoints, TensorBoard events, `variables.msgpack` (eval variables for
+the evaluate stage) and `DONE`.
 """
 
 import dataclasses
@@ -23,12 +24,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from diffmix_jax import arms
 from diffmix_jax import checkpoint
 from diffmix_jax import convert_hovernet
 from diffmix_jax import convert_torch
 from diffmix_jax import evaluate
 from diffmix_jax import hovernet_data
 from diffmix_jax import hovernet_infer
+from diffmix_jax import hovernet_losses
 from diffmix_jax import hovernet_targets
 from diffmix_jax import input_pipeline
 from diffmix_jax import labels
@@ -36,65 +39,6 @@ from diffmix_jax import sharding
 from diffmix_jax import stage_files
 from diffmix_jax import train_lib
 from diffmix_jax.models import hovernet
-
-RUNS = ('baseline', 'diffmix')
-
-
-# ---------------------------------------------------------------- losses -------------------------
-
-def xentropy(logits: jax.Array, labels_: jax.Array, n: int,
-             class_weights: jax.Array | None = None) -> jax.Array:
-  """CE of §3.1: softmax, clamp to [1e-7, 1 - 1e-7], mean over N*H*W; with `class_weights` [n]
-  the mean is weighted by the weight of each pixel's label (sum w_y CE / sum w_y)."""
-  p = jnp.clip(jax.nn.softmax(logits, axis=-1), 1e-7, 1.0 - 1e-7)
-  ce = -jnp.sum(jax.nn.one_hot(labels_, n) * jnp.log(p), axis=-1)
-  if class_weights is None:
-    return jnp.mean(ce)
-  w = jnp.asarray(class_weights, jnp.float32)[labels_]
-  return jnp.sum(w * ce) / jnp.sum(w)
-
-
-def dice_loss(logits: jax.Array, labels_: jax.Array, n: int) -> jax.Array:
-  """Dice of §3.1 summed over all channels, background included, smoothing 1e-3."""
-  p, y = jax.nn.softmax(logits, axis=-1), jax.nn.one_hot(labels_, n)
-  inter = jnp.sum(p * y, axis=(0, 1, 2))
-  return jnp.sum(1.0 - (2.0 * inter + 1e-3) / (jnp.sum(p, (0, 1, 2)) + jnp.sum(y, (0, 1, 2)) + 1e-3))
-
-
-def _msge_kernel() -> np.ndarray:
-  """[5, 5, 1, 2] HWIO: out channel 0 = K_row (applied to x), 1 = K_col (applied to y), §3.1."""
-  a, b = np.meshgrid(np.arange(-2, 3), np.arange(-2, 3), indexing='ij')  # a = row, b = column.
-  den = a * a + b * b + 1e-15
-  return np.stack([a / den, b / den], axis=-1)[:, :, None, :].astype(np.float32)
-
-
-def hv_gradient(hv: jax.Array) -> jax.Array:
-  """G(hv) of §3.1 (the shipped cross-derivative form, pitfall 10): [N, H, W, 2] -> same."""
-  return jax.lax.conv_general_dilated(hv, jnp.asarray(_msge_kernel()), (1, 1), [(2, 2), (2, 2)],
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      feature_group_count=2)
-
-
-def msge_loss(pred: jax.Array, true: jax.Array, nuclei: jax.Array) -> jax.Array:
-  """Sum m (G(pred) - G(true))^2 / (sum m + 1e-8), m = NP mask on both channels (§3.1)."""
-  m = jnp.repeat(nuclei[..., None].astype(jnp.float32), 2, axis=-1)
-  d = hv_gradient(pred) - hv_gradient(true)
-  return jnp.sum(m * d * d) / (jnp.sum(m) + 1e-8)
-
-
-def compute_losses(out: dict, batch: dict, nr_types: int | None, mse_weight: float,
-                   tp_weights=None) -> dict:
-  """All loss terms and the total (§3.1; weights 1, MSE weighted by `mse_weight`); `tp_weights`
-  [nr_types] weights the TP cross-entropy by class (`hovernet_targets.tp_class_weights`)."""
-  t = {'np_ce': xentropy(out['np'], batch['np'], 2), 'np_dice': dice_loss(out['np'], batch['np'], 2),
-       'hv_mse': jnp.mean((out['hv'] - batch['hv']) ** 2),
-       'hv_msge': msge_loss(out['hv'], batch['hv'], batch['np'])}
-  if nr_types:
-    t['tp_ce'] = xentropy(out['tp'], batch['tp'], nr_types, tp_weights)
-    t['tp_dice'] = dice_loss(out['tp'], batch['tp'], nr_types)
-  t['loss'] = sum(v * (mse_weight if k == 'hv_mse' else 1.0) for k, v in t.items())
-  return t
-
 
 # ---------------------------------------------------------------- state and step -----------------
 
@@ -133,7 +77,7 @@ def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, pha
     out, upd = module.apply({'params': params, 'batch_stats': state.batch_stats},
                             batch['image'].astype(jnp.float32), train=True, freeze=phase1,
                             mutable=['batch_stats'])
-    terms = compute_losses(out, batch, module.nr_types, mse_weight, tp_weights)
+    terms = hovernet_losses.compute_losses(out, batch, module.nr_types, mse_weight, tp_weights)
     return terms['loss'], (terms, upd['batch_stats'])
 
   (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -235,40 +179,66 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config)
 
 # ---------------------------------------------------------------- stage --------------------------
 
-def _training_data(config: ml_collections.ConfigDict, workdir: str, run: str, mesh,
-                   tiles: list[dict] | None, val_tiles: list[dict] | None):
-  """The run's patch set, validation tiles, steps per epoch and per phase, and TP class weights.
+@dataclasses.dataclass
+class RunData:
+  """What one run trains on: real windows, its synthetic items, batch shapes and step counts."""
+  real: hovernet_data.PatchSet
+  synthetic: list[dict]  # Packed synthetic items of the arm's kinds ([] for baseline).
+  val_tiles: list[dict]
+  real_batch: tuple[int, int]  # Real rows per batch, phases 1 and 2 (the phase batch sizes).
+  synthetic_batch: tuple[int, int]  # Synthetic rows per batch beside them (0 for baseline).
+  steps_per_epoch: tuple[int, int]  # Epochs are of the real windows: the same for every arm.
+  phase_steps: tuple[int, int]
+  tp_weights: np.ndarray | None
+
+
+def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, mesh,
+                   tiles: list[dict] | None, val_tiles: list[dict] | None) -> RunData:
+  """The run's real windows and synthetic items, batch shapes, steps and TP class weights.
+
+  Every arm trains the same steps on the same real batches (they depend on the real set and the
+  phase batch sizes only); an arm with synthetic data adds `synthetic_batch` rows to each batch.
 
   Raises:
     ValueError: naming the config field, when a phase's batch does not fit the mesh or the patches.
   """
   tc = config.hovernet.train
   synthetic = []
-  if run == 'diffmix':
-    synthetic = hovernet_data.read_synthetic(hovernet_data.synthetic_folder(config, workdir))
+  if arms.ARMS[arm]:
+    synthetic = hovernet_data.pack_patches(hovernet_data.read_synthetic(
+        hovernet_data.synthetic_folder(config, workdir), arms.ARMS[arm]), tc.patch_window)
   if tiles is None:
     tiles = input_pipeline.load_split(config, workdir, 'train')
   if val_tiles is None:
     val_tiles = (input_pipeline.load_split(config, workdir, 'test')[:tc.val_tiles]
                  if tc.val_tiles else [])
-  patches = hovernet_data.PatchSet(tiles, synthetic, tc.patch_window, tc.patch_step,
-                                   tc.synthetic_ratio)
-  if len(patches.synthetic) != len(synthetic):
-    logging.info('hovernet_train %s: %d synthetic patches packed into %d windows', run,
-                 len(synthetic), len(patches.synthetic))
+  real = hovernet_data.PatchSet(tiles, tc.patch_window, tc.patch_step)
   batches = (tc.phase1_batch_size, tc.phase2_batch_size)
-  for b, field in zip(batches, ('phase1_batch_size', 'phase2_batch_size')):
-    sharding.check_batch(b, mesh, f'hovernet.train.{field}')
-    if len(patches) < b:
-      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(patches)} patches')
-  spe = tuple(len(patches) // b for b in batches)
-  phase_steps = (tc.phase1_epochs * spe[0], tc.phase2_epochs * spe[1])
+  epochs = (tc.phase1_epochs, tc.phase2_epochs)
+  spe, syn = [], []
+  for b, field, e in zip(batches, ('phase1_batch_size', 'phase2_batch_size'), epochs):
+    if len(real) < b:
+      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(real)} real windows')
+    spe.append(len(real) // b)
+    syn.append(hovernet_data.synthetic_per_batch(tc.synthetic_ratio, b, len(synthetic), spe[-1])
+               if synthetic and e else 0)
+    if not e:  # A phase that does not run needs no batch that fits.
+      continue
+    if synthetic and not syn[-1]:
+      raise ValueError(f'config.hovernet.train.synthetic_ratio={tc.synthetic_ratio} gives no '
+                       f'synthetic row beside the {b} real ones of hovernet.train.{field}: expected '
+                       f'>= {0.5 / b:.3g}, or -1 (every synthetic item once per epoch)')
+    sharding.check_batch(b + syn[-1], mesh, f'hovernet.train.{field} (+ {syn[-1]} synthetic rows)')
+  if synthetic:
+    logging.info('hovernet_train %s: %d synthetic items of kind %s, %s per batch', arm,
+                 len(synthetic), '+'.join(arms.ARMS[arm]), syn)
   tp_weights = (hovernet_targets.tp_class_weights(
       [t['type_map'] for t in tiles], config.hovernet.model.nr_types, tc.tp_class_weighting)
                 if config.hovernet.model.nr_types else None)
   if tp_weights is not None:  # From the real tiles only: every run weights its loss alike.
-    logging.info('hovernet_train %s: TP cross-entropy class weights %s', run, np.round(tp_weights, 4))
-  return patches, val_tiles, spe, phase_steps, tp_weights
+    logging.info('hovernet_train %s: TP cross-entropy class weights %s', arm, np.round(tp_weights, 4))
+  return RunData(real, synthetic, val_tiles, batches, tuple(syn), tuple(spe),
+                 (epochs[0] * spe[0], epochs[1] * spe[1]), tp_weights)
 
 
 def _variables(state: TrainState) -> dict:
@@ -285,14 +255,17 @@ def load_pretrained(trainer: Trainer, state: TrainState, path: str) -> TrainStat
                        batch_stats=sharding.put_global(variables['batch_stats'], sh.batch_stats))
 
 
-def _initial_state(trainer: Trainer, manager, config, run: str) -> tuple[TrainState, int]:
-  """(state, step): the latest checkpoint's, else a fresh state with the ImageNet encoder if set."""
+def _initial_state(trainer: Trainer, manager, config, run: str, seed: int
+                   ) -> tuple[TrainState, int]:
+  """(state, step): the latest checkpoint's, else a fresh state (init key from `config.seed` and
+  the HoVer-Net seed only) with the ImageNet encoder if set."""
   restored = checkpoint.restore_latest(
       manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
   if restored is not None:
     logging.info('hovernet_train: run %s resumed from step %d', run, restored[0])
     return restored[1], restored[0]
-  state, path = trainer.init(jax.random.key(config.seed)), config.hovernet.train.pretrained
+  key = jax.random.fold_in(jax.random.key(config.seed), seed)
+  state, path = trainer.init(key), config.hovernet.train.pretrained
   return (load_pretrained(trainer, state, path) if path else state), 0
 
 
@@ -312,42 +285,43 @@ def _write_variables(out: stage_files.StageDir, state: TrainState, done_info: di
     out.mark_done(done_info)
 
 
-def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
+def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: int = 0,
               tiles: list[dict] | None = None, val_tiles: list[dict] | None = None) -> None:
-  """Trains one run through both phases; resumes; no-op when its DONE marker exists.
+  """Trains one arm x seed through both phases; resumes; no-op when its DONE marker exists.
 
   Args:
     config: the full config.
     workdir: the run's workdir.
-    run: 'baseline' or 'diffmix'.
+    arm: one of `arms.ARMS` (which synthetic patches join the real ones).
+    seed: the HoVer-Net seed; with `config.seed` it fixes init, batch order and augmentation.
     tiles: training tiles (default: the dataset's train split); `name`, `image` uint8 [H, W, 3],
       `inst_map`, `type_map` int32 [H, W].
     val_tiles: validation tiles (default: the first `val_tiles` tiles of the test split).
   """
-  if run not in RUNS:
-    raise ValueError(f'config.hovernet.train.runs: unknown run {run!r}; expected a comma list of '
-                     f'{", ".join(RUNS)}')
+  if arm not in arms.ARMS:
+    raise ValueError(f'config.hovernet.train.runs: unknown arm {arm!r}; expected a comma list of '
+                     f'{", ".join(arms.ARMS)}')
+  run = arms.run_name(arm, seed)
   out = stage_files.StageDir(workdir, f'hovernet_{run}')
   if out.done():
     logging.info('hovernet_train: run %s already done (%s)', run, out.path)
     return
   tc = config.hovernet.train
   mesh = sharding.create_mesh(config.mesh)
-  patches, val_tiles, spe, phase_steps, tp_weights = _training_data(config, workdir, run, mesh,
-                                                                    tiles, val_tiles)
-  batches = (tc.phase1_batch_size, tc.phase2_batch_size)
+  data = _training_data(config, workdir, arm, mesh, tiles, val_tiles)
+  spe, phase_steps = data.steps_per_epoch, data.phase_steps
   total = sum(phase_steps)
-  trainer = create_trainer(config, mesh, spe, tp_weights)
+  trainer = create_trainer(config, mesh, spe, data.tp_weights)
   input_size, output_size = trainer.module.patch_shapes
   manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
-  state, start = _initial_state(trainer, manager, config, run)
+  state, start = _initial_state(trainer, manager, config, run, seed)
   train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
   writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
   if start == 0:
     train_lib.log_overview(config, jax.device_get(state.params))
   progress = train_lib.create_progress(total)
-  logging.info('hovernet_train %s: %d patches (%d synthetic), %d + %d steps', run, len(patches),
-               patches.num_synthetic, *phase_steps)
+  logging.info('hovernet_train %s: %d real windows, %d synthetic items, %d + %d steps', run,
+               len(data.real), len(data.synthetic), *phase_steps)
   for phase in (0, 1):
     lo, hi = (0, phase_steps[0]) if phase == 0 else (phase_steps[0], total)
     if start >= hi:
@@ -355,41 +329,55 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, run: str,
     if phase == 1 and start == phase_steps[0]:
       state = trainer.reset_optimizer(state)  # Weights only carry over (§3.2).
     it = hovernet_data.create_dataset(
-        patches, phase_seed=config.seed * 7919 + 2 * RUNS.index(run) + phase,
-        global_batch=batches[phase], start=max(start, lo) - lo, total=hi - lo,
-        input_size=input_size, output_size=output_size, augment=tc.augment,
-        num_threads=tc.loader_threads)
-    last_time, last_log = time.time(), max(start, lo)
-    for step in range(max(start, lo), hi):
-      batch = sharding.global_batch(next(it), mesh)
-      state, metrics = trainer.steps[phase](state, batch, trainer.lr(phase, step - lo))
-      done = step + 1
-      progress(done)
-      epoch_end = (done - lo) % spe[phase] == 0
-      if done % tc.log_every_steps == 0 or epoch_end:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
-        rate = (done - last_log) / max(time.time() - last_time, 1e-9)
-        scalars.update(images_per_sec=rate * batches[phase], phase=float(phase + 1),
-                       lr=float(trainer.lr(phase, done - lo - 1)))
-        writer.write_scalars(done, scalars)
-        last_time, last_log = time.time(), done
-      if epoch_end:
-        epoch = (done - lo) // spe[phase]
-        if val_tiles and jax.process_index() == 0 and epoch % tc.val_every_epochs == 0:
-          _write_validation(writer, done, trainer.module, state, val_tiles, config.eval)
-        if epoch % tc.checkpoint_every_epochs == 0 or done in (phase_steps[0], total):
-          train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
-          checkpoint.save(manager, done, state, {'step': done})
+        data.real, data.synthetic, seeds=hovernet_data.Seeds.of(config.seed, seed, phase),
+        real_batch=data.real_batch[phase], synthetic_batch=data.synthetic_batch[phase],
+        start=max(start, lo) - lo, total=hi - lo, input_size=input_size, output_size=output_size,
+        augment=tc.augment, num_threads=tc.loader_threads)
+    state = _train_phase(config, run, phase, (lo, hi, total), start, it, trainer, state, data,
+                         mesh, progress, writer, manager)
     start = hi
   checkpoint.wait(manager)
   writer.flush()
-  _write_variables(out, state, {'steps': total, 'patches': len(patches),
-                                'synthetic': patches.num_synthetic})
+  _write_variables(out, state, {'arm': arm, 'seed': seed, 'steps': total,
+                                'real_windows': len(data.real),
+                                'synthetic_items': len(data.synthetic),
+                                'synthetic_per_batch': list(data.synthetic_batch)})
   logging.info('hovernet_train: run %s finished %d steps', run, total)
 
 
+def _train_phase(config, run: str, phase: int, bounds: tuple[int, int, int], start: int, it,
+                 trainer: Trainer, state: TrainState, data: RunData, mesh, progress, writer,
+                 manager) -> TrainState:
+  """Steps max(start, lo)..hi-1 of one phase: scalars, validation, checkpoints at epoch ends."""
+  tc = config.hovernet.train
+  lo, hi, total = bounds
+  spe, rows = data.steps_per_epoch[phase], data.real_batch[phase] + data.synthetic_batch[phase]
+  last_time, last_log = time.time(), max(start, lo)
+  for step in range(max(start, lo), hi):
+    batch = sharding.global_batch(next(it), mesh)
+    state, metrics = trainer.steps[phase](state, batch, trainer.lr(phase, step - lo))
+    done = step + 1
+    progress(done)
+    epoch_end = (done - lo) % spe == 0
+    if done % tc.log_every_steps == 0 or epoch_end:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+      rate = (done - last_log) / max(time.time() - last_time, 1e-9)
+      scalars.update(images_per_sec=rate * rows, phase=float(phase + 1),
+                     lr=float(trainer.lr(phase, done - lo - 1)))
+      writer.write_scalars(done, scalars)
+      last_time, last_log = time.time(), done
+    if epoch_end:
+      epoch = (done - lo) // spe
+      if data.val_tiles and jax.process_index() == 0 and epoch % tc.val_every_epochs == 0:
+        _write_validation(writer, done, trainer.module, state, data.val_tiles, config.eval)
+      if epoch % tc.checkpoint_every_epochs == 0 or done in (data.phase_steps[0], total):
+        train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+        checkpoint.save(manager, done, state, {'step': done})
+  return state
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains every run of `config.hovernet.train.runs` (hovernet.md §3)."""
-  for name in [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]:
-    train_run(config, workdir, name)
+  """Trains every arm x seed of `hovernet.train.runs` x `hovernet.train.seeds` (hovernet.md §3)."""
+  for arm, seed in arms.runs(config):
+    train_run(config, workdir, arm, seed)

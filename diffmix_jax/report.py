@@ -18,10 +18,11 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from diffmix_jax import arms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax import run_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-RUNS = ('baseline', 'diffmix')
+RUNS = tuple(arms.ARMS)  # Row order of tables and figures.
 TABLE_KEYS = ('dice', 'aji', 'aji_plus', 'pq', 'f_d', 'acc')
 
 
@@ -32,24 +33,30 @@ def _read_json(path: pathlib.Path, what: str) -> dict:
 
 
 def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """metrics.json content: per run the evaluate JSON, plus timings and the config name.
+  """metrics.json content: per arm the evaluate JSON of its first seed (seed 0 by default), plus
+  timings and the config name.
 
   Also `runs` (`{arm: {seed: evaluate JSON}}`), `summary` (mean, s.d., n per arm) and `paired`
-  (per-seed differences arm - baseline with their 95 % interval), from `run_stats`. Every run is
-  seed 0 until HoVer-Net seeds exist (issue 17 item 4): n = 1, so s.d. and intervals are null.
+  (per-seed differences arm - baseline with their 95 % interval), from `run_stats`, and
+  `hovernet_seeds`: the seeds vary HoVer-Net only (one SDM, one mixing draw).
   """
   root = pathlib.Path(workdir)
-  runs = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
   out = {'config': config.name, 'dataset': config.data.name}
-  for run in runs:
-    out[run] = _read_json(root / 'eval' / f'{run}.json', 'evaluate')
+  runs = {}
+  for arm, seed in arms.runs(config):
+    runs.setdefault(arm, {})[str(seed)] = _read_json(
+        root / 'eval' / f'{arms.run_name(arm, seed)}.json', 'evaluate')
+  first = str(arms.seeds(config)[0])
+  for arm, per_seed in runs.items():
+    out[arm] = per_seed[first]
   fidelity = root / 'eval' / 'synthetic_fidelity.json'
   if fidelity.exists() and 'baseline' in out:
     out['synthetic_fidelity'] = {'synthetic': json.loads(fidelity.read_text()),
                                  'real_test': out['baseline']}
-  out['runs'] = {run: {'0': out[run]} for run in runs}
-  out['summary'] = run_stats.summarize(out['runs'])
-  out['paired'] = run_stats.paired(out['runs'])
+  out['hovernet_seeds'] = arms.seeds(config)
+  out['runs'] = runs
+  out['summary'] = run_stats.summarize(runs)
+  out['paired'] = run_stats.paired(runs)
   timings = root / 'timings.json'
   out['timings_s'] = json.loads(timings.read_text()) if timings.exists() else {}
   return out
@@ -170,13 +177,17 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
     summary = json.loads(mixed_summary.read_text())
   md = [f'# DiffMix report: {config.name} ({config.data.name})', '',
         '## Segmentation and classification on the test split', '',
+        f"First seed ({metrics['hovernet_seeds'][0]}) of each arm.", '',
         metrics_table(metrics, names), '',
         'Dice, AJI, AJI+ and PQ are means over test tiles; F_d (detection F1), acc and F_c '
         '(per-class F1, HoVer-Net weights 2,2,1,1) are pooled over the split (hovernet.md §5).', '',
         '![per-class F1](f1_per_class.png)', '',
         '## Over seeds', '',
         'Mean ± sample s.d. over the HoVer-Net seeds of each arm, then the paired difference '
-        'arm − baseline at equal seeds with its 95 % t interval (none for n = 1).', '',
+        'arm − baseline at equal seeds with its 95 % t interval (none for n = 1). HoVer-Net '
+        f"seeds {', '.join(map(str, metrics['hovernet_seeds']))}: they vary HoVer-Net's init, "
+        'batch order and augmentation only; every arm reads the one SDM and the one mixing draw '
+        'of this workdir, and arms of a seed train the same steps on the same real batches.', '',
         summary_tables(metrics, names), '']
   if 'synthetic_fidelity' in metrics:
     out.write_bytes('synthetic_fidelity.png', fidelity_bars(metrics['synthetic_fidelity'], names))
@@ -221,11 +232,13 @@ def _to_tensorboard(path: pathlib.Path, metrics: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Stage entry: writes the report; no-op when done (delete report/ to redraw it)."""
+  """Stage entry: writes the report; a no-op when done for the same runs (delete report/ to redraw
+  it); runs added to the config since redraw it."""
   out = stage_files.StageDir(workdir, 'report')
-  if out.done():
+  names = [arms.run_name(a, s) for a, s in arms.runs(config)]
+  if out.done() and json.loads((out.path / stage_files.DONE).read_text()).get('runs') == names:
     logging.info('report: already done (%s)', out.path)
     return
   path = write_report(config, workdir)
-  out.mark_done()
+  out.mark_done({'runs': names})
   logging.info('report: %s', os.path.join(path, 'report.md'))

@@ -5,6 +5,8 @@ Layout under `<workdir>/synthetic/`:
   tfds/                    TFDS `synthetic_nuclei` (array_record): the real builders' features plus
                            `source_tile`, `kind`, `patch`, `offset`
   consep_format/{Images,Labels}/<name>.{png,mat}   for HoVer-Net / TIAToolbox users
+  consep_format/manifest.json   {"patches": {<name>: {kind, tile, patch, offset}}}: which mixing
+                           kind ('balance' | 'enlarge') each patch was rendered from (`arms`)
   preview.png, DONE
 """
 
@@ -15,6 +17,7 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from diffmix_jax import hovernet_data
 from diffmix_jax import stage_files
 from tfds_builders import tiles as tile_features
 
@@ -116,10 +119,17 @@ def instance_record(inst_map: np.ndarray, type_map: np.ndarray) -> dict:
 
 def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   """Writes `consep_format/{Images,Labels}` (PNG + .mat with inst_map, type_map, inst_type,
-  inst_centroid), atomically per file."""
+  inst_centroid) and `manifest.json` (each patch's kind, source tile, grid index and offset), each
+  file atomically, the manifest last."""
+  import json  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(workdir) / STAGE / 'consep_format'
+  manifest = {}
   for name, ex in iter_examples(workdir, num_shards):
     stage_files.write_consep_example(out, name, ex['image'], {
         'inst_map': ex['inst_map'].astype(np.int32), 'type_map': ex['type_map'].astype(np.int32),
         **instance_record(ex['inst_map'], ex['type_map'])})
+    manifest[name] = {'kind': ex['kind'], 'tile': ex['source_tile'], 'patch': int(ex['patch']),
+                      'offset': [int(v) for v in ex['offset']]}
+  stage_files.atomic_write(out / hovernet_data.MANIFEST,
+                           json.dumps({'patches': manifest}, indent=1).encode())
   return out

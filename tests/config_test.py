@@ -5,9 +5,10 @@ import importlib
 import pytest
 
 from configs import common
+from diffmix_jax import arms
 from diffmix_jax import config_checks
 
-CONFIGS = ('consep', 'glysac', 'demo', 'tiny')
+CONFIGS = ('consep', 'glysac', 'demo', 'demo_study', 'tiny')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -49,6 +50,11 @@ def test_paper_settings_in_dataset_configs():
     ('data.crop_size', 128, 'config.data.crop_size=128 must equal'),
     ('hovernet.model.head_init', 'normal', "config.hovernet.model.head_init='normal'"),
     ('hovernet.model.mode', 'slow', "config.hovernet.model.mode='slow'"),
+    ('hovernet.train.runs', 'baseline,basline', 'config.hovernet.train.runs=.*unknown: basline'),
+    ('hovernet.train.runs', 'diffmix,diffmix', 'expected a comma list of distinct arms'),
+    ('hovernet.train.seeds', '0,x', "config.hovernet.train.seeds='0,x'"),
+    ('hovernet.train.seeds', '1,1', "config.hovernet.train.seeds='1,1'"),
+    ('hovernet.train.seeds', '-1', "config.hovernet.train.seeds='-1'"),
 ])
 def test_bad_values_name_the_field(field, value, match):
   c = importlib.import_module('configs.consep').get_config()
@@ -77,3 +83,17 @@ def test_frozen_phase_without_imagenet_encoder_is_rejected(name, tmp_path):
   c.hovernet.train.phase1_epochs = 0  # Everything trainable from scratch: allowed.
   c.hovernet.train.pretrained = ''
   config_checks.validate(c)
+
+
+def test_arms_seeds_and_run_names():
+  c = importlib.import_module('configs.tiny').get_config()
+  c.hovernet.train.runs, c.hovernet.train.seeds = 'diffmix, baseline,enlarging', '2,0'
+  # Seeds outer (a killed study has whole seeds done); seed 0 keeps the single-seed names.
+  assert arms.runs(c) == [('diffmix', 2), ('baseline', 2), ('enlarging', 2), ('diffmix', 0),
+                          ('baseline', 0), ('enlarging', 0)]
+  assert [arms.run_name(a, s) for a, s in arms.runs(c)][:3] == [
+      'diffmix_s2', 'baseline_s2', 'enlarging_s2']
+  assert arms.fidelity_run(c) == 'baseline_s2'  # The first seed's baseline.
+  c.hovernet.train.runs = 'balancing'
+  assert arms.fidelity_run(c) is None
+  assert arms.ARMS['diffmix'] == arms.ARMS['balancing'] + arms.ARMS['enlarging']

@@ -17,6 +17,7 @@ from diffmix_jax import demo_data
 from diffmix_jax import evaluate
 from diffmix_jax import hovernet_data
 from diffmix_jax import hovernet_infer
+from diffmix_jax import hovernet_losses
 from diffmix_jax import hovernet_targets
 from diffmix_jax import hovernet_train
 from diffmix_jax import input_pipeline
@@ -88,7 +89,7 @@ def _tiles(n, split='train'):
 def _batch(module, n=2, seed=0):
   size, out = module.patch_shapes
   tile = _tiles(1)[0]
-  patches = hovernet_data.PatchSet([tile], [], size, out, 0)
+  patches = hovernet_data.PatchSet([tile], size, out)
   rng = np.random.default_rng(seed)
   exs = [hovernet_data.make_example(patches[i], rng, size, out, True) for i in range(n)]
   return {k: np.stack([e[k] for e in exs]) for k in exs[0]}
@@ -106,7 +107,7 @@ def test_phase1_is_a_gradient_path_rule():
       out, _ = module.apply({'params': p, 'batch_stats': variables['batch_stats']},
                             jnp.asarray(batch['image'], jnp.float32), train=True, freeze=freeze,
                             mutable=['batch_stats'])
-      return hovernet_train.compute_losses(out, batch, 5, 1.0)['loss']
+      return hovernet_losses.compute_losses(out, batch, 5, 1.0)['loss']
     return jax.grad(loss)(params)
 
   g1 = jax.jit(lambda p: grads(p, True))(variables['params'])
@@ -191,69 +192,6 @@ def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats, tmp_path):
   assert not any(np.any(x) for x in jax.tree.leaves((adam.mu, adam.nu)))
 
 
-def test_synthetic_reader_contract_and_missing_folder(tmp_path):
-  config = _tiny_config(runs='diffmix')
-  with pytest.raises(FileNotFoundError, match='synthetic set written by the `sample` stage'):
-    hovernet_train.train_run(config, str(tmp_path), 'diffmix', tiles=_tiles(1), val_tiles=[])
-  with pytest.raises(ValueError, match="unknown run 'other'"):
-    hovernet_train.train_run(config, str(tmp_path), 'other')
-  import cv2  # pylint: disable=g-import-not-at-top
-  tile = _tiles(1)[0]
-  (tmp_path / 'synthetic' / 'Images').mkdir(parents=True)
-  (tmp_path / 'synthetic' / 'Labels').mkdir()
-  cv2.imwrite(str(tmp_path / 'synthetic' / 'Images' / 's_0.png'), tile['image'][..., ::-1])
-  sio.savemat(tmp_path / 'synthetic' / 'Labels' / 's_0.mat',
-              {'inst_map': tile['inst_map'], 'type_map': tile['type_map']})
-  got = hovernet_data.read_synthetic(tmp_path / 'synthetic')
-  assert len(got) == 1 and got[0]['name'] == 's_0'
-  np.testing.assert_array_equal(got[0]['image'], tile['image'])
-  np.testing.assert_array_equal(got[0]['inst_map'], tile['inst_map'])
-  patches = hovernet_data.PatchSet([tile], got, 256, 164, 1.0)
-  assert len(patches) == 8 and patches.num_synthetic == 4  # 4 real windows, ratio 1.
-  assert patches[7][0].shape == (256, 256, 3)
-
-
-def _synthetic(n, side, ids_per_patch=3):
-  """n synthetic patches whose pixels name their patch: image value k, instance ids 1..ids."""
-  out = []
-  for k in range(n):
-    inst = np.zeros((side, side), np.int32)
-    for i in range(ids_per_patch):
-      inst[2 * i:2 * i + 2, :4] = i + 1
-    out.append({'name': f's_{k}', 'image': np.full((side, side, 3), k + 1, np.uint8),
-                'inst_map': inst, 'type_map': (inst > 0).astype(np.int32) * (k % 4 + 1)})
-  return out
-
-
-def test_small_synthetic_patches_are_packed_with_distinct_instance_ids():
-  packed = hovernet_data.pack_patches(_synthetic(20, 64), 256)
-  assert [p['name'] for p in packed] == ['packed_0', 'packed_1']
-  first = packed[0]
-  assert first['image'].shape == (256, 256, 3) and first['inst_map'].shape == (256, 256)
-  # Patch n sits at grid cell divmod(n, 4), row-major; its ids are offset by 3 n.
-  np.testing.assert_array_equal(first['image'][64:128, 128:192], 7)  # Patch 6: value 7.
-  assert set(np.unique(first['inst_map'][64:128, 128:192])) == {0, 19, 20, 21}
-  assert len(np.unique(first['inst_map'])) == 16 * 3 + 1
-  np.testing.assert_array_equal(packed[1]['image'][64:], 0)  # 4 patches in the last: row 0.
-  assert packed[1]['image'][0, 64 * 3, 0] == 20 and packed[1]['inst_map'].max() == 4 * 3
-  same = _synthetic(3, 256)
-  assert hovernet_data.pack_patches(same, 256) is same  # Window-sized patches stay as they are.
-  mixed = _synthetic(2, 64) + _synthetic(1, 32)
-  with pytest.raises(ValueError, match=r's_0 \(64, 64\) and s_0 \(32, 32\) differ in size'):
-    hovernet_data.pack_patches(mixed, 256)
-
-
-def test_each_epoch_takes_the_next_synthetic_items():
-  """synthetic_ratio 0.5 over 4 real windows: 2 synthetic items per epoch, epoch e takes items
-  2e, 2e + 1 (mod 5): all 5 are used before any is reused (none silently left out)."""
-  tile = _tiles(1)[0]
-  patches = hovernet_data.PatchSet([tile], _synthetic(5, 256), 256, 164, 0.5)
-  assert len(patches) == 6 and patches.num_synthetic == 2
-  seen = [int(patches.item(k, epoch)[0][0, 0, 0]) - 1 for epoch in range(3) for k in (4, 5)]
-  assert seen == [0, 1, 2, 3, 4, 0]
-  np.testing.assert_array_equal(patches.item(0, 2)[0], patches.item(0, 0)[0])  # Real: fixed.
-
-
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch):
@@ -267,7 +205,9 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   workdir = str(tmp_path)
   hovernet_train.run(config, workdir)
   out = tmp_path / 'hovernet_baseline'
-  assert json.loads((out / 'DONE').read_text()) == {'steps': 4, 'patches': 4, 'synthetic': 0}
+  assert json.loads((out / 'DONE').read_text()) == {
+      'arm': 'baseline', 'seed': 0, 'steps': 4, 'real_windows': 4, 'synthetic_items': 0,
+      'synthetic_per_batch': [0, 0]}
   assert (out / hovernet_infer.VARIABLES_FILE).exists() and (out / 'checkpoints').is_dir()
   assert list((out / 'tb').iterdir())
   _synthetic_patches(tiles[0], tmp_path / 'synthetic' / 'consep_format', size=48)
@@ -309,6 +249,17 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   hovernet_train.run(config, str(killed))
   read = lambda d: (d / 'hovernet_baseline' / hovernet_infer.VARIABLES_FILE).read_bytes()
   assert read(killed) == read(tmp_path)  # Validation does not touch the weights either.
+
+  # A seed added to the finished workdir: only its run trains and is scored; seed 0 is kept.
+  config.hovernet.train.seeds = '0,1'
+  stamps = [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'baseline.json')]
+  hovernet_train.run(config, workdir)
+  evaluate.run(config, workdir)
+  assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'baseline.json')] == stamps
+  assert json.loads((tmp_path / 'hovernet_baseline_s1' / 'DONE').read_text())['seed'] == 1
+  assert read(tmp_path) != (tmp_path / 'hovernet_baseline_s1' / hovernet_infer.VARIABLES_FILE
+                            ).read_bytes()  # Another init, batch order and augmentation.
+  assert json.loads((tmp_path / 'eval' / 'baseline_s1.json').read_text())['num_images'] == 1
 
 
 class _Interrupt(Exception):

@@ -64,6 +64,33 @@ def test_report_files_and_noop_rerun(tmp_path):
   assert (out / 'report.md').stat().st_mtime_ns == stamp  # Finished: a rerun is a no-op.
 
 
+def test_added_seed_and_arm_rebuild_the_report_with_spread(tmp_path):
+  (tmp_path / 'eval').mkdir()
+  f_c = lambda rare: {'1': rare, '2': 0.5, '3': 0.75, '4': 0.625}
+  scores = {'baseline': (0.8, 0.25), 'diffmix': (0.8, 0.375), 'baseline_s1': (0.9, 0.25),
+            'diffmix_s1': (0.875, 0.5), 'enlarging': (0.75, 0.0), 'enlarging_s1': (0.8, 0.125)}
+  for name, (dice, rare) in scores.items():
+    (tmp_path / 'eval' / f'{name}.json').write_text(json.dumps(_eval_json(dice, f_c(rare))))
+  config = tiny.get_config()
+  report.run(config, str(tmp_path))
+  assert 'baseline_s1' not in (tmp_path / 'report' / 'metrics.json').read_text()
+  config.hovernet.train.runs, config.hovernet.train.seeds = 'baseline,enlarging,diffmix', '0,1'
+  report.run(config, str(tmp_path))  # New runs: rebuilt, not a no-op.
+  metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+  assert metrics['hovernet_seeds'] == [0, 1] and set(metrics['runs']) == {
+      'baseline', 'enlarging', 'diffmix'}
+  assert metrics['runs']['diffmix']['1']['dice'] == 0.875 and metrics['enlarging']['dice'] == 0.75
+  # Dice of diffmix: 0.8, 0.875 -> mean 0.8375, s.d. 0.053033; paired with baseline: -0.025 at s1.
+  d = metrics['summary']['diffmix']['dice']
+  assert d['n'] == 2 and abs(d['mean'] - 0.8375) < 1e-12 and abs(d['sd'] - 0.0530330) < 1e-6
+  rare = metrics['paired']['diffmix']['f_c']['1']  # Differences 0.125, 0.25: mean 0.1875.
+  assert abs(rare['mean_diff'] - 0.1875) < 1e-12 and rare['n'] == 2
+  # t(0.975, 1) = 12.7062: 0.1875 -/+ 12.7062 * 0.0883883 / sqrt(2).
+  assert abs(rare['ci95_low'] - (0.1875 - 12.7062 * 0.0883883 / 2 ** 0.5)) < 1e-3
+  md = (tmp_path / 'report' / 'report.md').read_text()
+  assert '| enlarging | 2 |' in md and 'seeds 0, 1' in md
+
+
 def test_missing_evaluation_names_the_file(tmp_path):
   import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match=r'eval/baseline\.json does not exist: run the '

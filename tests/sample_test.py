@@ -1,5 +1,7 @@
 """Tests of the synthesis stage: exports, read-back (the kill-and-resume test is in main_test.py)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -52,7 +54,13 @@ def test_synthetic_set_reads_back_like_real_tiles(sampled):
   workdir, config = sampled, tiny.get_config()
   synth = synthetic_io.open_source(workdir)
   real = input_pipeline.source_for(config, str(workdir), 'train')
-  assert len(synth) == len(list((workdir / 'synthetic' / 'consep_format' / 'Labels').glob('*.mat')))
+  folder = workdir / 'synthetic' / 'consep_format'
+  assert len(synth) == len(list((folder / 'Labels').glob('*.mat')))
+  # The manifest records each exported patch's mixing kind (the HoVer-Net arms select by it).
+  manifest = json.loads((folder / 'manifest.json').read_text())['patches']
+  assert sorted(manifest) == sorted(p.stem for p in (folder / 'Images').glob('*.png'))
+  assert {m['kind'] for m in manifest.values()} == {'balance', 'enlarge'}
+  assert all(f"_{m['kind']}_{m['patch']:03d}" in name for name, m in manifest.items())
   s, r = synth[0], real[0]
   for key in ('image', 'inst_map', 'type_map'):
     assert s[key].dtype == r[key].dtype and s[key].ndim == r[key].ndim
