@@ -222,15 +222,28 @@ def load_params(path: str):
     return serialization.msgpack_restore(f.read())
 
 
+HOVERNET_VARIABLES = 'hovernet_variables.msgpack'  # What `convert --model hovernet` writes ...
+HOVERNET_CONFIG = 'hovernet_model_config.json'  # ... and the model fields that rebuild the module.
+
+
+def hovernet_model_fields(module) -> dict:
+  """The `config.hovernet.model` fields that rebuild `module` (models.hovernet.create_hovernet)."""
+  units = lambda t: ','.join(str(u) for u in t)
+  return {'mode': module.mode, 'nr_types': module.nr_types or 0,
+          'encoder_units': units(module.encoder_units), 'decoder_units': units(module.decoder_units),
+          'width': module.width, 'split_grouped_convs': module.split_grouped_convs,
+          'head_init': module.head_init}
+
+
 def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_dir: str) -> str:
   """Converts `checkpoint` for `model` ('sdm' | 'hovernet') into `out_dir`; returns the params path."""
   if model == 'hovernet':
     module, variables = load_hovernet(checkpoint, config.hovernet.model.mode,
                                       config.hovernet.model.nr_types)
-    out = os.path.join(out_dir, 'hovernet_variables.msgpack')
+    out = os.path.join(out_dir, HOVERNET_VARIABLES)
     save_params(out, variables)
-    cfg = json.dumps({'mode': module.mode, 'nr_types': module.nr_types}, indent=2).encode()
-    stage_files.atomic_write(os.path.join(out_dir, 'hovernet_model_config.json'), cfg)
+    cfg = json.dumps(hovernet_model_fields(module), indent=2).encode()
+    stage_files.atomic_write(os.path.join(out_dir, HOVERNET_CONFIG), cfg)
     return out
   if model != 'sdm':
     raise ValueError(f'--model={model!r}; expected sdm or hovernet')

@@ -1,0 +1,294 @@
+"""`python -m diffmix_jax.predict`: a trained HoVer-Net applied to a folder of new tiles.
+
+  python -m diffmix_jax.predict --workdir runs/demo --run baseline --images tiles/ --out pred/
+  python -m diffmix_jax.predict --model_dir converted/ --images tiles/ --out pred/
+  python -m diffmix_jax.predict --checkpoint hovernet_fast_pannuke_type_tf2pytorch.tar \
+      --type_info type_info.json --images tiles/ --out pred/
+
+The model comes from a run of `main` (`--workdir`, `--run`: `baseline`, `diffmix_s1`, ...), from
+what `convert_torch --model hovernet` wrote (`--model_dir`), or from an official PyTorch checkpoint
+converted on the fly (`--checkpoint`, the `[torch]` extra). Per tile the official tile-mode outputs
+(hovernet.md §4.2): `mat/<name>.mat` (inst_map, inst_uid, inst_type, inst_centroid; `evaluate`
+reads this folder as predictions), `json/<name>.json` (per nucleus bbox, centroid, contour, type,
+type_prob), `overlay/<name>.png` (contours coloured by class) and `qupath/<name>.geojson` (one
+detection per nucleus, QuPath's GeoJSON import). Each file is written atomically; a tile whose
+outputs exist and were written by the same model (`fingerprint/<name>.txt`: weights and model
+config) is skipped on a rerun; another model redoes it. An unreadable or unsupported image is
+reported by name, the others are still processed, and the exit status is 1.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
+OUTPUTS = (('mat', '.mat'), ('json', '.json'), ('overlay', '.png'), ('qupath', '.geojson'))
+
+
+@dataclasses.dataclass
+class Model:
+  module: Any  # models.hovernet.HoVerNet
+  variables: Any  # {'params', 'batch_stats'}
+  model_config: dict  # The `config.hovernet.model` fields that rebuild the module.
+  class_names: list[str] | None  # Names by type id (0 = background), when the source has them.
+
+  def fingerprint(self) -> str:
+    """SHA-256 over the model config and every weight (in tree order)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    h = hashlib.sha256(json.dumps(self.model_config, sort_keys=True).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(self.variables)[0]:
+      h.update(jax.tree_util.keystr(path).encode())
+      h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def _model_config(fields: dict):
+  """`config.hovernet.model` with `fields` over the base config's defaults (the official net)."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  cfg = common.base_config().hovernet.model
+  unknown = sorted(set(fields) - set(cfg))
+  if unknown:
+    raise ValueError(f'model config: unknown field(s) {unknown}; expected fields of '
+                     f'config.hovernet.model ({", ".join(sorted(cfg))})')
+  cfg.update(fields)
+  return cfg
+
+
+def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint: str = '') -> Model:
+  """The model of exactly one source: a `main` run, a converted folder or an official checkpoint.
+
+  Raises:
+    ValueError: when not exactly one source is given.
+    FileNotFoundError: naming the missing file.
+  """
+  from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
+  if sum(bool(s) for s in (workdir, model_dir, checkpoint)) != 1:
+    raise ValueError('give exactly one model source: --workdir (with --run), --model_dir or '
+                     '--checkpoint')
+  if workdir:
+    path = pathlib.Path(workdir) / 'config.json'
+    if not path.exists():
+      raise FileNotFoundError(f'{path}: missing; --workdir must be a workdir of '
+                              '`python -m diffmix_jax.main` (it writes config.json)')
+    config = json.loads(path.read_text())
+    fields = config['hovernet']['model']
+    module = hovernet.create_hovernet(_model_config(fields))
+    variables = hovernet_infer.load_variables(
+        hovernet_infer.variables_path(workdir, run or 'baseline'), module)
+    names = [n.strip() for n in config['data']['class_names'].split(',')]
+    return Model(module, variables, dict(fields), names)
+  if model_dir:
+    cfg_path = pathlib.Path(model_dir) / convert_torch.HOVERNET_CONFIG
+    if not cfg_path.exists():
+      raise FileNotFoundError(f'{cfg_path}: missing; --model_dir must be a folder written by '
+                              '`python -m diffmix_jax.convert_torch --model hovernet`')
+    fields = json.loads(cfg_path.read_text())
+    module = hovernet.create_hovernet(_model_config(fields))
+    variables = hovernet_infer.load_variables(
+        str(pathlib.Path(model_dir) / convert_torch.HOVERNET_VARIABLES), module)
+    return Model(module, variables, fields, None)
+  if not os.path.isfile(checkpoint):
+    raise FileNotFoundError(f'{checkpoint}: no such checkpoint file (--checkpoint)')
+  module, variables = convert_torch.load_hovernet(checkpoint)
+  return Model(module, variables, convert_torch.hovernet_model_fields(module), None)
+
+
+def class_table(nr_types: int, names: Sequence[str] | None = None, type_info: str = '',
+                class_names: str = '') -> list[tuple[str, tuple[int, int, int]]]:
+  """(name, RGB colour) per type id 0..nr_types-1: from `type_info` (HoVer-Net's type_info.json,
+  `{"id": ["name", [r, g, b]]}`), else `class_names` (a comma list of nr_types names, background
+  first), else `names` (the run's config), else `type_1...`; colours from `labels.CLASS_COLOURS`.
+
+  Raises:
+    ValueError: naming the file or flag, for a table that does not cover every type id.
+  """
+  from diffmix_jax import labels  # pylint: disable=g-import-not-at-top
+  colour = lambda t: tuple(int(v) for v in labels.CLASS_COLOURS[t % len(labels.CLASS_COLOURS)])
+  if type_info:
+    try:
+      info = json.loads(pathlib.Path(type_info).read_text())
+      table = {int(k): (str(v[0]), tuple(int(c) for c in v[1])) for k, v in info.items()}
+    except (OSError, ValueError, TypeError, IndexError) as e:
+      raise ValueError(f'{type_info}: expected HoVer-Net type_info.json '
+                       f'{{"id": ["name", [r, g, b]]}}: {e}') from None
+    missing = [t for t in range(1, nr_types) if t not in table]
+    if missing:
+      raise ValueError(f'{type_info}: no entry for type id(s) {missing} of the {nr_types}-type model')
+    return [table.get(t, ('background', (0, 0, 0))) for t in range(nr_types)]
+  if class_names:
+    names = [n.strip() for n in class_names.split(',')]
+    if len(names) != nr_types or not all(names):
+      raise ValueError(f'--class_names={class_names!r}: expected {nr_types} comma-separated names '
+                       '(background first) for this model')
+  if not names or len(names) != nr_types:
+    names = ['background'] + [f'type_{t}' for t in range(1, nr_types)]
+  return [(names[t], colour(t)) for t in range(nr_types)]
+
+
+def list_images(folder: str) -> list[pathlib.Path]:
+  """Image files of `folder` (IMAGE_SUFFIXES, any case) in name order.
+
+  Raises:
+    FileNotFoundError: when the folder is missing or holds no image.
+    ValueError: naming both files, when two images share a stem (their outputs would collide).
+  """
+  root = pathlib.Path(folder)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{folder}: no such folder (--images)')
+  paths = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  if not paths:
+    raise FileNotFoundError(f'{folder}: no image ({", ".join(IMAGE_SUFFIXES)}, any case)')
+  seen = {}
+  for p in paths:
+    if p.stem in seen:
+      raise ValueError(f'{seen[p.stem]} and {p} share the name {p.stem!r}: their outputs would '
+                       'overwrite each other; rename one')
+    seen[p.stem] = p
+  return paths
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+  """RGB uint8 [H, W, 3] (RGBA drops its alpha).
+
+  Raises:
+    ValueError: naming the file, when it cannot be read, is grayscale, or is not 8-bit.
+  """
+  image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+  if image is None:
+    raise ValueError(f'{path}: not a readable image')
+  if image.dtype != np.uint8:
+    raise ValueError(f'{path}: {image.dtype} pixels ({image.dtype.itemsize * 8}-bit); expected '
+                     '8-bit RGB')
+  if image.ndim == 2 or image.shape[2] < 3:
+    raise ValueError(f'{path}: grayscale ({image.shape}); expected an RGB H&E tile')
+  return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+
+
+def nuclei_json(info: dict[int, dict]) -> dict:
+  """Official tile-mode JSON: `{"mag": null, "nuc": {"<id>": {bbox, centroid, contour, type_prob,
+  type}}}` (bbox [[rmin, cmin], [rmax, cmax]], centroid [x, y], contour [[x, y], ...])."""
+  return {'mag': None, 'nuc': {str(i): {
+      'bbox': np.asarray(n['bbox']).tolist(), 'centroid': np.asarray(n['centroid']).tolist(),
+      'contour': np.asarray(n['contour']).tolist(), 'type_prob': float(n['type_prob']),
+      'type': int(n['type'])} for i, n in sorted(info.items())}}
+
+
+def geojson(info: dict[int, dict], table) -> dict:
+  """QuPath GeoJSON: one detection Feature per nucleus, its contour as a closed pixel Polygon."""
+  features = []
+  for i, n in sorted(info.items()):
+    ring = np.asarray(n['contour']).tolist()
+    name, colour = table[int(n['type'])]
+    features.append({'type': 'Feature', 'id': str(i),
+                     'geometry': {'type': 'Polygon', 'coordinates': [ring + [ring[0]]]},
+                     'properties': {'objectType': 'detection',
+                                    'classification': {'name': name, 'color': list(colour)},
+                                    'type_prob': float(n['type_prob'])}})
+  return {'type': 'FeatureCollection', 'features': features}
+
+
+def overlay(image: np.ndarray, info: dict[int, dict], table) -> np.ndarray:
+  """The tile with each nucleus contour drawn in its class colour: uint8 [H, W, 3]."""
+  out = np.ascontiguousarray(image.copy())
+  for n in info.values():
+    cv2.drawContours(out, [np.asarray(n['contour'], np.int32)], -1, table[int(n['type'])][1], 1)
+  return out
+
+
+def _write_tile(out: pathlib.Path, name: str, image: np.ndarray, inst_map, info, table,
+                fingerprint: str) -> None:
+  """The four outputs of one tile, then its fingerprint (written last: it marks the tile done)."""
+  from diffmix_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import postprocess  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
+  (out / 'mat').mkdir(parents=True, exist_ok=True)
+  evaluate.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
+  stage_files.atomic_write(out / 'json' / f'{name}.json',
+                           json.dumps(nuclei_json(info)).encode())
+  ok, png = cv2.imencode('.png', cv2.cvtColor(overlay(image, info, table), cv2.COLOR_RGB2BGR))
+  assert ok
+  stage_files.atomic_write(out / 'overlay' / f'{name}.png', png.tobytes())
+  stage_files.atomic_write(out / 'qupath' / f'{name}.geojson',
+                           json.dumps(geojson(info, table)).encode())
+  stage_files.atomic_write(out / 'fingerprint' / f'{name}.txt', fingerprint.encode())
+
+
+def is_done(out: pathlib.Path, name: str, fingerprint: str) -> bool:
+  """True when the tile's four outputs exist and its fingerprint file names this model."""
+  mark = out / 'fingerprint' / f'{name}.txt'
+  return (mark.exists() and mark.read_text() == fingerprint
+          and all((out / d / f'{name}{ext}').exists() for d, ext in OUTPUTS))
+
+
+def predict_folder(model: Model, images: str, out: str, table, batch_size: int = 8) -> list[str]:
+  """Predicts every image of `images` into `out`; returns the errors (one line per bad file)."""
+  from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import postprocess  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
+  paths, root = list_images(images), pathlib.Path(out)
+  fingerprint = model.fingerprint()
+  todo = [p for p in paths if not is_done(root, p.stem, fingerprint)]
+  logging.info('predict: %d images, %d done by this model already, %d to do', len(paths),
+               len(paths) - len(todo), len(todo))
+  if not todo:
+    return []
+  predict = hovernet_infer.create_predictor(model.module, model.variables, batch_size)
+  progress, errors = train_lib.create_progress(len(todo), every_secs=10.0), []
+  for k, path in enumerate(todo):
+    try:
+      image = read_image(path)
+    except ValueError as e:
+      errors.append(str(e))
+      logging.error('predict: %s', e)
+      continue
+    pred_map = hovernet_infer.predict_tile(predict, model.module, image)
+    inst_map, info = postprocess.process(pred_map, model.module.nr_types)
+    _write_tile(root, path.stem, image, inst_map, info, table, fingerprint)
+    progress(k + 1)
+  return errors
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  try:
+    model = load_model(f.workdir, f.run, f.model_dir, f.checkpoint)
+    if not model.module.nr_types:
+      raise ValueError('the model has no TP branch (nr_types): predict needs nucleus types')
+    table = class_table(model.module.nr_types, model.class_names, f.type_info, f.class_names)
+    errors = predict_folder(model, f.images, f.out, table, f.batch_size)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'predict: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  for e in errors:
+    print(f'predict: skipped: {e}', file=sys.stderr)
+  print(f'predict: wrote {f.out} (mat/, json/, overlay/, qupath/)'
+        + (f'; {len(errors)} file(s) could not be read' if errors else ''))
+  sys.exit(1 if errors else 0)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', '', 'Workdir of `python -m diffmix_jax.main` holding the run.')
+  flags.DEFINE_string('run', 'baseline', 'Run name in --workdir (baseline, diffmix, diffmix_s1, ...).')
+  flags.DEFINE_string('model_dir', '', 'Folder written by `convert_torch --model hovernet`.')
+  flags.DEFINE_string('checkpoint', '', 'Official HoVer-Net PyTorch checkpoint (.tar; [torch]).')
+  flags.DEFINE_string('images', None, 'Folder of tiles (.png .tif .tiff .jpg .jpeg, any case).')
+  flags.DEFINE_string('out', None, 'Output folder (mat/, json/, overlay/, qupath/).')
+  flags.DEFINE_string('type_info', '', 'HoVer-Net type_info.json: {"id": ["name", [r, g, b]]}.')
+  flags.DEFINE_string('class_names', '', 'Comma list of names by type id, background first.')
+  flags.DEFINE_integer('batch_size', 8, 'Patches per jitted call (a multiple of local devices).')
+  flags.mark_flags_as_required(['images', 'out'])
+  app.run(main)
