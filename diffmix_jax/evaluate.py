@@ -12,12 +12,12 @@ conventions for empty images are in `seg_metrics`). The HoVer-Net stage calls `e
 inference of the test tiles per HoVer-Net run, then these metrics).
 """
 
+import io
 import json
 import os
 import pathlib
 import re
 import sys
-import tempfile
 from typing import Any, Sequence
 
 from absl import app
@@ -26,6 +26,7 @@ import numpy as np
 from scipy import io as sio
 
 from diffmix_jax import seg_metrics
+from diffmix_jax import stage_files
 
 INSTANCE_KEYS = ('dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq')
 Record = dict[str, np.ndarray]
@@ -129,15 +130,9 @@ def save_mat(path: str | os.PathLike, record: Record) -> None:
          'inst_centroid': rec['inst_centroid']}
   if 'inst_uid' in rec:
     out['inst_uid'] = rec['inst_uid'][:, None]
-  path = pathlib.Path(path)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      sio.savemat(f, out, do_compression=True)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  buf = io.BytesIO()
+  sio.savemat(buf, out, do_compression=True)
+  stage_files.atomic_write(path, buf.getvalue())  # Makes the folder; temp name, then rename.
 
 
 def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
@@ -228,20 +223,8 @@ def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,
 
 
 def write_json(metrics: dict[str, Any], path: str | os.PathLike) -> None:
-  """Writes `metrics` as JSON atomically (temporary file in the same folder, then os.replace)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(metrics, f, indent=2)
-      f.write('\n')
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  """Writes `metrics` as JSON atomically (`stage_files.atomic_write`)."""
+  stage_files.atomic_write(path, (json.dumps(metrics, indent=2) + '\n').encode())
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -265,7 +248,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   """Predicts this process's share of `tiles` with run `run`'s model, then (process 0) scores them
   to `eval/<label>.json` (label defaults to the run's name; its .mat files go to eval/<label>/)."""
   import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
   from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
   label = label or run
@@ -284,7 +267,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
                hovernet_infer.predict_record(predict, module, tile['image']))
     progress(k + 1)
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f'evaluate {label} predicted')
+    sharding.barrier(f'evaluate {label} predicted')
   if jax.process_index() == 0:
     metrics = evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
                             weights=[float(v) for v in config.eval.f_c_weights.split(',')])
@@ -326,7 +309,6 @@ def run(config, workdir: str) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
   from diffmix_jax import arms  # pylint: disable=g-import-not-at-top
   from diffmix_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
   from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
   out = stage_files.StageDir(workdir, 'eval')
   names = [arms.run_name(a, s) for a, s in arms.runs(config)]

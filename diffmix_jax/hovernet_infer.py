@@ -81,6 +81,15 @@ def local_mesh() -> Mesh:
   return Mesh(np.asarray(jax.local_devices()), (sharding.DATA,))
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_infer_step(module: hovernet.HoVerNet, mesh: Mesh):
+  """`infer_step` jitted for (module, mesh): one compile per network and mesh, however many
+  predictors (validation every epoch, every run of a stage) are created from it."""
+  rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(functools.partial(infer_step, module=module), in_shardings=(rep, batch_sh),
+                 out_shardings=batch_sh)
+
+
 def create_predictor(module: hovernet.HoVerNet, variables: Any, batch_size: int,
                      mesh: Mesh | None = None) -> Callable[[np.ndarray], np.ndarray]:
   """A function patches [P, I, I, 3] uint8 -> outputs [P, S, S, C] float32, batched and sharded.
@@ -98,8 +107,7 @@ def create_predictor(module: hovernet.HoVerNet, variables: Any, batch_size: int,
                      f'{n_dev} local devices; use a multiple of {n_dev}')
   rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   variables = jax.device_put(variables, rep)
-  step = jax.jit(functools.partial(infer_step, module=module), in_shardings=(rep, batch_sh),
-                 out_shardings=batch_sh)
+  step = _jitted_infer_step(module, mesh)
 
   def predict(patches: np.ndarray) -> np.ndarray:
     outs = []

@@ -28,13 +28,12 @@ from diffmix_jax import arms
 from diffmix_jax import checkpoint
 from diffmix_jax import convert_hovernet
 from diffmix_jax import convert_torch
-from diffmix_jax import evaluate
 from diffmix_jax import hovernet_data
 from diffmix_jax import hovernet_infer
 from diffmix_jax import hovernet_losses
 from diffmix_jax import hovernet_targets
+from diffmix_jax import hovernet_validation
 from diffmix_jax import input_pipeline
-from diffmix_jax import labels
 from diffmix_jax import sharding
 from diffmix_jax import stage_files
 from diffmix_jax import train_lib
@@ -149,34 +148,6 @@ def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tup
                  reset)
 
 
-# ---------------------------------------------------------------- validation ---------------------
-
-def validate(module, variables, tiles: list[dict], batch_size: int, eval_config) -> tuple[dict, Any]:
-  """Tiled inference + post-processing + `evaluate.evaluate_arrays` on validation tiles.
-
-  Returns:
-    (scalars dice, aji, pq, f_d, acc; overlay image uint8 [H, 3W, 3] of the first tile:
-    image | truth | prediction, instance edges drawn in their type colour).
-  """
-  predict = hovernet_infer.create_predictor(module, variables, batch_size)
-  pairs, names, overlay = [], [], None
-  for t in tiles:
-    pred = hovernet_infer.predict_record(predict, module, t['image'])
-    pairs.append((hovernet_infer.true_record(t['inst_map'], t['type_map']), pred))
-    names.append(t['name'])
-    if overlay is None:
-      pred_types = np.zeros_like(pred['inst_map'])
-      for uid, typ in zip(pred['inst_uid'], pred['inst_type']):
-        pred_types[pred['inst_map'] == uid] = typ
-      draw = lambda inst, typ: np.where(labels.edge_map(inst)[..., None],
-                                        train_lib.colour_labels(typ), t['image'])
-      overlay = np.concatenate([t['image'], draw(t['inst_map'], t['type_map']),
-                                draw(pred['inst_map'], pred_types)], axis=1).astype(np.uint8)
-  m = evaluate.evaluate_arrays(pairs, names=names, radius=eval_config.match_radius,
-                               weights=[float(v) for v in eval_config.f_c_weights.split(',')])
-  return {f'val_{k}': float(m[k]) for k in ('dice', 'aji', 'pq', 'f_d', 'acc')}, overlay
-
-
 # ---------------------------------------------------------------- stage --------------------------
 
 @dataclasses.dataclass
@@ -190,6 +161,7 @@ class RunData:
   steps_per_epoch: tuple[int, int]  # Epochs are of the real windows: the same for every arm.
   phase_steps: tuple[int, int]
   tp_weights: np.ndarray | None
+  val_folder: str = ''  # Where processes leave validation records for process 0.
 
 
 def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, mesh,
@@ -270,11 +242,14 @@ def _initial_state(trainer: Trainer, manager, config, run: str, seed: int
 
 
 def _write_validation(writer, step: int, module, state: TrainState, val_tiles: list[dict],
-                      eval_config) -> None:
-  """Validation metrics and the truth/prediction overlay of the first tile, to TensorBoard."""
-  val, overlay = validate(module, _variables(state), val_tiles, eval_config.batch_size, eval_config)
-  writer.write_scalars(step, val)
-  writer.write_images(step, {'val_image_truth_prediction': overlay[None]})
+                      eval_config, folder: str) -> None:
+  """Validation over every process (`hovernet_validation`); process 0 writes the metrics and the
+  truth/prediction overlay of the first tile to TensorBoard."""
+  result = hovernet_validation.validate(module, _variables(state), val_tiles,
+                                        eval_config.batch_size, eval_config, folder, step)
+  if result is not None:
+    writer.write_scalars(step, result[0])
+    writer.write_images(step, {'val_image_truth_prediction': result[1][None]})
 
 
 def _write_variables(out: stage_files.StageDir, state: TrainState, done_info: dict) -> None:
@@ -309,6 +284,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
   tc = config.hovernet.train
   mesh = sharding.create_mesh(config.mesh)
   data = _training_data(config, workdir, arm, mesh, tiles, val_tiles)
+  data.val_folder = str(out.path / 'validation')
   spe, phase_steps = data.steps_per_epoch, data.phase_steps
   total = sum(phase_steps)
   trainer = create_trainer(config, mesh, spe, data.tp_weights)
@@ -369,8 +345,9 @@ def _train_phase(config, run: str, phase: int, bounds: tuple[int, int, int], sta
       last_time, last_log = time.time(), done
     if epoch_end:
       epoch = (done - lo) // spe
-      if data.val_tiles and jax.process_index() == 0 and epoch % tc.val_every_epochs == 0:
-        _write_validation(writer, done, trainer.module, state, data.val_tiles, config.eval)
+      if data.val_tiles and epoch % tc.val_every_epochs == 0:  # Every process: its share.
+        _write_validation(writer, done, trainer.module, state, data.val_tiles, config.eval,
+                          data.val_folder)
       if epoch % tc.checkpoint_every_epochs == 0 or done in (data.phase_steps[0], total):
         train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
         checkpoint.save(manager, done, state, {'step': done})

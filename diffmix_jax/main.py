@@ -61,7 +61,6 @@ def main(argv):
   config_checks.validate(config)
   checkpoint.quiet_orbax_logs()
   import jax  # pylint: disable=g-import-not-at-top  (after flags: distributed init comes first)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
@@ -84,7 +83,7 @@ def main(argv):
     if STAGES[name][2] or jax.process_index() == 0:
       run(config, workdir)
     if jax.process_count() > 1:  # Host-only stages write files the other processes read next.
-      multihost_utils.sync_global_devices(f'stage {name} finished')
+      sharding.barrier(f'stage {name} finished')
     seconds = time.time() - start
     logging.info('=== stage %s finished in %.1f s ===', name, seconds)
     timings[name] = round(max(seconds, timings.get(name, 0.0)), 3)  # A no-op rerun keeps the first.

@@ -213,7 +213,6 @@ def _write_tile(out: pathlib.Path, name: str, image: np.ndarray, inst_map, info,
   from diffmix_jax import evaluate  # pylint: disable=g-import-not-at-top
   from diffmix_jax import postprocess  # pylint: disable=g-import-not-at-top
   from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
-  (out / 'mat').mkdir(parents=True, exist_ok=True)
   evaluate.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
   stage_files.atomic_write(out / 'json' / f'{name}.json',
                            json.dumps(nuclei_json(info)).encode())

@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('sample: shard %d/%d, %.2f patches/s, ETA %.0f s', n_done + 1, len(todo), rate,
                  left / max(rate, 1e-9))
   if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('sample shards written')
+    sharding.barrier('sample shards written')
   if jax.process_index() == 0:
     _finish(config, workdir, out, num_shards, tiles)
 

@@ -110,3 +110,23 @@ def state_shardings(abstract_state, mesh: Mesh, shard_opt_state: bool):
     return out
   split = lambda tree: jax.tree.map(lambda leaf: _shard_largest_axis(leaf, mesh), tree)
   return out.replace(ema=split(abstract_state.ema), opt_state=split(abstract_state.opt_state))
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches `name` (a no-op with one process).
+
+  Through the coordination service's barrier, not a gloo collective: gloo's rendezvous gives up
+  after 30 s, so a process that has more tiles to predict, or a host-only stage that process 0
+  runs alone, would make the waiting processes fail. A process that dies is still noticed through
+  the heartbeats (config.mesh.heartbeat_timeout). `name` must be unique within a run.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:  # Not started through jax.distributed: fall back to a collective.
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))
+
