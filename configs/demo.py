@@ -5,7 +5,7 @@
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
 Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-03 17:08-17:22 UTC, cold compilation
-cache): 13 min 45 s end to end (build 10 s, SDM 233 s, mixing 2 s, synthesis 111 s, HoVer-Net 428 s
+cache, before the one-loader-thread change below): 13 min 45 s end to end (build 10 s, SDM 233 s, mixing 2 s, synthesis 111 s, HoVer-Net 428 s
 for both runs, evaluate 34 s, report 0.5 s); the same command again returns in 7 s (every stage
 says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a kill
 compiles less.
@@ -15,12 +15,12 @@ What to expect:
     label's classes where it has them (dark elongated spindle, large pale epithelial) on a smooth
     pink background; the real stroma's fibres are mostly lost at this training length.
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 256 synthetic patches.
-  - HoVer-Net (tiny, 160 baseline / 180 diffmix steps of 2 windows): on the 8 test tiles (456
-    nuclei, 77 of the rare class: the test split is rare-enriched) baseline Dice 0.953, AJI 0.581,
-    PQ 0.600, F_d 0.767; diffmix Dice 0.919, AJI 0.496, PQ 0.485, F_d 0.691. Classification is not
-    learned in this budget: F_c is 0.41 (baseline) / 0.46 (diffmix) for epithelial and 0 for the
-    other classes (acc 0.42 / 0.48); issue 17 tracks the fix. DiffMix's gain is a claim about the
-    full-size model on real data (diffmix_method.md §5), not something this run shows yet.
+  - HoVer-Net (tiny, 160 steps of 2 real windows, + 1 synthetic row per step for diffmix): seed 0
+    of configs/demo_study.py (2026-12-03, 8 test tiles, 456 nuclei, 77 rare: the test split is
+    rare-enriched): baseline Dice 0.932, AJI 0.527, PQ 0.532, F_d 0.750, acc 0.782, F_c 0 / 0.51 /
+    0.69 / 0.53 (other, inflammatory, epithelial, spindle); diffmix Dice 0.928, PQ 0.487, F_d 0.711,
+    F_c 0 / 0.28 / 0.56 / 0.38. The rare class is not classified in this budget, and the synthetic
+    rows lower every metric: README gives the 3-seed study and what limits it.
 """
 
 from configs import common
