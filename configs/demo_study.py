@@ -12,6 +12,9 @@ mean ± s.d. per arm and the paired differences arm - baseline with their 95 % t
 An existing demo workdir can be reused: its SDM, mixing and synthetic set are kept, its two seed-0
 runs (baseline, diffmix) too, and only the ten new runs are trained, then evaluate and report
 rebuilt. The seeds were fixed before any arm was looked at; README reports every arm.
+
+Measured 2026-12-03 on the project's 2-core CPU from an empty workdir: 46 min 38 s (SDM 186 s,
+synthesis 81 s, 12 HoVer-Net runs 2,103 s, evaluate incl. synthetic fidelity 414 s).
 """
 
 from configs import demo
