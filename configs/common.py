@@ -27,6 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
   d.manual_dir = ''  # Folder with {Train,Test}/{Images,Labels} ('' = $DIFFMIX_CONSEP_DIR for consep).
   d.data_dir = ''  # TFDS data_dir for the built dataset ('' = <workdir>/tfds).
   d.labels = 'original'  # Class ids in the source files: original (merged by us) | merged.
+  d.train_tiles = ''  # Comma list of the train tiles to use, by name ('' = all).
+  d.test_tiles = ''  # Comma list of the test tiles to use, by name ('' = all).
   d.num_classes = 5  # Classes incl. background after the merge (CoNSeP 5, GLySAC 4).
   d.class_names = 'background,other,inflammatory,epithelial,spindle'  # Comma list, num_classes names.
   d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).

@@ -6,6 +6,9 @@ import ml_collections
 
 from configs import common
 from diffmix_jax import arms
+from diffmix_jax import dataset_files
+from diffmix_jax import demo_data
+from diffmix_jax import input_pipeline
 
 
 def _ints(text: str, field: str) -> list[int]:
@@ -61,6 +64,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.{field}: class id(s) {bad} not in 1..{c.data.num_classes - 1}')
   arms.runs(c)  # Unknown arms or bad seeds fail here, before any stage runs.
   _check_pretrained(c, stages)
+  for split in ('train', 'test'):
+    if input_pipeline.tile_names(c, split):
+      available = _tile_names_on_disk(c, split)
+      if available is not None:  # Else `build_data` reports the missing folder.
+        input_pipeline.check_tile_names(c, split, available)
+
+
+def _tile_names_on_disk(c: ml_collections.ConfigDict, split: str) -> list[str] | None:
+  """The tile names of a split as the builders name them, or None when the source folder is absent."""
+  if c.data.name == 'demo_nuclei':
+    return [f'{split}_{i + 1}' for i in range(demo_data.NUM_TILES[split])]
+  root = c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
+                               else '')
+  if not root or not os.path.isdir(root):
+    return None
+  return [name for name, _, _ in dataset_files.split_pairs(root, split)]
 
 
 PRETRAINED_SOURCE = ('the official ImageNet-ResNet50-Preact_pytorch.tar (HoVer-Net README, Google '

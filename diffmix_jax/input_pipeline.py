@@ -37,15 +37,61 @@ def open_source(dataset: str, data_dir: str, labels: str, split: str):
   return builder.as_data_source(split=split)
 
 
+def tile_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The tiles of `split` a run uses: `config.data.<split>_tiles` as a list ([] = every tile).
+
+  Raises:
+    ValueError: a name given twice.
+  """
+  names = [n.strip() for n in config.data[f'{split}_tiles'].split(',') if n.strip()]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f'config.data.{split}_tiles: tile(s) {twice} named more than once; expected a '
+                     'comma list of distinct tile names')
+  return names
+
+
+def check_tile_names(config: ml_collections.ConfigDict, split: str, available: list[str]) -> None:
+  """Raises ValueError naming `config.data.<split>_tiles` if it names a tile not in `available`."""
+  unknown = [n for n in tile_names(config, split) if n not in set(available)]
+  if unknown:
+    raise ValueError(f'config.data.{split}_tiles: unknown tile(s) {unknown}; the {split} split of '
+                     f'{config.data.name} holds {", ".join(available)}')
+
+
+class _Subset:
+  """The items of a data source at `indices`, in that order."""
+
+  def __init__(self, source, indices: list[int]):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, i: int):
+    return self._source[self._indices[i]]
+
+
 def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
-  """`open_source` for the configured dataset (data_dir defaults to `<workdir>/tfds`)."""
+  """`open_source` for the configured dataset (data_dir defaults to `<workdir>/tfds`), restricted
+  to `config.data.<split>_tiles` when that is set (the builder's order kept)."""
   data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
-  return open_source(config.data.name, data_dir, config.data.labels, split)
+  source = open_source(config.data.name, data_dir, config.data.labels, split)
+  wanted = tile_names(config, split)
+  if not wanted:
+    return source
+  names = [_tile_name(source[i]) for i in range(len(source))]
+  check_tile_names(config, split, names)
+  return _Subset(source, [i for i, n in enumerate(names) if n in set(wanted)])
+
+
+def _tile_name(ex: dict) -> str:
+  name = ex['name']
+  return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def _tile(ex: dict) -> dict:
-  name = ex['name']
-  return {'name': name.decode() if isinstance(name, bytes) else str(name),
+  return {'name': _tile_name(ex),
           'image': np.asarray(ex['image'], np.uint8),
           'inst_map': np.asarray(ex['inst_map'], np.int32),
           'type_map': np.asarray(ex['type_map'], np.int32)}

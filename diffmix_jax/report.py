@@ -41,7 +41,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   `hovernet_seeds`: the seeds vary HoVer-Net only (one SDM, one mixing draw).
   """
   root = pathlib.Path(workdir)
-  out = {'config': config.name, 'dataset': config.data.name}
+  out = {'config': config.name, 'dataset': config.data.name,
+         'tiles': {split: config.data[f'{split}_tiles'] or 'all' for split in ('train', 'test')}}
   runs = {}
   for arm, seed in arms.runs(config):
     runs.setdefault(arm, {})[str(seed)] = _read_json(
@@ -176,6 +177,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
   if mixed_summary.exists():
     summary = json.loads(mixed_summary.read_text())
   md = [f'# DiffMix report: {config.name} ({config.data.name})', '',
+        f"Tiles: train {metrics['tiles']['train']}; test {metrics['tiles']['test']}.", '',
         '## Segmentation and classification on the test split', '',
         f"First seed ({metrics['hovernet_seeds'][0]}) of each arm.", '',
         metrics_table(metrics, names), '',

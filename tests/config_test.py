@@ -8,7 +8,7 @@ from configs import common
 from diffmix_jax import arms
 from diffmix_jax import config_checks
 
-CONFIGS = ('consep', 'glysac', 'demo', 'demo_study', 'tiny')
+CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'tiny')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -97,3 +97,35 @@ def test_arms_seeds_and_run_names():
   c.hovernet.train.runs = 'balancing'
   assert arms.fidelity_run(c) is None
   assert arms.ARMS['diffmix'] == arms.ARMS['balancing'] + arms.ARMS['enlarging']
+
+
+def test_tile_subsets_name_known_tiles_once(tmp_path, monkeypatch):
+  """data.train_tiles / data.test_tiles: checked as main starts, against the demo set's names or
+  the CoNSeP folder's files; the folder absent, `build_data` reports it instead."""
+  c = importlib.import_module('configs.demo').get_config()
+  c.data.train_tiles, c.data.test_tiles = 'train_1, train_32', 'test_8'
+  config_checks.validate(c)
+  c.data.train_tiles = 'train_1,train_33'
+  with pytest.raises(ValueError, match=r"config\.data\.train_tiles: unknown tile\(s\) \['train_33'\]; "
+                     r'the train split of demo_nuclei holds train_1, train_2, .*train_32$'):
+    config_checks.validate(c)
+  c.data.train_tiles, c.data.test_tiles = '', 'test_2,test_2'
+  with pytest.raises(ValueError, match=r"config\.data\.test_tiles: tile\(s\) \['test_2'\] named more"):
+    config_checks.validate(c)
+  c = importlib.import_module('configs.consep_smoke').get_config()
+  for split, names in (('train', ('a_1', 'a_2')), ('test', ('b_1',))):
+    for folder in ('Images', 'Labels'):
+      (tmp_path / split.title() / folder).mkdir(parents=True)
+    for n in names:
+      (tmp_path / split.title() / 'Images' / f'{n}.png').write_bytes(b'')
+      (tmp_path / split.title() / 'Labels' / f'{n}.mat').write_bytes(b'')
+  c.data.manual_dir = str(tmp_path)
+  c.data.train_tiles, c.data.test_tiles = 'a_2', 'b_1'
+  config_checks.validate(c)
+  c.data.test_tiles = 'test_4'
+  with pytest.raises(ValueError, match=r"test_tiles: unknown tile\(s\) \['test_4'\]; the test split "
+                     r'of consep holds b_1$'):
+    config_checks.validate(c)
+  c.data.manual_dir = str(tmp_path / 'absent')
+  monkeypatch.delenv('DIFFMIX_CONSEP_DIR', raising=False)
+  config_checks.validate(c)  # Unknown until the folder exists: build_data names the missing folder.
