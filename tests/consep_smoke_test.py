@@ -57,6 +57,16 @@ def test_every_stage_runs_then_the_same_command_is_a_noop(smoke):
     assert f'{done} already done' in again.stderr, (done, again.stderr[-3000:])
 
 
+def test_build_counts_every_real_tile_and_nucleus(smoke):
+  """The whole folder is built (subsets apply when tiles are read): per-class counts as in
+  ../shared/data/README.md."""
+  summary = json.loads((_finished(smoke) / 'build_data' / 'summary.json').read_text())
+  train, test = summary['splits']['train'], summary['splits']['test']
+  assert train['tiles'] == 27 and test['tiles'] == 14
+  assert train['nuclei_per_class'] == {'1': 371, '2': 3941, '3': 5537, '4': 5706}
+  assert test['nuclei_per_class'] == {'1': 561, '2': 1638, '3': 3214, '4': 3364}
+
+
 def test_synthetic_patches_sit_on_the_official_grid_with_their_mixed_labels(smoke):
   workdir = _finished(smoke)
   config = consep_smoke.get_config()
