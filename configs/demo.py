@@ -4,23 +4,23 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-03 17:08-17:22 UTC, cold compilation
-cache, before the one-loader-thread change below): 13 min 45 s end to end (build 10 s, SDM 233 s, mixing 2 s, synthesis 111 s, HoVer-Net 428 s
-for both runs, evaluate 34 s, report 0.5 s); the same command again returns in 7 s (every stage
-says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a kill
-compiles less.
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 12:01-12:10 UTC, fresh clone,
+cold compilation cache): 9 min 9 s with the install (build 6 s, SDM 131 s, mixing 1 s, synthesis
+58 s, HoVer-Net 316 s for both runs, evaluate 20 s); the same command again returns in 5 s (every
+stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a
+kill compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
     step 150. The synthetic images (report's synthetic_samples.png) paint nuclei of the mixed
     label's classes where it has them (dark elongated spindle, large pale epithelial) on a smooth
     pink background; the real stroma's fibres are mostly lost at this training length.
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 256 synthetic patches.
-  - HoVer-Net (tiny, 160 steps of 2 real windows, + 1 synthetic row per step for diffmix): seed 0
-    of configs/demo_study.py (2026-12-03, 8 test tiles, 456 nuclei, 77 rare: the test split is
-    rare-enriched): baseline Dice 0.932, AJI 0.527, PQ 0.532, F_d 0.750, acc 0.782, F_c 0 / 0.51 /
-    0.69 / 0.53 (other, inflammatory, epithelial, spindle); diffmix Dice 0.928, PQ 0.487, F_d 0.711,
-    F_c 0 / 0.28 / 0.56 / 0.38. The rare class is not classified in this budget, and the synthetic
-    rows lower every metric: README gives the 3-seed study and what limits it.
+  - HoVer-Net (tiny, 160 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
+    of configs/demo_study.py (2026-12-04, 8 test tiles, 456 nuclei, 77 rare: the test split is
+    rare-enriched): baseline Dice 0.769, AJI 0.381, PQ 0.365, F_d 0.527, acc 0.939, F_c 0 / 0.29 /
+    0.94 / 0.14 (other, inflammatory, epithelial, spindle); diffmix Dice 0.905, PQ 0.511, F_d
+    0.728, F_c 0 / 0.32 / 0.67 / 0.51. The rare class is not classified in this budget, and seed 0's
+    baseline is the weakest of three (README gives the 3-seed study and what limits it).
 """
 
 from configs import common
