@@ -6,7 +6,7 @@ renaming: a key's '.'-separated segments become the Flax path, a numeric segment
 (`conv0./`) is `conv0/conv`. The three decoder branches are `decoder/{tp,np,hv}`.
 """
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,34 @@ def _bn(train: bool, name: str) -> nn.BatchNorm:
 
 
 def _conv(features: int, k: int, name: str, stride: int = 1, padding: str = 'SAME',
-          bias: bool = False) -> nn.Conv:
+          bias: bool = False, kernel_init=_conv_init) -> nn.Module:
+  if k == 1:
+    return Pointwise(features, stride, bias, kernel_init, name=name)
   return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding,
-                 use_bias=bias, kernel_init=_conv_init,
+                 use_bias=bias, kernel_init=kernel_init,
                  bias_init=_out_bias_init, name=name)
+
+
+class Pointwise(nn.Module):
+  """A 1x1 conv (stride s, no padding needed) as a matrix product over the pixels: the same
+  `kernel` [1, 1, C_in, C_out] and `bias` parameters, names and init as `nn.Conv`, so checkpoints
+  are unchanged. XLA CPU computes the weight gradient of a 1x1 `conv_general_dilated` 8-10x
+  slower than the same product written as a dot (BENCHMARKS.md, HoVer-Net step)."""
+  features: int
+  stride: int = 1
+  use_bias: bool = False
+  kernel_init: Any = _conv_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
+    if self.stride > 1:
+      x = x[:, ::self.stride, ::self.stride]
+    n, h, w, c = x.shape
+    y = (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, self.features)
+    if self.use_bias:
+      y = y + self.param('bias', _out_bias_init, (self.features,))
+    return y
 
 
 class GroupedConv(nn.Module):
@@ -211,10 +235,8 @@ class Head(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = nn.relu(_bn(train, 'bn')(x))
-    if self.zero_init:
-      return nn.Conv(self.out_ch, (1, 1), kernel_init=nn.initializers.zeros,
-                     bias_init=_out_bias_init, name='conv')(x)
-    return _conv(self.out_ch, 1, 'conv', bias=True)(x)
+    init = nn.initializers.zeros if self.zero_init else _conv_init
+    return _conv(self.out_ch, 1, 'conv', bias=True, kernel_init=init)(x)
 
 
 class U1(nn.Module):
