@@ -53,7 +53,8 @@ def tile_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
 
 def check_tile_names(config: ml_collections.ConfigDict, split: str, available: list[str]) -> None:
   """Raises ValueError naming `config.data.<split>_tiles` if it names a tile not in `available`."""
-  unknown = [n for n in tile_names(config, split) if n not in set(available)]
+  known = set(available)
+  unknown = [n for n in tile_names(config, split) if n not in known]
   if unknown:
     raise ValueError(f'config.data.{split}_tiles: unknown tile(s) {unknown}; the {split} split of '
                      f'{config.data.name} holds {", ".join(available)}')
@@ -77,12 +78,12 @@ def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   to `config.data.<split>_tiles` when that is set (the builder's order kept)."""
   data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
   source = open_source(config.data.name, data_dir, config.data.labels, split)
-  wanted = tile_names(config, split)
+  wanted = set(tile_names(config, split))
   if not wanted:
     return source
   names = [_tile_name(source[i]) for i in range(len(source))]
   check_tile_names(config, split, names)
-  return _Subset(source, [i for i, n in enumerate(names) if n in set(wanted)])
+  return _Subset(source, [i for i, n in enumerate(names) if n in wanted])
 
 
 def _tile_name(ex: dict) -> str:
