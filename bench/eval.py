@@ -21,9 +21,9 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from diffmix_jax import evaluate  # noqa: E402
-from diffmix_jax import postprocess  # noqa: E402
-from diffmix_jax import seg_metrics  # noqa: E402
+from diffmix_jax.metrics import records  # noqa: E402
+from diffmix_jax.metrics import postprocess  # noqa: E402
+from diffmix_jax.metrics import seg_metrics  # noqa: E402
 
 
 def exact_hv(label: np.ndarray) -> np.ndarray:
@@ -118,18 +118,18 @@ def main():
 
   # Metrics over the 14 test tiles against corrupted copies.
   rng = np.random.default_rng(0)
-  trues = [evaluate.load_mat(p) for p in labels]
+  trues = [records.load_mat(p) for p in labels]
   preds = [corrupt(t, rng) for t in trues]
   names = [p.stem for p in labels]
   pairs = list(zip(trues, preds))
-  metrics, arr_best, arr_med = timed(lambda: evaluate.evaluate_arrays(pairs, names=names),
+  metrics, arr_best, arr_med = timed(lambda: records.evaluate_arrays(pairs, names=names),
                                      args.repeats)
   with tempfile.TemporaryDirectory() as tmp:
     pred_dir = pathlib.Path(tmp)
     for name, pred in zip(names, preds):
-      evaluate.save_mat(pred_dir / f'{name}.mat', pred)
+      records.save_mat(pred_dir / f'{name}.mat', pred)
     dirs, dir_best, dir_med = timed(
-        lambda: evaluate.evaluate_dirs(consep / 'Test' / 'Labels', pred_dir), args.repeats)
+        lambda: records.evaluate_dirs(consep / 'Test' / 'Labels', pred_dir), args.repeats)
   assert dirs == metrics
 
   print(f'## Evaluation: post-processing and metrics (bench/eval.py)\n')
@@ -142,10 +142,10 @@ def main():
   print(f'| `postprocess.process`, 1000x1000 tile (test_1, exact NP/HV/TP maps) | {pp_best:.2f} / '
         f'{pp_med:.2f} | | watershed part `separate_instances` {sep_best:.2f} s; {len(info)} '
         f'instances; vs truth AJI {pp_metrics["aji"]:.4f}, PQ {pp_metrics["pq"]:.4f} |')
-  print(f'| `evaluate.evaluate_arrays`, 14 Test tiles vs corrupted truth | {arr_best:.2f} / '
+  print(f'| `records.evaluate_arrays`, 14 Test tiles vs corrupted truth | {arr_best:.2f} / '
         f'{arr_med:.2f} | < 10 s | {metrics["num_true"]} true, {metrics["num_pred"]} predicted '
         'nuclei |')
-  print(f'| `evaluate.evaluate_dirs` (same, reading 28 `.mat` files) | {dir_best:.2f} / '
+  print(f'| `records.evaluate_dirs` (same, reading 28 `.mat` files) | {dir_best:.2f} / '
         f'{dir_med:.2f} | | |')
   f_c = ', '.join(f'{k}: {v:.4f}' for k, v in metrics['f_c'].items())
   print(f'\nScores of the corrupted predictions (a sanity check, not a result): Dice '

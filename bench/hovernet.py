@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 from scipy import io as sio  # noqa: E402
 
 from configs import common  # noqa: E402
-from diffmix_jax import hovernet_infer  # noqa: E402
-from diffmix_jax import hovernet_targets  # noqa: E402
-from diffmix_jax import hovernet_train  # noqa: E402
-from diffmix_jax import postprocess  # noqa: E402
-from diffmix_jax import sharding  # noqa: E402
+from diffmix_jax.hovernet import infer as hovernet_infer  # noqa: E402
+from diffmix_jax.hovernet import targets as hovernet_targets  # noqa: E402
+from diffmix_jax.stages import hovernet_train  # noqa: E402
+from diffmix_jax.metrics import postprocess  # noqa: E402
+from diffmix_jax.core import sharding  # noqa: E402
 
 _MODE = flags.DEFINE_enum('mode', 'fast', ['fast', 'original'], 'HoVer-Net mode.')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Training batch.')
@@ -61,7 +61,7 @@ def _post_seconds() -> float:
     inst, types = mat['inst_map'].astype(np.int32), mat['type_map'].astype(np.int32)
     where = 'CoNSeP test_1 oracle map'
   else:
-    from diffmix_jax import demo_data  # pylint: disable=g-import-not-at-top
+    from diffmix_jax.data import demo as demo_data  # pylint: disable=g-import-not-at-top
     tiles = [demo_data.make_tile(0, 'test', i) for i in range(16)]
     inst = np.block([[t[1] + 1000 * (4 * r + c) * (t[1] > 0) for c, t in
                       enumerate(tiles[4 * r:4 * r + 4])] for r in range(4)])[:1000, :1000]

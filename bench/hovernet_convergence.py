@@ -22,12 +22,12 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from diffmix_jax import demo_data  # noqa: E402
-from diffmix_jax import evaluate  # noqa: E402
-from diffmix_jax import hovernet_data  # noqa: E402
-from diffmix_jax import hovernet_infer  # noqa: E402
-from diffmix_jax import hovernet_train  # noqa: E402
-from diffmix_jax import sharding  # noqa: E402
+from diffmix_jax.data import demo as demo_data  # noqa: E402
+from diffmix_jax.metrics import records  # noqa: E402
+from diffmix_jax.hovernet import patches as hovernet_data  # noqa: E402
+from diffmix_jax.hovernet import infer as hovernet_infer  # noqa: E402
+from diffmix_jax.stages import hovernet_train  # noqa: E402
+from diffmix_jax.core import sharding  # noqa: E402
 
 _HEAD = flags.DEFINE_enum('head_init', 'zeros', ['kaiming', 'zeros'], 'Output conv init.')
 _LR = flags.DEFINE_float('lr', 1e-2, 'Adam learning rate.')
@@ -87,7 +87,7 @@ def main(argv):
     pairs = [(hovernet_infer.true_record(t['inst_map'], t['type_map']),
               hovernet_infer.predict_record(predict, trainer.module, t['image']))
              for t in eval_tiles]
-    r = evaluate.evaluate_arrays(pairs)
+    r = records.evaluate_arrays(pairs)
     loss = {k: float(v) for k, v in jax.device_get(metrics).items()}
     print(f'step {step:4d} ({train_seconds:6.1f} s training): dice {r["dice"]:.3f} '
           f'aji {r["aji"]:.3f} pq {r["pq"]:.3f} f_d {r["f_d"]:.3f} nuclei {r["num_pred"]}/'

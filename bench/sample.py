@@ -31,9 +31,9 @@ def render_setup(config, mesh, n: int):
     (render, params, batch) with batch `x0` float32 [n, S, S, 3], `y` float32 [n, S, S, C], `index`
     int32 [n], sharded over the mesh; call `render(params, batch['x0'], batch['y'], batch['index'])`.
   """
-  from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.models import sdm_unet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import sample  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.sdm import unet as sdm_unet  # pylint: disable=g-import-not-at-top
   module = sdm_unet.create_sdm(config.diffusion.model)
   params = jax.device_put(sdm_unet.init_params(module, jax.random.key(0)),
                           sharding.replicated(mesh))
@@ -53,7 +53,7 @@ def main():
   parser.add_argument('--batch', type=int, default=2, help='patches per device per call')
   parser.add_argument('--calls', type=int, default=3)
   args = parser.parse_args()
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   config = _load_config(args.config)
   mesh = sharding.create_mesh(config.mesh)
   n = args.batch * mesh.shape[sharding.DATA]

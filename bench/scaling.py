@@ -35,15 +35,15 @@ def _load_config(path: str):
 
 
 def _mesh(config, devices: int):
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   config.mesh.data = devices
   return sharding.create_mesh(config.mesh)
 
 
 def measure_train(config, devices: int, per_device: int, steps: int) -> dict:
   """Seconds per step of the stage's train step on `devices` devices, batch per_device * devices."""
-  from diffmix_jax import diffusion_train  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   mesh = _mesh(config, devices)
   batch = per_device * devices
   config.diffusion.train.batch_size = batch

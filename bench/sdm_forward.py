@@ -21,8 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
-from diffmix_jax import gaussian_diffusion as gd  # noqa: E402
-from diffmix_jax.models import sdm_unet  # noqa: E402
+from diffmix_jax.sdm import diffusion as gd  # noqa: E402
+from diffmix_jax.sdm import unet as sdm_unet  # noqa: E402
 
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'flops', 'speed'], 'What to measure.')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype for the FLOP count.')

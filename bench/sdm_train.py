@@ -25,8 +25,8 @@ def _load_config(path: str):
 
 
 def measure(config, batch: int, steps: int, remat: bool) -> dict:
-  from diffmix_jax import diffusion_train  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   config.diffusion.train.batch_size = batch
   config.diffusion.model.remat = remat
   mesh = sharding.create_mesh(config.mesh)

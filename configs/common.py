@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
   hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
   hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).
   c.hovernet.train = ht = ml_collections.ConfigDict()
-  # Arms (diffmix_jax/arms.py): baseline (real only) | balancing | enlarging (real + synthetics of
+  # Arms (diffmix_jax/core/arms.py): baseline (real only) | balancing | enlarging (real + synthetics of
   # that mixing kind) | diffmix (real + both); each trained once per HoVer-Net seed in `seeds`.
   ht.runs = 'baseline,diffmix'
   ht.seeds = '0'  # HoVer-Net seeds (comma list): init, batch order, augmentation; SDM unchanged.

@@ -13,7 +13,7 @@ def get_config():
   c.name = 'tiny'
   # A one-level SDM on 16-px crops (attention at that level): the stage and multi-process tests
   # check plumbing, and this model compiles in half the time of a two-level 32-px one. The UNet's
-  # down/up-sampling blocks are covered by tests/sdm_unet_test.py.
+  # down/up-sampling blocks are covered by tests/sdm/unet_test.py.
   c.data.crop_size = 16
   m = c.diffusion.model
   m.image_size = 16
@@ -50,7 +50,7 @@ def get_config():
   h.patch_window = 256  # One 256-px window per demo tile.
   h.patch_step = 256
   # Phase 2 only, as in the demo: the frozen-encoder phase 1 (its step, checkpoint and resume into
-  # phase 2) is covered by tests/hovernet_train_test.py, and through `main` it cost the chain test
+  # phase 2) is covered by tests/stages/hovernet_train_test.py, and through `main` it cost the chain test
   # a compile and 40 more windows per run.
   h.phase1_epochs = 0
   h.phase2_epochs = 1
@@ -61,7 +61,7 @@ def get_config():
   h.augment = True  # The tests exercise the augmentation path the demo switches off.
   h.synthetic_ratio = 0.5  # 8 synthetic rows beside the 16 real ones of each batch.
   h.log_every_steps = 2
-  h.val_tiles = 0  # Validation is covered by tests/hovernet_train_test.py.
+  h.val_tiles = 0  # Validation is covered by tests/stages/hovernet_train_test.py.
   h.loader_threads = 2
   c.eval.synthetic_fidelity = True  # The demo skips it; 64 patches of 16 px cost seconds here.
   return c

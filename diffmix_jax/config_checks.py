@@ -5,10 +5,10 @@ import os
 import ml_collections
 
 from configs import common
-from diffmix_jax import arms
-from diffmix_jax import dataset_files
-from diffmix_jax import demo_data
-from diffmix_jax import input_pipeline
+from diffmix_jax.core import arms
+from diffmix_jax.data import raw_folders as dataset_files
+from diffmix_jax.data import demo as demo_data
+from diffmix_jax.data import input_pipeline
 
 
 def _ints(text: str, field: str) -> list[int]:

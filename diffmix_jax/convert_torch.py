@@ -18,8 +18,8 @@ import numpy as np
 from flax import serialization
 from flax import traverse_util
 
-from diffmix_jax import stage_files
-from diffmix_jax.models import sdm_unet
+from diffmix_jax import workdir as wdir
+from diffmix_jax.sdm import unet as sdm_unet
 
 # Flax Dense layers that are kernel-1 Conv1d in the official model ([O, I, 1] weights, sdm.md §2.12).
 _CONV1D_NAMES = ('qkv', 'proj_out')
@@ -175,7 +175,7 @@ def load_hovernet(path: str, mode: str | None = None, nr_types: int | None = -1,
   Raises:
     convert_hovernet's mismatch error listing missing/unexpected keys and shape mismatches.
   """
-  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import torch_import as convert_hovernet  # pylint: disable=g-import-not-at-top
   return convert_hovernet.variables_from_state_dict(load_torch_state_dict(path), mode, nr_types,
                                                     module=module)
 
@@ -197,7 +197,7 @@ def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
     FileNotFoundError: naming `path`.
     ValueError: a shape mismatch (naming the key and both shapes) or no encoder key in the file.
   """
-  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import torch_import as convert_hovernet  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such encoder file (config.hovernet.train.pretrained)')
   if path.lower().endswith('.npz'):
@@ -213,7 +213,7 @@ def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
 
 def save_params(path: str, params) -> None:
   """Writes a params tree as flax.serialization msgpack, atomically (temp file, then os.replace)."""
-  stage_files.atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
+  wdir.atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_params(path: str):
@@ -243,7 +243,7 @@ def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_
     out = os.path.join(out_dir, HOVERNET_VARIABLES)
     save_params(out, variables)
     cfg = json.dumps(hovernet_model_fields(module), indent=2).encode()
-    stage_files.atomic_write(os.path.join(out_dir, HOVERNET_CONFIG), cfg)
+    wdir.atomic_write(os.path.join(out_dir, HOVERNET_CONFIG), cfg)
     return out
   if model != 'sdm':
     raise ValueError(f'--model={model!r}; expected sdm or hovernet')
@@ -251,7 +251,7 @@ def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_
   out = os.path.join(out_dir, 'sdm_params.msgpack')
   save_params(out, params)
   cfg = json.dumps(config.diffusion.model.to_dict(), indent=2, sort_keys=True).encode()
-  stage_files.atomic_write(os.path.join(out_dir, 'sdm_model_config.json'), cfg)
+  wdir.atomic_write(os.path.join(out_dir, 'sdm_model_config.json'), cfg)
   return out
 
 

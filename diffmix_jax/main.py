@@ -15,9 +15,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffmix_jax import checkpoint
+from diffmix_jax.core import checkpoint
 from diffmix_jax import config_checks
-from diffmix_jax import stage_files
+from diffmix_jax import workdir as wdir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                           lock_config=True)
@@ -27,13 +27,13 @@ COMPILATION_CACHE = 'jax_cache'  # Folder of the persistent XLA compilation cach
 
 # Stage name -> (module that owns it, issue that builds it, run by every process or by process 0).
 STAGES = {
-    'build_data': ('diffmix_jax.build_data', 3, False),
-    'diffusion_train': ('diffmix_jax.diffusion_train', 7, True),
-    'mix_labels': ('diffmix_jax.mix_labels', 6, False),
-    'sample': ('diffmix_jax.sample', 9, True),
-    'hovernet_train': ('diffmix_jax.hovernet_train', 8, True),
-    'evaluate': ('diffmix_jax.evaluate', 8, True),
-    'report': ('diffmix_jax.report', 10, False),
+    'build_data': ('diffmix_jax.stages.build_data', 3, False),
+    'diffusion_train': ('diffmix_jax.stages.diffusion_train', 7, True),
+    'mix_labels': ('diffmix_jax.stages.mix_labels', 6, False),
+    'sample': ('diffmix_jax.stages.sample', 9, True),
+    'hovernet_train': ('diffmix_jax.stages.hovernet_train', 8, True),
+    'evaluate': ('diffmix_jax.stages.evaluate', 8, True),
+    'report': ('diffmix_jax.stages.report', 10, False),
 }
 
 
@@ -61,7 +61,7 @@ def main(argv):
   config_checks.validate(config)
   checkpoint.quiet_orbax_logs()
   import jax  # pylint: disable=g-import-not-at-top  (after flags: distributed init comes first)
-  from diffmix_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -72,7 +72,7 @@ def main(argv):
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   if jax.process_index() == 0:
-    stage_files.atomic_write(os.path.join(workdir, 'config.json'),
+    wdir.atomic_write(os.path.join(workdir, 'config.json'),
                              config.to_json_best_effort(indent=2).encode())
   timings_path = os.path.join(workdir, 'timings.json')
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
@@ -88,7 +88,7 @@ def main(argv):
     logging.info('=== stage %s finished in %.1f s ===', name, seconds)
     timings[name] = round(max(seconds, timings.get(name, 0.0)), 3)  # A no-op rerun keeps the first.
     if jax.process_index() == 0:
-      stage_files.atomic_write(timings_path, json.dumps(timings, indent=2).encode())
+      wdir.atomic_write(timings_path, json.dumps(timings, indent=2).encode())
 
 
 if __name__ == '__main__':

@@ -72,8 +72,8 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     FileNotFoundError: naming the missing file.
   """
   from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
   if sum(bool(s) for s in (workdir, model_dir, checkpoint)) != 1:
     raise ValueError('give exactly one model source: --workdir (with --run), --model_dir or '
                      '--checkpoint')
@@ -114,7 +114,7 @@ def class_table(nr_types: int, names: Sequence[str] | None = None, type_info: st
   Raises:
     ValueError: naming the file or flag, for a table that does not cover every type id.
   """
-  from diffmix_jax import labels  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.data import labels  # pylint: disable=g-import-not-at-top
   colour = lambda t: tuple(int(v) for v in labels.CLASS_COLOURS[t % len(labels.CLASS_COLOURS)])
   if type_info:
     try:
@@ -210,18 +210,18 @@ def overlay(image: np.ndarray, info: dict[int, dict], table) -> np.ndarray:
 def _write_tile(out: pathlib.Path, name: str, image: np.ndarray, inst_map, info, table,
                 fingerprint: str) -> None:
   """The four outputs of one tile, then its fingerprint (written last: it marks the tile done)."""
-  from diffmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import postprocess  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import stage_files  # pylint: disable=g-import-not-at-top
-  evaluate.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
-  stage_files.atomic_write(out / 'json' / f'{name}.json',
+  from diffmix_jax.metrics import records  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import workdir as wdir  # pylint: disable=g-import-not-at-top
+  records.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
+  wdir.atomic_write(out / 'json' / f'{name}.json',
                            json.dumps(nuclei_json(info)).encode())
   ok, png = cv2.imencode('.png', cv2.cvtColor(overlay(image, info, table), cv2.COLOR_RGB2BGR))
   assert ok
-  stage_files.atomic_write(out / 'overlay' / f'{name}.png', png.tobytes())
-  stage_files.atomic_write(out / 'qupath' / f'{name}.geojson',
+  wdir.atomic_write(out / 'overlay' / f'{name}.png', png.tobytes())
+  wdir.atomic_write(out / 'qupath' / f'{name}.geojson',
                            json.dumps(geojson(info, table)).encode())
-  stage_files.atomic_write(out / 'fingerprint' / f'{name}.txt', fingerprint.encode())
+  wdir.atomic_write(out / 'fingerprint' / f'{name}.txt', fingerprint.encode())
 
 
 def is_done(out: pathlib.Path, name: str, fingerprint: str) -> bool:
@@ -233,9 +233,9 @@ def is_done(out: pathlib.Path, name: str, fingerprint: str) -> bool:
 
 def predict_folder(model: Model, images: str, out: str, table, batch_size: int = 8) -> list[str]:
   """Predicts every image of `images` into `out`; returns the errors (one line per bad file)."""
-  from diffmix_jax import hovernet_infer  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import postprocess  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
   paths, root = list_images(images), pathlib.Path(out)
   fingerprint = model.fingerprint()
   todo = [p for p in paths if not is_done(root, p.stem, fingerprint)]

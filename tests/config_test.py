@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 from configs import common
-from diffmix_jax import arms
+from diffmix_jax.core import arms
 from diffmix_jax import config_checks
 
 CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'tiny')

@@ -63,7 +63,9 @@ def tiny_trained(tmp_path_factory) -> pathlib.Path:
   (`copy_workdir`).
   """
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import build_data, diffusion_train, mix_labels  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import build_data  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import mix_labels  # pylint: disable=g-import-not-at-top
 
   def build(workdir):
     config = tiny.get_config()
@@ -83,7 +85,7 @@ def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
 def sampled(tiny_trained, tmp_path_factory) -> pathlib.Path:
   """A copy of `tiny_trained` after an uninterrupted, in-process run of the sample stage."""
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import sample  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import sample  # pylint: disable=g-import-not-at-top
 
   def build(folder):
     workdir = copy_workdir(tiny_trained, folder / 'w', skip=('synthetic',))

@@ -13,7 +13,7 @@ import pytest
 
 from configs import common
 from diffmix_jax import convert_torch
-from diffmix_jax.models import sdm_unet
+from diffmix_jax.sdm import unet as sdm_unet
 
 torch = pytest.importorskip('torch')
 
@@ -118,8 +118,8 @@ def test_save_load_params_and_hovernet_placeholder(small_checkpoint, tmp_path):
 
 def test_load_hovernet_from_official_wrapper_bit_for_bit(tmp_path):
   import torch  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import convert_hovernet  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.models import hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import torch_import as convert_hovernet  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
   module = hovernet.HoVerNet(mode='fast', nr_types=5, width=16)
   shapes = jax.eval_shape(lambda: module.init(jax.random.key(1), jnp.zeros((1, 256, 256, 3))))
   rng = np.random.default_rng(1)  # Distinct random values: a swapped or transposed leaf shows.

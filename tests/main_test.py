@@ -86,7 +86,9 @@ def _checkpoint_params(workdir: pathlib.Path) -> bytes:
   from flax import serialization
   import jax
   from configs import tiny
-  from diffmix_jax import checkpoint, diffusion_train, sharding
+  from diffmix_jax.core import checkpoint
+  from diffmix_jax.stages import diffusion_train
+  from diffmix_jax.core import sharding
   c = tiny.get_config()
   trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
   manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
@@ -112,7 +114,10 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   from conftest import copy_workdir
   import numpy as np
   from configs import tiny
-  from diffmix_jax import diffusion_train, input_pipeline, sample, synthetic_io
+  from diffmix_jax.stages import diffusion_train
+  from diffmix_jax.data import input_pipeline
+  from diffmix_jax.stages import sample
+  from diffmix_jax.data import synthetic as synthetic_io
   config = tiny.get_config()
   tc = config.diffusion.train
   assert tc.checkpoint_every_steps < tc.phase1_steps  # Killed with steps to go.

@@ -19,11 +19,11 @@ from scipy import io as sio
 
 from configs import tiny
 from diffmix_jax import convert_torch
-from diffmix_jax import demo_data
-from diffmix_jax import evaluate
-from diffmix_jax import hovernet_infer
+from diffmix_jax.data import demo as demo_data
+from diffmix_jax.metrics import records
+from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax import predict
-from diffmix_jax.models import hovernet
+from diffmix_jax.hovernet import model as hovernet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIELDS = {'mode': 'fast', 'nr_types': 5, 'width': 16, 'encoder_units': '1,1,1,1',
@@ -114,13 +114,13 @@ def test_outputs_agree_with_each_other_and_evaluate_reads_them(sources):
   truth.mkdir()
   for name in ('test_1', 'test_2', 'test_3'):
     lab = sio.loadmat(sources / 'demo' / 'Labels' / f'{name}.mat')
-    evaluate.save_mat(truth / f'{name}.mat', hovernet_infer.true_record(lab['inst_map'],
+    records.save_mat(truth / f'{name}.mat', hovernet_infer.true_record(lab['inst_map'],
                                                                         lab['type_map']))
   pred = sources / 'pred_demo'
   pred.mkdir()
   for name in ('test_1', 'test_2', 'test_3'):
     shutil.copy(out / 'mat' / f'{name}.mat', pred / f'{name}.mat')
-  metrics = evaluate.evaluate_dirs(truth, pred)
+  metrics = records.evaluate_dirs(truth, pred)
   assert metrics['num_images'] == 3 and metrics['num_pred'] == sum(
       len(json.loads((out / 'json' / f'{n}.json').read_text())['nuc'])
       for n in ('test_1', 'test_2', 'test_3'))

@@ -7,7 +7,7 @@ Features per tile (datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `ins
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffmix_jax import dataset_files
+from diffmix_jax.data import raw_folders as dataset_files
 
 VERSION = tfds.core.Version('1.0.0')
 

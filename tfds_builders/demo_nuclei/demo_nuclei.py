@@ -2,7 +2,7 @@
 
 import tensorflow_datasets as tfds
 
-from diffmix_jax import demo_data
+from diffmix_jax.data import demo as demo_data
 from tfds_builders import tiles
 
 

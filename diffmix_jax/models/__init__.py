@@ -1,1 +1,0 @@
-"""Flax networks: the SPADE diffusion UNet (SDM) and HoVer-Net."""

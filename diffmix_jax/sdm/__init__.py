@@ -1,0 +1,2 @@
+"""The semantic diffusion model: SPADE layers, the UNet, the diffusion math and the samplers.
+"""

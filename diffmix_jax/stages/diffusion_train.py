@@ -1,0 +1,243 @@
+"""Stage `diffusion_train`: SDM training, both DiffMix phases, data-parallel, EMA, resumable.
+
+Phase 1 (conditional, label drop 0, lr 1e-4) then phase 2 (classifier-free fine-tune: the whole
+condition dropped with probability 0.2, lr 2e-5) continue one run: the step counter, params, EMA and
+Adam moments carry over, only the learning rate and drop rate change at `phase1_steps` (sdm.md §4).
+Outputs under `<workdir>/diffusion/`: orbax checkpoints, TensorBoard events, `ema_params.msgpack`
+(the EMA weights the sample stage uses) and `DONE`.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+from flax import serialization
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffmix_jax.core import checkpoint
+from diffmix_jax.sdm import diffusion as gd
+from diffmix_jax.data import input_pipeline
+from diffmix_jax.data import labels
+from diffmix_jax.sdm import samplers
+from diffmix_jax.core import sharding
+from diffmix_jax import workdir as wdir
+from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.sdm import unet as sdm_unet
+
+EMA_FILE = 'ema_params.msgpack'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], steps done.
+  params: Any
+  ema: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 [2] key data; step keys are fold_in(key, step).
+  first_bad_step: jax.Array  # int32 [], first step with a non-finite loss, -1 if none.
+
+
+def create_state(module, tx, rng: jax.Array) -> TrainState:
+  params = module.init(rng, *sdm_unet_dummy_inputs(module))['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
+                    opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+                    first_bad_step=jnp.full((), -1, jnp.int32))
+
+
+def sdm_unet_dummy_inputs(module, batch: int = 1):
+  s = module.image_size
+  return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32),
+          jnp.zeros((batch, s, s, module.label_channels)))
+
+
+def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx,
+               phase1_steps: int, drop_rates: tuple[float, float], ema_rate: float,
+               schedule) -> tuple[TrainState, dict]:
+  """One Adam step on the hybrid loss with label dropping and EMA (sdm.md §3.5, §4.1-4.4).
+
+  Args:
+    state: the train state (donated).
+    batch: `image` float32 [B, S, S, 3] in [-1, 1]; `y` float32 [B, S, S, Cy] condition.
+
+  Returns:
+    (new state, metrics dict of float32 scalars). A non-finite loss leaves the state unchanged apart
+    from `step` and records `first_bad_step`.
+  """
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  k_t, k_eps, k_drop = jax.random.split(rng, 3)
+  x0, y = batch['image'], batch['y']
+  b = x0.shape[0]
+  t = jax.random.randint(k_t, (b,), 0, diff.num_timesteps)
+  noise = jax.random.normal(k_eps, x0.shape, jnp.float32)
+  drop_rate = jnp.where(state.step < phase1_steps, drop_rates[0], drop_rates[1])
+  keep = jax.random.uniform(k_drop, (b,)) >= drop_rate
+  y = y * keep[:, None, None, None].astype(y.dtype)  # Whole condition, edge channel included.
+
+  def loss_fn(params):
+    model_fn = lambda x_t, tt, yy: module.apply({'params': params}, x_t, tt, yy)
+    losses = gd.training_losses(diff, model_fn, x0, t, y, noise)
+    return losses['loss'].mean(), losses
+
+  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = train_lib.ema_update(state.ema, params, ema_rate)
+  finite = jnp.isfinite(loss)
+  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep_old(params, state.params), ema=keep_old(ema, state.ema),
+      opt_state=keep_old(opt_state, state.opt_state),
+      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                               state.first_bad_step))
+  metrics = {'loss': loss, 'mse': losses['mse'].mean(), 'vb': losses['vb'].mean(),
+             'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step),
+             'conditioned_fraction': jnp.mean(jnp.any(y != 0, axis=(1, 2, 3)).astype(jnp.float32))}
+  return new_state, metrics
+
+
+def make_condition(local: dict, model_config: ml_collections.ConfigDict) -> np.ndarray:
+  """Host-side condition y for a local batch (sdm.md §4.6)."""
+  return labels.condition(local['type_map'], local['inst_map'], model_config.num_classes,
+                          model_config.no_instance)
+
+
+def _sample_grid(ema, module, local: dict, y: np.ndarray, respacing: str, seed: int) -> np.ndarray:
+  """Rows of (label in colour, real crop, EMA sample from the same label), up to 4 examples."""
+  n = min(4, y.shape[0])
+  diff = gd.create_diffusion(timestep_respacing=respacing)
+  noise = jax.random.normal(jax.random.key(seed), (n,) + local['image'].shape[1:])
+  sample = jax.jit(lambda e, z, yy: samplers.ddim_sample_loop(
+      diff, lambda x, tt, c: module.apply({'params': e}, x, tt, c), z, yy))(ema, noise, y[:n])
+  colour = train_lib.colour_labels(local['type_map'][:n], labels.edge_map(local['inst_map'][:n]))
+  return train_lib.image_grid([colour, train_lib.to_uint8(local['image'][:n]),
+                               train_lib.to_uint8(jax.device_get(sample))])
+
+
+@dataclasses.dataclass
+class Trainer:
+  """Everything a training loop needs, built once from the config."""
+  module: Any
+  abstract_state: TrainState
+  state_sharding: Any
+  init: Callable[[jax.Array], TrainState]  # rng -> sharded initial state.
+  step: Callable[[TrainState, dict], tuple[TrainState, dict]]  # Jitted, donates the state.
+
+
+def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
+  """Builds the model, diffusion, optimizer, shardings and the jitted init and step."""
+  tc, mc = config.diffusion.train, config.diffusion.model
+  sharding.check_batch(tc.batch_size, mesh, 'diffusion.train.batch_size')
+  module = sdm_unet.create_sdm(mc)
+  diff = gd.create_diffusion(config.diffusion.schedule.diffusion_steps,
+                             config.diffusion.schedule.noise_schedule)
+  schedule = train_lib.phase_schedule(tc.phase1_steps, tc.phase1_lr, tc.phase2_lr)
+  tx = train_lib.adam(schedule)
+  init = functools.partial(create_state, module, tx)
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.state_shardings(abstract_state, mesh, config.mesh.shard_opt_state)
+  step = jax.jit(
+      functools.partial(train_step, module=module, diff=diff, tx=tx, phase1_steps=tc.phase1_steps,
+                        drop_rates=(tc.phase1_drop_rate, tc.phase2_drop_rate),
+                        ema_rate=tc.ema_rate, schedule=schedule),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  return Trainer(module=module, abstract_state=abstract_state, state_sharding=state_sh,
+                 init=train_lib.jit_init(init, state_sh), step=step)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains the SDM through both phases; resumes from the newest checkpoint; no-op when done."""
+  out = wdir.StageDir(workdir, 'diffusion')
+  if out.done():
+    logging.info('diffusion_train: already done (%s)', out.path)
+    return
+  tc, mc = config.diffusion.train, config.diffusion.model
+  mesh = sharding.create_mesh(config.mesh)
+  trainer = create_trainer(config, mesh)
+  total = tc.phase1_steps + tc.phase2_steps
+  manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
+  restored = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  if restored is None:
+    state, data_state, start = trainer.init(jax.random.key(config.seed)), None, 0
+  else:
+    start, state, data_state = restored
+    logging.info('diffusion_train: resumed from step %d', start)
+  train_lib.check_finite(int(state.first_bad_step), 'diffusion_train (restored state)')
+
+  source = input_pipeline.source_for(config, workdir, 'train')
+  ds = input_pipeline.train_dataset(
+      source, crop_size=config.data.crop_size, global_batch=tc.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  it = iter(ds)
+  if data_state is not None:
+    it.set_state(data_state)
+
+  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  if start == 0:
+    train_lib.log_overview(config, jax.device_get(state.params))
+  progress = train_lib.create_progress(total)
+  last_log, last_time = start, time.time()
+  for step in range(start, total):
+    local = next(it)
+    y = make_condition(local, mc)
+    batch = sharding.global_batch({'image': local['image'], 'y': y}, mesh)
+    state, metrics = trainer.step(state, batch)
+    done = step + 1
+    progress(done)
+    if done % tc.log_every_steps == 0 or done == total:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      train_lib.check_finite(int(state.first_bad_step), 'diffusion_train')
+      rate = (done - last_log) / max(time.time() - last_time, 1e-9)
+      metrics.update(steps_per_sec=rate, images_per_sec=rate * tc.batch_size,
+                     phase=1.0 if step < tc.phase1_steps else 2.0)
+      writer.write_scalars(done, metrics)
+      last_log, last_time = done, time.time()
+    if done % tc.checkpoint_every_steps == 0 or done in (tc.phase1_steps, total):
+      train_lib.check_finite(int(state.first_bad_step), 'diffusion_train')
+      checkpoint.save(manager, done, state, it.get_state())
+    if tc.sample_every_steps and done % tc.sample_every_steps == 0:
+      # Each process samples its own examples on one local device from its copy of the EMA.
+      local_ema = jax.tree.map(lambda a: a.addressable_data(0), state.ema)
+      if all(a.shape == b.shape for a, b in zip(jax.tree.leaves(local_ema),
+                                                jax.tree.leaves(trainer.abstract_state.ema))):
+        grid = _sample_grid(local_ema, trainer.module, local, y, tc.sample_respacing,
+                            config.seed + done)
+        writer.write_images(done, {'label_real_ema_sample': grid[None]})
+  checkpoint.wait(manager)
+  writer.flush()
+  ema = multihost_utils.process_allgather(state.ema, tiled=True)  # Host NumPy, all processes.
+  if jax.process_index() == 0:
+    out.write_bytes(EMA_FILE, serialization.to_bytes(ema))
+    out.mark_done({'steps': total})
+  logging.info('diffusion_train: finished %d steps', total)
+
+
+def load_ema(workdir: str, module) -> Any:
+  """The EMA params written by a finished `diffusion_train` stage.
+
+  Args:
+    workdir: the run's workdir.
+    module: the SDMUNet they belong to (for the tree structure).
+
+  Returns:
+    float32 params pytree.
+  """
+  path = os.path.join(workdir, 'diffusion', EMA_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: run the diffusion_train stage first, or set '
+                            'config.sample.params_path to converted official weights')
+  target = jax.eval_shape(lambda: module.init(jax.random.key(0),
+                                              *sdm_unet_dummy_inputs(module))['params'])
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
+  with open(path, 'rb') as f:
+    return serialization.from_bytes(target, f.read())

@@ -1,0 +1,95 @@
+"""Stage `evaluate`: tiled inference of the test tiles with every HoVer-Net run, then the metrics of
+`metrics.records` per run (hovernet.md §5, §7)."""
+
+import os
+
+from diffmix_jax.metrics import records
+from diffmix_jax import workdir as wdir
+
+def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out,
+                  label: str = '') -> None:
+  """Predicts this process's share of `tiles` with run `run`'s model, then (process 0) scores them
+  to `eval/<label>.json` (label defaults to the run's name; its .mat files go to eval/<label>/)."""
+  import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
+  from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
+  label = label or run
+  pred_dir, true_dir = out.path / label / 'pred', out.path / label / 'true'
+  pred_dir.mkdir(parents=True, exist_ok=True)
+  true_dir.mkdir(parents=True, exist_ok=True)
+  variables = hovernet_infer.load_variables(hovernet_infer.variables_path(workdir, run), module)
+  predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
+  mine = [tiles[i] for i in eval_indices_for(len(tiles))]
+  progress = train_lib.create_progress(len(mine))
+  for k, tile in enumerate(mine):
+    if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
+      records.save_mat(true_dir / f'{tile["name"]}.mat',
+               hovernet_infer.true_record(tile['inst_map'], tile['type_map']))
+      records.save_mat(pred_dir / f'{tile["name"]}.mat',
+               hovernet_infer.predict_record(predict, module, tile['image']))
+    progress(k + 1)
+  if jax.process_count() > 1:
+    sharding.barrier(f'evaluate {label} predicted')
+  if jax.process_index() == 0:
+    metrics = records.evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
+                            weights=[float(v) for v in config.eval.f_c_weights.split(',')])
+    records.write_json(metrics, out.path / f'{label}.json')
+    print(f'evaluate {label}:\n{records.format_table(metrics)}')
+
+
+def eval_indices_for(n: int) -> list[int]:
+  """This process's share of n test tiles (input_pipeline.eval_indices)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.eval_indices(n, jax.process_index(), jax.process_count())
+
+
+SYNTHETIC_FIDELITY = 'synthetic_fidelity'  # eval/<this>.json: the baseline model, synthetic set.
+
+
+def _synthetic_folder(config, workdir: str) -> str:
+  """The synthetic set to score with the baseline model, or '' when there is none to score
+  (`eval.synthetic_fidelity` off, no baseline arm, or no synthetic set written)."""
+  from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import patches as hovernet_data  # pylint: disable=g-import-not-at-top
+  if not config.eval.synthetic_fidelity or arms.fidelity_run(config) is None:
+    return ''
+  folder = hovernet_data.synthetic_folder(config, workdir)
+  return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
+
+
+def run(config, workdir: str) -> None:
+  """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (hovernet.md §5, §7).
+
+  Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
+  `evaluate_dirs`; run names of `arms.run_name`), the same for the first seed's baseline model on
+  the synthetic set as `synthetic_fidelity` (when there is one and `config.eval.synthetic_fidelity`),
+  and `<workdir>/eval/DONE`. A rerun is a no-op when every wanted JSON exists; runs added to the
+  config since are scored alone, and a killed stage keeps the tiles and runs it finished.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
+  out = wdir.StageDir(workdir, 'eval')
+  names = [arms.run_name(a, s) for a, s in arms.runs(config)]
+  synthetic = _synthetic_folder(config, workdir)
+  wanted = names + ([SYNTHETIC_FIDELITY] if synthetic else [])
+  if out.done() and all((out.path / f'{n}.json').exists() for n in wanted):
+    logging.info('evaluate: already done (%s)', out.path)
+    return
+  module = hovernet.create_hovernet(config.hovernet.model)
+  tiles = input_pipeline.load_split(config, workdir, 'test')
+  for name in names:
+    if not (out.path / f'{name}.json').exists():
+      _evaluate_run(config, workdir, name, tiles, module, out)
+  if synthetic and not (out.path / f'{SYNTHETIC_FIDELITY}.json').exists():
+    # The baseline model (real data only) reads every synthetic patch at its own size, padded as
+    # test tiles are, scored against the patch's own labels: is each class rendered recognisably?
+    from diffmix_jax.hovernet import patches as hovernet_data  # pylint: disable=g-import-not-at-top
+    _evaluate_run(config, workdir, arms.fidelity_run(config),
+                  hovernet_data.read_synthetic(synthetic), module, out, label=SYNTHETIC_FIDELITY)
+  if jax.process_index() == 0:
+    out.mark_done({'runs': names, 'tiles': len(tiles)})

@@ -1,0 +1,360 @@
+"""Stage `hovernet_train`: HoVer-Net on real (+ synthetic) patches, both phases, data-parallel, resumable.
+
+For each arm x seed of `config.hovernet.train.runs` x `seeds` (`arms`: `baseline` real windows only;
+`balancing`, `enlarging`, `diffmix` add synthetic patches of their kinds from `<workdir>/synthetic/`
+to every batch), phase 1 (encoder frozen as a gradient path, §1.5) then phase 2 (all trainable,
+fresh Adam, restarted StepLR), hovernet.md §3. Outputs under `<workdir>/hovernet_<run>/`
+(`arms.run_name`): orbax checkpoints, TensorBoard events, `variables.msgpack` (eval variables for
+the evaluate stage) and `DONE`.
+"""
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import flax
+from flax import serialization
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffmix_jax.core import arms
+from diffmix_jax.core import checkpoint
+from diffmix_jax.hovernet import torch_import as convert_hovernet
+from diffmix_jax import convert_torch
+from diffmix_jax.hovernet import patches as hovernet_data
+from diffmix_jax.hovernet import infer as hovernet_infer
+from diffmix_jax.hovernet import losses as hovernet_losses
+from diffmix_jax.hovernet import targets as hovernet_targets
+from diffmix_jax.hovernet import validation as hovernet_validation
+from diffmix_jax.data import input_pipeline
+from diffmix_jax.core import sharding
+from diffmix_jax import workdir as wdir
+from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.hovernet import model as hovernet
+
+# ---------------------------------------------------------------- state and step -----------------
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 [], steps done over both phases.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  first_bad_step: jax.Array  # int32 [], first step with a non-finite loss, -1 if none.
+
+
+def _frozen_mask(tree) -> Any:
+  """Pytree of bools: True where a leaf is frozen in phase 1 (hovernet.md §1.5)."""
+  flat = traverse_util.flatten_dict(tree)
+  return traverse_util.unflatten_dict({p: hovernet.is_frozen_in_phase1(p) for p in flat})
+
+
+def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, phase1: bool,
+               mse_weight: float, freeze_bn_stats: bool, tp_weights: tuple | None = None
+               ) -> tuple[TrainState, dict]:
+  """One Adam step on the §3.1 loss; phase 1 freezes the encoder as a gradient path (pitfall 1).
+
+  Args:
+    state: the train state (donated).
+    batch: `image` uint8 [B, I, I, 3]; `np`, `tp` int32 [B, O, O]; `hv` float32 [B, O, O, 2].
+    lr: float32 [] learning rate of this step (`Trainer.lr`). An argument, not a schedule baked
+      into the step, so runs that differ only in their step counts share one compiled step (the
+      persistent compilation cache then skips the second run's compile).
+    tx: `ADAM`, the Adam direction without the learning rate.
+
+  Returns:
+    (new state, metrics of float32 scalars); a non-finite loss keeps the old state.
+  """
+  def loss_fn(params):
+    out, upd = module.apply({'params': params, 'batch_stats': state.batch_stats},
+                            batch['image'].astype(jnp.float32), train=True, freeze=phase1,
+                            mutable=['batch_stats'])
+    terms = hovernet_losses.compute_losses(out, batch, module.nr_types, mse_weight, tp_weights)
+    return terms['loss'], (terms, upd['batch_stats'])
+
+  (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if phase1:  # Belt and braces: frozen leaves get exactly zero gradient (Adam then moves nothing).
+    grads = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, _frozen_mask(grads))
+    if freeze_bn_stats:
+      batch_stats = jax.tree.map(lambda new, old, f: old if f else new, batch_stats,
+                                 state.batch_stats, _frozen_mask(batch_stats))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
+  finite = jnp.isfinite(loss)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
+      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                               state.first_bad_step))
+  metrics = dict(terms, grad_norm=optax.global_norm(grads))
+  return new_state, metrics
+
+
+# optax.adam(lr) is this chain followed by a scale of -lr, which train_step applies itself.
+ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
+
+
+def step_lr(lr: float, decay_steps: int, gamma: float, count: int) -> np.float32:
+  """StepLR stepped per epoch (§3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
+  return np.float32(lr if count < decay_steps else lr * gamma)
+
+
+@dataclasses.dataclass
+class Trainer:
+  module: hovernet.HoVerNet
+  abstract_state: TrainState
+  state_sharding: Any
+  init: Callable[[jax.Array], TrainState]
+  steps: tuple[Callable, Callable]  # Jitted phase-1/2 (state, batch, lr) steps (donate the state).
+  lr: Callable[[int, int], np.float32]  # (phase 0|1, optimizer step within the phase) -> lr.
+  reset_optimizer: Callable[[TrainState], TrainState]  # Fresh phase-2 Adam (moments and count).
+
+
+def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tuple[int, int],
+                   tp_weights: np.ndarray | None = None):
+  """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps;
+  `tp_weights` [nr_types] (or None) weights the TP cross-entropy, a constant of the steps."""
+  tc = config.hovernet.train
+  module = hovernet.create_hovernet(config.hovernet.model)
+  size = module.patch_shapes[0]
+
+  def init(rng):
+    v = module.init(rng, jnp.zeros((1, size, size, 3)))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                      batch_stats=v['batch_stats'], opt_state=ADAM.init(v['params']),
+                      first_bad_step=jnp.full((), -1, jnp.int32))
+
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
+  state_sh = sharding.state_shardings(abstract_state, mesh, False)
+  steps = tuple(jax.jit(
+      functools.partial(train_step, module=module, tx=ADAM, phase1=p == 0,
+                        mse_weight=tc.mse_weight, freeze_bn_stats=tc.phase1_freeze_bn_stats,
+                        tp_weights=None if tp_weights is None else tuple(map(float, tp_weights))),
+      in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0) for p in (0, 1))
+  reset = jax.jit(lambda s: s.replace(opt_state=ADAM.init(s.params)),
+                  in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=0)
+  lr = lambda phase, count: step_lr(tc.lr, tc.lr_step_epochs * steps_per_epoch[phase],
+                                    tc.lr_gamma, count)
+  return Trainer(module, abstract_state, state_sh, train_lib.jit_init(init, state_sh), steps, lr,
+                 reset)
+
+
+# ---------------------------------------------------------------- stage --------------------------
+
+@dataclasses.dataclass
+class RunData:
+  """What one run trains on: real windows, its synthetic items, batch shapes and step counts."""
+  real: hovernet_data.PatchSet
+  synthetic: list[dict]  # Packed synthetic items of the arm's kinds ([] for baseline).
+  val_tiles: list[dict]
+  real_batch: tuple[int, int]  # Real rows per batch, phases 1 and 2 (the phase batch sizes).
+  synthetic_batch: tuple[int, int]  # Synthetic rows per batch beside them (0 for baseline).
+  steps_per_epoch: tuple[int, int]  # Epochs are of the real windows: the same for every arm.
+  phase_steps: tuple[int, int]
+  tp_weights: np.ndarray | None
+  val_folder: str = ''  # Where processes leave validation records for process 0.
+
+
+def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, mesh,
+                   tiles: list[dict] | None, val_tiles: list[dict] | None) -> RunData:
+  """The run's real windows and synthetic items, batch shapes, steps and TP class weights.
+
+  Every arm trains the same steps on the same real batches (they depend on the real set and the
+  phase batch sizes only); an arm with synthetic data adds `synthetic_batch` rows to each batch.
+
+  Raises:
+    ValueError: naming the config field, when a phase's batch does not fit the mesh or the patches.
+  """
+  tc = config.hovernet.train
+  synthetic = []
+  if arms.ARMS[arm]:
+    synthetic = hovernet_data.pack_patches(hovernet_data.read_synthetic(
+        hovernet_data.synthetic_folder(config, workdir), arms.ARMS[arm]), tc.patch_window)
+  if tiles is None:
+    tiles = input_pipeline.load_split(config, workdir, 'train')
+  if val_tiles is None:
+    val_tiles = (input_pipeline.load_split(config, workdir, 'test')[:tc.val_tiles]
+                 if tc.val_tiles else [])
+  real = hovernet_data.PatchSet(tiles, tc.patch_window, tc.patch_step)
+  batches = (tc.phase1_batch_size, tc.phase2_batch_size)
+  epochs = (tc.phase1_epochs, tc.phase2_epochs)
+  spe, syn = [], []
+  for b, field, e in zip(batches, ('phase1_batch_size', 'phase2_batch_size'), epochs):
+    if len(real) < b:
+      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(real)} real windows')
+    spe.append(len(real) // b)
+    syn.append(hovernet_data.synthetic_per_batch(tc.synthetic_ratio, b, len(synthetic), spe[-1])
+               if synthetic and e else 0)
+    if not e:  # A phase that does not run needs no batch that fits.
+      continue
+    if synthetic and not syn[-1]:
+      raise ValueError(f'config.hovernet.train.synthetic_ratio={tc.synthetic_ratio} gives no '
+                       f'synthetic row beside the {b} real ones of hovernet.train.{field}: expected '
+                       f'>= {0.5 / b:.3g}, or -1 (every synthetic item once per epoch)')
+    sharding.check_batch(b + syn[-1], mesh, f'hovernet.train.{field} (+ {syn[-1]} synthetic rows)')
+  if synthetic:
+    logging.info('hovernet_train %s: %d synthetic items of kind %s, %s per batch', arm,
+                 len(synthetic), '+'.join(arms.ARMS[arm]), syn)
+  tp_weights = (hovernet_targets.tp_class_weights(
+      [t['type_map'] for t in tiles], config.hovernet.model.nr_types, tc.tp_class_weighting)
+                if config.hovernet.model.nr_types else None)
+  if tp_weights is not None:  # From the real tiles only: every run weights its loss alike.
+    logging.info('hovernet_train %s: TP cross-entropy class weights %s', arm, np.round(tp_weights, 4))
+  return RunData(real, synthetic, val_tiles, batches, tuple(syn), tuple(spe),
+                 (epochs[0] * spe[0], epochs[1] * spe[1]), tp_weights)
+
+
+def _variables(state: TrainState) -> dict:
+  """Host copy of the eval variables {'params', 'batch_stats'}."""
+  return jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+
+
+def load_pretrained(trainer: Trainer, state: TrainState, path: str) -> TrainState:
+  """The state with the encoder (conv0, d0-d3) of an ImageNet file (hovernet.md §3.3)."""
+  variables, report = convert_torch.load_hovernet_encoder(path, _variables(state))
+  logging.info('hovernet_train: encoder from %s: %s', path, convert_hovernet.describe(report))
+  sh = trainer.state_sharding
+  return state.replace(params=sharding.put_global(variables['params'], sh.params),
+                       batch_stats=sharding.put_global(variables['batch_stats'], sh.batch_stats))
+
+
+def _initial_state(trainer: Trainer, manager, config, run: str, seed: int
+                   ) -> tuple[TrainState, int]:
+  """(state, step): the latest checkpoint's, else a fresh state (init key from `config.seed` and
+  the HoVer-Net seed only) with the ImageNet encoder if set."""
+  restored = checkpoint.restore_latest(
+      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  if restored is not None:
+    logging.info('hovernet_train: run %s resumed from step %d', run, restored[0])
+    return restored[1], restored[0]
+  key = jax.random.fold_in(jax.random.key(config.seed), seed)
+  state, path = trainer.init(key), config.hovernet.train.pretrained
+  return (load_pretrained(trainer, state, path) if path else state), 0
+
+
+def _write_validation(writer, step: int, module, state: TrainState, val_tiles: list[dict],
+                      eval_config, folder: str) -> None:
+  """Validation over every process (`hovernet_validation`); process 0 writes the metrics and the
+  truth/prediction overlay of the first tile to TensorBoard."""
+  result = hovernet_validation.validate(module, _variables(state), val_tiles,
+                                        eval_config.batch_size, eval_config, folder, step)
+  if result is not None:
+    writer.write_scalars(step, result[0])
+    writer.write_images(step, {'val_image_truth_prediction': result[1][None]})
+
+
+def _write_variables(out: wdir.StageDir, state: TrainState, done_info: dict) -> None:
+  """The eval variables for the evaluate stage, then DONE (process 0)."""
+  variables = _variables(state)
+  if jax.process_index() == 0:
+    out.write_bytes(hovernet_infer.VARIABLES_FILE, serialization.to_bytes(variables))
+    out.mark_done(done_info)
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: int = 0,
+              tiles: list[dict] | None = None, val_tiles: list[dict] | None = None) -> None:
+  """Trains one arm x seed through both phases; resumes; no-op when its DONE marker exists.
+
+  Args:
+    config: the full config.
+    workdir: the run's workdir.
+    arm: one of `arms.ARMS` (which synthetic patches join the real ones).
+    seed: the HoVer-Net seed; with `config.seed` it fixes init, batch order and augmentation.
+    tiles: training tiles (default: the dataset's train split); `name`, `image` uint8 [H, W, 3],
+      `inst_map`, `type_map` int32 [H, W].
+    val_tiles: validation tiles (default: the first `val_tiles` tiles of the test split).
+  """
+  if arm not in arms.ARMS:
+    raise ValueError(f'config.hovernet.train.runs: unknown arm {arm!r}; expected a comma list of '
+                     f'{", ".join(arms.ARMS)}')
+  run = arms.run_name(arm, seed)
+  out = wdir.StageDir(workdir, f'hovernet_{run}')
+  if out.done():
+    logging.info('hovernet_train: run %s already done (%s)', run, out.path)
+    return
+  tc = config.hovernet.train
+  mesh = sharding.create_mesh(config.mesh)
+  data = _training_data(config, workdir, arm, mesh, tiles, val_tiles)
+  data.val_folder = str(out.path / 'validation')
+  spe, phase_steps = data.steps_per_epoch, data.phase_steps
+  total = sum(phase_steps)
+  trainer = create_trainer(config, mesh, spe, data.tp_weights)
+  input_size, output_size = trainer.module.patch_shapes
+  manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
+  state, start = _initial_state(trainer, manager, config, run, seed)
+  train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
+  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  if start == 0:
+    train_lib.log_overview(config, jax.device_get(state.params))
+  progress = train_lib.create_progress(total)
+  logging.info('hovernet_train %s: %d real windows, %d synthetic items, %d + %d steps', run,
+               len(data.real), len(data.synthetic), *phase_steps)
+  for phase in (0, 1):
+    lo, hi = (0, phase_steps[0]) if phase == 0 else (phase_steps[0], total)
+    if start >= hi:
+      continue
+    if phase == 1 and start == phase_steps[0]:
+      state = trainer.reset_optimizer(state)  # Weights only carry over (§3.2).
+    it = hovernet_data.create_dataset(
+        data.real, data.synthetic, seeds=hovernet_data.Seeds.of(config.seed, seed, phase),
+        real_batch=data.real_batch[phase], synthetic_batch=data.synthetic_batch[phase],
+        start=max(start, lo) - lo, total=hi - lo, input_size=input_size, output_size=output_size,
+        augment=tc.augment, num_threads=tc.loader_threads)
+    state = _train_phase(config, run, phase, (lo, hi, total), start, it, trainer, state, data,
+                         mesh, progress, writer, manager)
+    start = hi
+  checkpoint.wait(manager)
+  writer.flush()
+  _write_variables(out, state, {'arm': arm, 'seed': seed, 'steps': total,
+                                'real_windows': len(data.real),
+                                'synthetic_items': len(data.synthetic),
+                                'synthetic_per_batch': list(data.synthetic_batch)})
+  logging.info('hovernet_train: run %s finished %d steps', run, total)
+
+
+def _train_phase(config, run: str, phase: int, bounds: tuple[int, int, int], start: int, it,
+                 trainer: Trainer, state: TrainState, data: RunData, mesh, progress, writer,
+                 manager) -> TrainState:
+  """Steps max(start, lo)..hi-1 of one phase: scalars, validation, checkpoints at epoch ends."""
+  tc = config.hovernet.train
+  lo, hi, total = bounds
+  spe, rows = data.steps_per_epoch[phase], data.real_batch[phase] + data.synthetic_batch[phase]
+  last_time, last_log = time.time(), max(start, lo)
+  for step in range(max(start, lo), hi):
+    batch = sharding.global_batch(next(it), mesh)
+    state, metrics = trainer.steps[phase](state, batch, trainer.lr(phase, step - lo))
+    done = step + 1
+    progress(done)
+    epoch_end = (done - lo) % spe == 0
+    if done % tc.log_every_steps == 0 or epoch_end:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+      rate = (done - last_log) / max(time.time() - last_time, 1e-9)
+      scalars.update(images_per_sec=rate * rows, phase=float(phase + 1),
+                     lr=float(trainer.lr(phase, done - lo - 1)))
+      writer.write_scalars(done, scalars)
+      last_time, last_log = time.time(), done
+    if epoch_end:
+      epoch = (done - lo) // spe
+      if data.val_tiles and epoch % tc.val_every_epochs == 0:  # Every process: its share.
+        _write_validation(writer, done, trainer.module, state, data.val_tiles, config.eval,
+                          data.val_folder)
+      if epoch % tc.checkpoint_every_epochs == 0 or done in (data.phase_steps[0], total):
+        train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
+        checkpoint.save(manager, done, state, {'step': done})
+  return state
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains every arm x seed of `hovernet.train.runs` x `hovernet.train.seeds` (hovernet.md §3)."""
+  for arm, seed in arms.runs(config):
+    train_run(config, workdir, arm, seed)

@@ -1,0 +1,225 @@
+"""Stage `sample`: renders a synthetic image for every mixed label patch with the trained SDM.
+
+Work items are the patches of the mixed label maps (diffmix_method.md §4.1): for each kind
+('balance', then 'enlarge'), each training tile in name order and each patch of the grid
+range(0, L - S + 1, stride) per axis. Item g is rendered from x_0 = the real image crop at the same
+offsets (sdm.md §4.7), the condition of the mixed label patch, and noise fold_in(seed key, g), with the
+partial-noise DDIM + classifier-free guidance of samplers.py. Items are grouped in shards of
+`config.sample.shard_size`; each shard is one file written atomically, so a killed run restarts at the
+first missing shard and no patch is missing or doubled. Every device of every host renders: each
+global batch is sharded over the mesh; process 0 writes.
+
+Official sampler bugs fixed here (sdm.md §4.7, pitfall 21): the patch offsets, undefined in the
+official loader, are the documented grid above; labels are merged once (by the dataset builder), never
+again on already merged mixed labels.
+"""
+
+import os
+import time
+
+from absl import logging
+from flax import serialization
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffmix_jax.sdm import diffusion as gd
+from diffmix_jax.data import input_pipeline
+from diffmix_jax.data import labels
+from diffmix_jax.stages import mix_labels
+from diffmix_jax.mixing import tiles as mixing_tiles
+from diffmix_jax.sdm import unet as sdm_unet
+from diffmix_jax.sdm import samplers
+from diffmix_jax.core import sharding
+from diffmix_jax import workdir as wdir
+from diffmix_jax.data import synthetic as synthetic_io
+from diffmix_jax.core import train_loop as train_lib
+
+
+def work_items(config: ml_collections.ConfigDict, workdir: str, tiles: dict) -> list[tuple]:
+  """All (kind, tile name, patch index, row, col) items in their global order."""
+  items = []
+  for kind in mix_labels.KINDS:
+    for name in sorted(mix_labels.mixed_names(workdir, kind), key=mixing_tiles.natural_key):
+      h, w = tiles[name]['image'].shape[:2]
+      offsets = mixing_tiles.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
+      items += [(kind, name, p, int(r), int(c)) for p, (r, c) in enumerate(offsets)]
+  return items
+
+
+def _renumber(inst: np.ndarray) -> np.ndarray:
+  """Instance ids of a patch renumbered 1..N in order of first id."""
+  ids = np.unique(inst[inst > 0])
+  lut = np.zeros(int(inst.max()) + 1, np.int32)
+  lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
+  return lut[inst]
+
+
+class _Labels:
+  """Mixed label patches, loading each tile's file once."""
+
+  def __init__(self, workdir: str):
+    self._workdir, self._cache = workdir, {}
+
+  def patch(self, kind: str, name: str, p: int, r: int, c: int, size: int):
+    key = (kind, name)
+    if key not in self._cache:
+      self._cache = {key: mix_labels.load_mixed(self._workdir, kind, name)}  # One tile at a time.
+    d = self._cache[key]
+    if kind == 'balance':
+      inst, types = d['inst_map'][r:r + size, c:c + size], d['type_map'][r:r + size, c:c + size]
+    else:
+      if tuple(d['offsets'][p]) != (r, c):
+        raise ValueError(f'enlarging map of {name}: patch {p} is at {tuple(d["offsets"][p])}, not '
+                         f'({r}, {c}); rerun mix_labels with the same sample.patch_size/grid_stride')
+      inst, types = d['inst_maps'][p], d['type_maps'][p]
+    return _renumber(inst), types.astype(np.int32)
+
+
+def load_params(config: ml_collections.ConfigDict, workdir: str, module) -> dict:
+  """EMA params of `diffusion_train`, or converted official weights from config.sample.params_path.
+
+  Raises:
+    FileNotFoundError / ValueError: missing file, or a tree that does not fit the model (names the
+    first mismatching leaves).
+  """
+  path = config.sample.params_path or os.path.join(workdir, 'diffusion', 'ema_params.msgpack')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: run diffusion_train, or set '
+                            'config.sample.params_path to weights converted by convert_torch')
+  with open(path, 'rb') as f:
+    params = serialization.msgpack_restore(f.read())
+  want = sdm_unet.abstract_params(module)
+  got_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in
+                jax.tree_util.tree_flatten_with_path(params)[0]}
+  want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+                 jax.tree_util.tree_flatten_with_path(want)[0]}
+  if got_shapes != want_shapes:
+    bad = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:6]
+    raise ValueError(f'{path}: params do not fit config.diffusion.model; first differences '
+                     f'(path, shape): {bad}')
+  return params
+
+
+def _render_fn(config, module, mesh):
+  """Jitted (params, x0, y, index) -> uint8-range float images, batch sharded over the mesh."""
+  sc = config.sample
+  diff = gd.create_diffusion(config.diffusion.schedule.diffusion_steps,
+                             config.diffusion.schedule.noise_schedule, sc.timestep_respacing)
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+
+  def render(params, x0, y, index):
+    noise = jax.vmap(lambda g: jax.random.normal(jax.random.fold_in(key, g), x0.shape[1:]))(index)
+    model_fn = lambda x, t, c: module.apply({'params': params}, x, t, c)
+    out = samplers.diffmix_sample(diff, model_fn, x0, y, noise, sc.percent, sc.guidance,
+                                  sc.official_truncation)
+    return jnp.clip(jnp.round((out + 1.0) * 127.5), 0, 255)
+
+  batch = sharding.batch_sharding(mesh)
+  return jax.jit(render, in_shardings=(sharding.replicated(mesh), batch, batch, batch),
+                 out_shardings=batch)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Renders every missing shard, then exports the synthetic set; no-op when done."""
+  out = wdir.StageDir(workdir, synthetic_io.STAGE)
+  if out.done():
+    logging.info('sample: already done (%s)', out.path)
+    return
+  sc, size = config.sample, config.sample.patch_size
+  mesh = sharding.create_mesh(config.mesh)
+  global_batch = sc.batch_size * mesh.shape[sharding.DATA]
+  tiles = {t['name']: t for t in input_pipeline.load_split(config, workdir, 'train')}
+  items = work_items(config, workdir, tiles)
+  num_shards = -(-len(items) // sc.shard_size)
+  todo = [k for k in range(num_shards) if not synthetic_io.shard_path(workdir, k).exists()]
+  logging.info('sample: %d patches in %d shards, %d shards to render', len(items), num_shards,
+               len(todo))
+  if todo:
+    module = sdm_unet.create_sdm(config.diffusion.model)
+    params = jax.device_put(load_params(config, workdir, module), sharding.replicated(mesh))
+    render = _render_fn(config, module, mesh)
+  source = _Labels(workdir)
+  start, done_patches = time.time(), 0
+  for n_done, k in enumerate(todo):
+    chunk = items[k * sc.shard_size:(k + 1) * sc.shard_size]
+    inst, types = zip(*(source.patch(*it, size=size) for it in chunk))
+    x0 = np.stack([tiles[n]['image'][r:r + size, c:c + size] for _, n, _, r, c in chunk])
+    images = []
+    for b in range(0, len(chunk), global_batch):  # Pad the last batch with copies of its first row.
+      rows = np.arange(b, min(b + global_batch, len(chunk)))
+      rows = np.concatenate([rows, np.full(global_batch - len(rows), rows[0])])
+      y = labels.condition(np.stack([types[i] for i in rows]), np.stack([inst[i] for i in rows]),
+                           config.diffusion.model.num_classes, config.diffusion.model.no_instance)
+      local = slice(jax.process_index() * (global_batch // jax.process_count()),
+                    (jax.process_index() + 1) * (global_batch // jax.process_count()))
+      batch = sharding.global_batch(
+          {'x0': x0[rows][local].astype(np.float32) / 127.5 - 1.0, 'y': y[local],
+           'index': (k * sc.shard_size + rows)[local].astype(np.int32)}, mesh)
+      img = render(params, batch['x0'], batch['y'], batch['index'])
+      img = multihost_utils.process_allgather(img, tiled=True)
+      images.append(np.asarray(img, np.uint8)[:min(global_batch, len(chunk) - b)])
+    if jax.process_index() == 0:
+      synthetic_io.write_shard(workdir, k, {
+          'image': np.concatenate(images), 'inst_map': np.stack(inst), 'type_map': np.stack(types),
+          'kind': np.array([it[0] for it in chunk]), 'tile': np.array([it[1] for it in chunk]),
+          'patch': np.array([it[2] for it in chunk], np.int32),
+          'offset': np.array([it[3:] for it in chunk], np.int32),
+          'index': np.arange(k * sc.shard_size, k * sc.shard_size + len(chunk), dtype=np.int32)})
+    done_patches += len(chunk)
+    rate = done_patches / (time.time() - start)
+    left = sum(min(sc.shard_size, len(items) - j * sc.shard_size) for j in todo[n_done + 1:])
+    logging.info('sample: shard %d/%d, %.2f patches/s, ETA %.0f s', n_done + 1, len(todo), rate,
+                 left / max(rate, 1e-9))
+  if jax.process_count() > 1:
+    sharding.barrier('sample shards written')
+  if jax.process_index() == 0:
+    _finish(config, workdir, out, num_shards, tiles)
+
+
+def _finish(config, workdir: str, out: wdir.StageDir, num_shards: int, tiles: dict) -> None:
+  """TFDS set, CoNSeP-format export, preview grid and TensorBoard image; then DONE."""
+  synthetic_io.build_tfds(workdir)
+  synthetic_io.export_consep(workdir, num_shards)
+  names = labels.class_names(config.data.class_names, config.data.num_classes)
+  grid = preview(workdir, tiles, config.sample.patch_size, num_shards, names)
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(grid).save(buf, format='png')
+  out.write_bytes('preview.png', buf.getvalue())
+  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  writer.write_images(0, {'label_original_synthetic_contours': grid[None]})
+  writer.flush()
+  out.mark_done({'shards': num_shards})
+  logging.info('sample: wrote %s', out.path)
+
+
+def preview(workdir: str, tiles: dict, size: int, num_shards: int, class_names, count: int = 8,
+            panel: int = 128) -> np.ndarray:
+  """The synthetic samples figure: a title strip, `count` rows of (mixed label in colour, original
+  crop, synthetic image, synthetic with contours), each panel upscaled (nearest neighbour) to at
+  least `panel` px, and a legend of the class colours. uint8 [H, 4 P, 3], P = ceil(panel/size) size.
+  """
+  # The patches with the most classes, then the most nuclei, of the first shards (most patches of
+  # a tile are plain stroma), in their order in the set.
+  examples = [ex for _, ex in synthetic_io.iter_examples(workdir, min(num_shards, 4))]
+  score = lambda ex: (len(np.unique(ex['type_map'])), int(ex['inst_map'].max()))
+  best = sorted(sorted(range(len(examples)), key=lambda i: score(examples[i]), reverse=True)[:count])
+  rows = []
+  for ex in (examples[i] for i in best):
+    r, c = ex['offset']
+    edges = labels.edge_map(ex['inst_map']) & (ex['inst_map'] > 0)
+    contour = ex['image'].copy()
+    contour[edges] = (0, 255, 0)
+    rows.append([train_lib.colour_labels(ex['type_map'], edges)[None],
+                 tiles[ex['source_tile']]['image'][r:r + size, c:c + size][None],
+                 ex['image'][None], contour[None]])
+  grid = train_lib.image_grid([np.concatenate(col) for col in zip(*rows)])
+  k = -(-panel // size)
+  grid = np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
+  titles = train_lib.text_strip(grid.shape[1], ['mixed label', 'original crop', 'synthetic',
+                                                'synthetic + contours'], columns=True)
+  return np.concatenate([titles, grid, train_lib.legend_strip(grid.shape[1], class_names)])

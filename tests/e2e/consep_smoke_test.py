@@ -1,0 +1,134 @@
+"""The whole chain on real CoNSeP at smoke scale, through the real `main` (issue 19).
+
+`configs/consep_smoke.py` on $DIFFMIX_CONSEP_DIR (merged labels): every stage, then the same command
+again (a no-op). The checks are the paper's geometry on real data: 256-px synthetic patches at the
+official grid's offsets with their mixed labels, 49 HoVer-Net windows of 540 px per 1000^2 train
+tile, predictions covering each 1000^2 test tile exactly, a report with finite metrics for every
+class. Skipped without the data.
+"""
+
+import json
+import math
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from scipy import io as sio
+
+from configs import consep_smoke
+from diffmix_jax.hovernet import targets as hovernet_targets
+from diffmix_jax.stages import mix_labels
+from diffmix_jax.data import synthetic as synthetic_io
+from diffmix_jax.mixing import tiles as mixing_tiles
+from main_test import _one_device_env
+from main_test import run_main
+
+CONSEP = os.environ.get('DIFFMIX_CONSEP_DIR', '')
+pytestmark = [
+    pytest.mark.slow, pytest.mark.e2e, pytest.mark.xdist_group('consep_smoke'),
+    pytest.mark.skipif(not CONSEP, reason='set DIFFMIX_CONSEP_DIR to a CoNSeP copy with merged '
+                       'labels (../shared/data/consep) to run the real-data smoke chain')]
+TILE = 1000  # CoNSeP tiles are 1000 x 1000.
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('consep_smoke') / 'w'
+  args = ('--config', 'configs/consep_smoke.py', '--workdir', str(workdir))
+  env = dict(_one_device_env(), DIFFMIX_CONSEP_DIR=CONSEP)
+  first = run_main(*args, timeout=900, env=env)
+  again = run_main(*args, timeout=300, env=env)
+  return {'workdir': workdir, 'first': first, 'again': again}
+
+
+def _finished(smoke) -> pathlib.Path:
+  first = smoke['first']
+  assert first.returncode == 0, first.stderr[-4000:]
+  return smoke['workdir']
+
+
+def test_every_stage_runs_then_the_same_command_is_a_noop(smoke):
+  _finished(smoke)
+  again = smoke['again']
+  assert again.returncode == 0, again.stderr[-3000:]
+  for done in ('build_data:', 'diffusion_train:', 'mix_labels:', 'sample:',
+               'hovernet_train: run baseline', 'hovernet_train: run diffmix', 'evaluate:', 'report:'):
+    assert f'{done} already done' in again.stderr, (done, again.stderr[-3000:])
+
+
+def test_build_counts_every_real_tile_and_nucleus(smoke):
+  """The whole folder is built (subsets apply when tiles are read): per-class counts as in
+  ../shared/data/README.md."""
+  summary = json.loads((_finished(smoke) / 'build_data' / 'summary.json').read_text())
+  train, test = summary['splits']['train'], summary['splits']['test']
+  assert train['tiles'] == 27 and test['tiles'] == 14
+  assert train['nuclei_per_class'] == {'1': 371, '2': 3941, '3': 5537, '4': 5706}
+  assert test['nuclei_per_class'] == {'1': 561, '2': 1638, '3': 3214, '4': 3364}
+
+
+def test_synthetic_patches_sit_on_the_official_grid_with_their_mixed_labels(smoke):
+  workdir = _finished(smoke)
+  config = consep_smoke.get_config()
+  size = config.sample.patch_size
+  grid = mixing_tiles.grid_offsets(TILE, TILE, size, config.sample.grid_stride)
+  assert np.all(grid % 76 == 0) and len(grid) == 4  # Points of the official stride-76 grid.
+  count = len(list((workdir / 'synthetic' / 'shards').glob('shard_*.npz')))
+  shards = [synthetic_io.read_shard(workdir, k) for k in range(count)]
+  items = {(str(kd), str(t), int(p)): (o, im, it, ty) for s in shards for kd, t, p, o, im, it, ty
+           in zip(s['kind'], s['tile'], s['patch'], s['offset'], s['image'], s['inst_map'],
+                  s['type_map'])}
+  assert len(items) == 2 * len(grid)  # Both kinds, every patch of the one train tile, once.
+  for (kind, tile, p), (offset, image, inst, types) in items.items():
+    assert tile == 'train_24' and image.shape == (size, size, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(offset, grid[p])
+    mixed = mix_labels.load_mixed(workdir, kind, tile)
+    if kind == 'balance':
+      r, c = offset
+      want_types = mixed['type_map'][r:r + size, c:c + size]
+      want_inst = mixed['inst_map'][r:r + size, c:c + size]
+    else:
+      np.testing.assert_array_equal(mixed['offsets'][p], offset)
+      want_types, want_inst = mixed['type_maps'][p], mixed['inst_maps'][p]
+    np.testing.assert_array_equal(types, want_types)
+    np.testing.assert_array_equal(inst > 0, want_inst > 0)
+    assert len(np.unique(inst)) == len(np.unique(want_inst))  # Renumbered, none lost.
+
+
+def test_hovernet_trains_on_540px_mirror_windows(smoke):
+  workdir = _finished(smoke)
+  config = consep_smoke.get_config()
+  h = config.hovernet.train
+  padded = TILE + 2 * ((h.patch_window - h.patch_step) // 2)
+  windows = hovernet_targets.patch_offsets((padded, padded), h.patch_window, h.patch_step)
+  assert (h.patch_window, len(windows)) == (540, 49)
+  for run in ('baseline', 'diffmix'):
+    done = json.loads((workdir / f'hovernet_{run}' / 'DONE').read_text())
+    assert done['real_windows'] == 49 and done['steps'] == 7, done
+  assert json.loads((workdir / 'hovernet_diffmix' / 'DONE').read_text())['synthetic_items'] > 0
+
+
+def test_predictions_cover_each_1000px_test_tile(smoke):
+  workdir = _finished(smoke)
+  for run in ('baseline', 'diffmix'):
+    preds = sorted((workdir / 'eval' / run / 'pred').glob('*.mat'))
+    assert [p.stem for p in preds] == ['test_4']
+    mat = sio.loadmat(preds[0])
+    assert mat['inst_map'].shape == (TILE, TILE)
+    assert len(mat['inst_type']) == len(mat['inst_uid']) == len(mat['inst_centroid'])
+
+
+def test_report_has_finite_metrics_for_every_class(smoke):
+  workdir = _finished(smoke)
+  metrics = json.loads((workdir / 'report' / 'metrics.json').read_text())
+  assert metrics['tiles'] == {'train': 'train_24', 'test': 'test_4'}
+  for run in ('baseline', 'diffmix'):
+    m = metrics[run]
+    assert m['num_true'] == 50 + 5 + 304 + 59, m['num_true']  # test_4's nuclei.
+    assert all(math.isfinite(m[k]) for k in ('dice', 'aji', 'pq', 'f_d', 'acc')), m
+    assert sorted(m['f_c']) == ['1', '2', '3', '4'], m['f_c']
+    assert all(math.isfinite(v) for v in m['f_c'].values()), m['f_c']
+  # The untrained-looking networks (official init, 7 steps) still find nuclei: real post-processing.
+  assert metrics['baseline']['num_pred'] > 0, metrics['baseline']
+  assert 'synthetic_fidelity' in metrics
+  assert 'Tiles: train train_24; test test_4.' in (workdir / 'report' / 'report.md').read_text()
