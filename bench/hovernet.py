@@ -61,8 +61,8 @@ def _post_seconds() -> float:
     inst, types = mat['inst_map'].astype(np.int32), mat['type_map'].astype(np.int32)
     where = 'CoNSeP test_1 oracle map'
   else:
-    from diffmix_jax.data import demo as demo_data  # pylint: disable=g-import-not-at-top
-    tiles = [demo_data.make_tile(0, 'test', i) for i in range(16)]
+    from tfds_builders.demo_nuclei import generate as demo_tiles
+    tiles = [demo_tiles.make_tile(0, 'test', i) for i in range(16)]
     inst = np.block([[t[1] + 1000 * (4 * r + c) * (t[1] > 0) for c, t in
                       enumerate(tiles[4 * r:4 * r + 4])] for r in range(4)])[:1000, :1000]
     types = np.block([[t[2] for t in tiles[4 * r:4 * r + 4]] for r in range(4)])[:1000, :1000]

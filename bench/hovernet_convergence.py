@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
 from configs import tiny  # noqa: E402
-from diffmix_jax.data import demo as demo_data  # noqa: E402
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.metrics import records  # noqa: E402
 from diffmix_jax.hovernet import patches as hovernet_data  # noqa: E402
 from diffmix_jax.hovernet import infer as hovernet_infer  # noqa: E402
@@ -47,7 +47,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Init seed.')
 
 
 def _tile(split: str, i: int) -> dict:
-  image, inst, types = demo_data.make_tile(demo_data.SEED, split, i)
+  image, inst, types = demo_tiles.make_tile(demo_tiles.SEED, split, i)
   return {'image': image, 'inst_map': inst, 'type_map': types}
 
 

@@ -6,8 +6,8 @@ import ml_collections
 
 from configs import common
 from diffmix_jax.core import arms
-from diffmix_jax.data import raw_folders as dataset_files
-from diffmix_jax.data import demo as demo_data
+from tfds_builders import raw_folders
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.data import input_pipeline
 
 
@@ -74,12 +74,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
 def _tile_names_on_disk(c: ml_collections.ConfigDict, split: str) -> list[str] | None:
   """The tile names of a split as the builders name them, or None when the source folder is absent."""
   if c.data.name == 'demo_nuclei':
-    return [f'{split}_{i + 1}' for i in range(demo_data.NUM_TILES[split])]
+    return [f'{split}_{i + 1}' for i in range(demo_tiles.NUM_TILES[split])]
   root = c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
                                else '')
   if not root or not os.path.isdir(root):
     return None
-  return [name for name, _, _ in dataset_files.split_pairs(root, split)]
+  return [name for name, _, _ in raw_folders.split_pairs(root, split)]
 
 
 PRETRAINED_SOURCE = ('the official ImageNet-ResNet50-Preact_pytorch.tar (HoVer-Net README, Google '

@@ -23,8 +23,6 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every stage output and checkpoint.')
 
-COMPILATION_CACHE = 'jax_cache'  # Folder of the persistent XLA compilation cache in the workdir.
-
 # Stage name -> (module that owns it, issue that builds it, run by every process or by process 0).
 STAGES = {
     'build_data': ('diffmix_jax.stages.build_data', 3, False),
@@ -68,13 +66,13 @@ def main(argv):
   # Persistent: a rerun after a kill or a second run compiles less. JAX_COMPILATION_CACHE_DIR (set by
   # launch/gpu.sh) takes precedence.
   if config.compilation_cache and not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, COMPILATION_CACHE))
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, wdir.COMPILATION_CACHE))
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   if jax.process_index() == 0:
-    wdir.atomic_write(os.path.join(workdir, 'config.json'),
+    wdir.atomic_write(os.path.join(workdir, wdir.CONFIG),
                              config.to_json_best_effort(indent=2).encode())
-  timings_path = os.path.join(workdir, 'timings.json')
+  timings_path = os.path.join(workdir, wdir.TIMINGS)
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   for name in [s.strip() for s in config.stages.split(',') if s.strip()]:
     run = stage_fn(name)

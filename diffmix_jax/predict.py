@@ -31,6 +31,8 @@ from absl import logging
 import cv2
 import numpy as np
 
+from diffmix_jax import workdir as wdir
+
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 OUTPUTS = (('mat', '.mat'), ('json', '.json'), ('overlay', '.png'), ('qupath', '.geojson'))
 
@@ -78,7 +80,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     raise ValueError('give exactly one model source: --workdir (with --run), --model_dir or '
                      '--checkpoint')
   if workdir:
-    path = pathlib.Path(workdir) / 'config.json'
+    path = pathlib.Path(workdir) / wdir.CONFIG
     if not path.exists():
       raise FileNotFoundError(f'{path}: missing; --workdir must be a workdir of '
                               '`python -m diffmix_jax.main` (it writes config.json)')
@@ -86,7 +88,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     fields = config['hovernet']['model']
     module = hovernet.create_hovernet(_model_config(fields))
     variables = hovernet_infer.load_variables(
-        hovernet_infer.variables_path(workdir, run or 'baseline'), module)
+        wdir.hovernet_variables_path(workdir, run or 'baseline'), module)
     names = [n.strip() for n in config['data']['class_names'].split(',')]
     return Model(module, variables, dict(fields), names)
   if model_dir:
@@ -212,7 +214,6 @@ def _write_tile(out: pathlib.Path, name: str, image: np.ndarray, inst_map, info,
   """The four outputs of one tile, then its fingerprint (written last: it marks the tile done)."""
   from diffmix_jax.metrics import records  # pylint: disable=g-import-not-at-top
   from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
-  from diffmix_jax import workdir as wdir  # pylint: disable=g-import-not-at-top
   records.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
   wdir.atomic_write(out / 'json' / f'{name}.json',
                            json.dumps(nuclei_json(info)).encode())

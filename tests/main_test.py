@@ -13,6 +13,7 @@ import time
 import pytest
 
 from diffmix_jax import main
+from diffmix_jax import workdir as wdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -114,7 +115,6 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   from conftest import copy_workdir
   import numpy as np
   from configs import tiny
-  from diffmix_jax.stages import diffusion_train
   from diffmix_jax.data import input_pipeline
   from diffmix_jax.stages import sample
   from diffmix_jax.data import synthetic as synthetic_io
@@ -131,7 +131,7 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   out = _kill_when(cmd, synthetic_io.shard_path(workdir, 1).exists, 'sample',
                    tmp_path / 'run2.log')
   assert 'diffusion_train: resumed from step' in out, out[-3000:]
-  name = diffusion_train.EMA_FILE
+  name = wdir.EMA_PARAMS
   assert (workdir / 'diffusion' / name).read_bytes() == (tiny_trained / 'diffusion' /
                                                          name).read_bytes()
   assert _checkpoint_params(workdir) == _checkpoint_params(tiny_trained)
@@ -169,7 +169,7 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   timings = json.loads((workdir / 'timings.json').read_text())
   assert {'diffusion_train', 'sample', 'hovernet_train', 'evaluate', 'report'} <= set(timings)
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # Else JAX's own cache folder is used.
-    cache = workdir / main.COMPILATION_CACHE
+    cache = workdir / wdir.COMPILATION_CACHE
     assert cache.is_dir() and any(cache.iterdir()), 'no persistent compilation cache in the workdir'
   start = time.time()
   again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), timeout=600)

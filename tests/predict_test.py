@@ -18,6 +18,7 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from diffmix_jax import workdir as wdir
 from diffmix_jax import convert_torch
 from diffmix_jax.data import demo as demo_data
 from diffmix_jax.metrics import records
@@ -49,7 +50,7 @@ def sources(tmp_path_factory):
   config.hovernet.model.update(FIELDS)
   (root / 'work' / 'hovernet_baseline').mkdir(parents=True)
   (root / 'work' / 'config.json').write_text(config.to_json_best_effort())
-  (root / 'work' / 'hovernet_baseline' / hovernet_infer.VARIABLES_FILE).write_bytes(
+  (root / 'work' / 'hovernet_baseline' / wdir.HOVERNET_VARIABLES).write_bytes(
       serialization.to_bytes(variables))
   convert_torch.save_params(str(root / 'model' / convert_torch.HOVERNET_VARIABLES), variables)
   (root / 'model' / convert_torch.HOVERNET_CONFIG).write_text(

@@ -7,7 +7,7 @@ Features per tile (datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `ins
 import numpy as np
 import tensorflow_datasets as tfds
 
-from diffmix_jax.data import raw_folders as dataset_files
+from tfds_builders import raw_folders
 
 VERSION = tfds.core.Version('1.0.0')
 
@@ -45,10 +45,10 @@ class RawFolderBuilder(tfds.core.GeneratorBasedBuilder):
     root = dl_manager.manual_dir
     # Check every split's file pairing before anything is written.
     for split in ('train', 'test'):
-      dataset_files.split_pairs(root, split)
+      raw_folders.split_pairs(root, split)
     return {split: self._generate_examples(root, split) for split in ('train', 'test')}
 
   def _generate_examples(self, root, split):
-    for tile in dataset_files.iter_split(root, split, self.DATASET, self.builder_config.name):
+    for tile in raw_folders.iter_split(root, split, self.DATASET, self.builder_config.name):
       yield tile.name, {'image': tile.image, 'inst_map': tile.inst_map,
                         'type_map': tile.type_map, 'name': tile.name}

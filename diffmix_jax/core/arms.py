@@ -10,7 +10,7 @@ random stream from (`config.seed`, s) only, never from the arm, so runs of one s
 
 import ml_collections
 
-# Arm -> the mixing kinds (`mix_labels.KINDS`) of the synthetic patches it trains on.
+# Arm -> the mixing kinds (`mixing.files.KINDS`) of the synthetic patches it trains on.
 ARMS = {'baseline': (), 'balancing': ('balance',), 'enlarging': ('enlarge',),
         'diffmix': ('balance', 'enlarge')}
 

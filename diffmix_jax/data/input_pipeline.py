@@ -4,13 +4,14 @@ Host NumPy out. Training elements are a pure function of (seed, global element i
 identical for any number of processes or workers, and the grain iterator state restores exactly.
 """
 
-import os
 import pathlib
 from typing import Iterator
 
 import grain
 import ml_collections
 import numpy as np
+
+from diffmix_jax import workdir as wdir
 
 NUM_AUGS = 6  # 0 none; 1, 2, 3 rotate by 90 deg * k; 4 flip left-right; 5 flip up-down (sdm.md §4.6).
 
@@ -28,8 +29,8 @@ def open_source(dataset: str, data_dir: str, labels: str, split: str):
     A `tfds.data_source`-style sequence; items have `image` uint8 [H, W, 3], `inst_map` and
     `type_map` int32 [H, W], `name` bytes.
   """
-  import tfds_builders  # pylint: disable=g-import-not-at-top
-  builder = tfds_builders.create_builder(dataset, data_dir, labels)
+  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
+  builder = registry.create_builder(dataset, data_dir, labels)
   if not pathlib.Path(builder.data_dir, 'dataset_info.json').exists():
     raise FileNotFoundError(
         f'{dataset} ({labels} labels) is not built in {data_dir}: run the build_data stage or '
@@ -76,7 +77,7 @@ class _Subset:
 def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   """`open_source` for the configured dataset (data_dir defaults to `<workdir>/tfds`), restricted
   to `config.data.<split>_tiles` when that is set (the builder's order kept)."""
-  data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
+  data_dir = wdir.tfds_dir(config, workdir)
   source = open_source(config.data.name, data_dir, config.data.labels, split)
   wanted = set(tile_names(config, split))
   if not wanted:

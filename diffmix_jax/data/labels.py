@@ -1,4 +1,4 @@
-"""Label-map functions (NumPy only): class merges, instance edges, SDM conditioning, label dropping.
+"""Label-map functions (NumPy only): the class palette, instance edges, SDM conditioning, label dropping.
 
 Conventions: maps are integer arrays [..., H, W] (leading batch axes allowed); the SDM condition is
 NHWC float32 [..., H, W, num_classes + 1] = one-hot over 0..num_classes-1 (background has its own
@@ -8,16 +8,6 @@ channel 0) followed by the instance-edge channel (sdm.md §4.6, pitfall 10).
 from typing import Sequence
 
 import numpy as np
-
-# Raw class ids -> merged ids (hovernet.md §6.1-6.2, sdm.md §4.6). Background 0 stays 0.
-# CoNSeP: 1 other; 2 inflammatory; 3, 4 -> 3 epithelial; 5, 6, 7 -> 4 spindle-shaped.
-# GLySAC: {1, 2, 9, 10} -> 1; {4, 5, 6, 7} -> 2; {3, 8} -> 3.
-_MERGES = {
-    'consep': {0: 0, 1: 1, 2: 2, 3: 3, 4: 3, 5: 4, 6: 4, 7: 4},
-    'glysac': {0: 0, 1: 1, 2: 1, 9: 1, 10: 1, 4: 2, 5: 2, 6: 2, 7: 2, 3: 3, 8: 3},
-}
-# Number of classes incl. background after the merge.
-MERGED_NUM_CLASSES = {'consep': 5, 'glysac': 4}
 
 # The one class palette of every figure and preview (uint8 RGB by class id; ids past the end wrap):
 # background black, 1 other yellow, 2 inflammatory red, 3 epithelial blue, 4 spindle green, then
@@ -30,55 +20,6 @@ CLASS_COLOURS = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255
 def class_colours(type_map: np.ndarray) -> np.ndarray:
   """`CLASS_COLOURS` looked up by class id: int [...] -> uint8 [..., 3]."""
   return CLASS_COLOURS[np.asarray(type_map) % len(CLASS_COLOURS)]
-
-
-def original_max_id(dataset: str) -> int:
-  """Largest raw class id of `dataset` ('consep': 7, 'glysac': 10)."""
-  return max(_MERGES[_check_dataset(dataset)])
-
-
-def _check_dataset(dataset: str) -> str:
-  if dataset not in _MERGES:
-    raise ValueError(f'unknown dataset {dataset!r} for class merging; expected one of '
-                     f'{sorted(_MERGES)}')
-  return dataset
-
-
-def merge_table(dataset: str) -> np.ndarray:
-  """Lookup table raw id -> merged id.
-
-  Args:
-    dataset: 'consep' or 'glysac'.
-
-  Returns:
-    int32 [max_raw_id + 1]; `table[type_map]` merges a raw map.
-  """
-  merges = _MERGES[_check_dataset(dataset)]
-  table = np.zeros(max(merges) + 1, np.int32)
-  for raw, merged in merges.items():
-    table[raw] = merged
-  return table
-
-
-def merge_classes(type_map: np.ndarray, dataset: str) -> np.ndarray:
-  """Maps raw class ids to merged ids (the merge is applied once, never to merged maps).
-
-  Args:
-    type_map: integer [..., H, W] raw ids of `dataset`.
-    dataset: 'consep' or 'glysac'.
-
-  Returns:
-    int32 [..., H, W] merged ids.
-
-  Raises:
-    ValueError: when a value is outside the raw scheme (names the values found).
-  """
-  table = merge_table(dataset)
-  bad = np.setdiff1d(np.unique(type_map), np.arange(len(table)))
-  if bad.size:
-    raise ValueError(f'{dataset} raw class ids must be in 0..{len(table) - 1}; found '
-                     f'{bad.tolist()}')
-  return table[type_map.astype(np.int64)]
 
 
 def edge_map(inst_map: np.ndarray) -> np.ndarray:

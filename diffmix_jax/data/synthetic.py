@@ -19,14 +19,14 @@ import tensorflow_datasets as tfds
 
 from diffmix_jax.hovernet import patches as hovernet_data
 from diffmix_jax import workdir as wdir
+from diffmix_jax.metrics import records
 from tfds_builders import tiles as tile_features
 
-STAGE = 'synthetic'
 SHARD_KEYS = ('image', 'inst_map', 'type_map', 'kind', 'tile', 'patch', 'offset', 'index')
 
 
 def shard_path(workdir: os.PathLike, k: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / STAGE / 'shards' / f'shard_{k:05d}.npz'
+  return wdir.synthetic_shard_path(workdir, k)
 
 
 def write_shard(workdir: os.PathLike, k: int, arrays: dict) -> None:
@@ -79,14 +79,15 @@ class SyntheticNuclei(tfds.core.GeneratorBasedBuilder):
     return {'train': self._generate_examples(pathlib.Path(dl_manager.manual_dir))}
 
   def _generate_examples(self, root: pathlib.Path):
-    num_shards = len(list((root / 'shards').glob('shard_*.npz')))
-    yield from iter_examples(root.parent, num_shards)
+    workdir = root.parent
+    num_shards = len(list(wdir.synthetic_shard_path(workdir, 0).parent.glob('shard_*.npz')))
+    yield from iter_examples(workdir, num_shards)
 
 
 def build_tfds(workdir: os.PathLike) -> str:
   """Builds the TFDS dataset from the shards into `<workdir>/synthetic/tfds`; returns data_dir."""
-  root = pathlib.Path(workdir) / STAGE
-  data_dir = str(root / 'tfds')
+  root = wdir.synthetic_dir(workdir)
+  data_dir = str(wdir.synthetic_tfds_dir(workdir))
   builder = SyntheticNuclei(data_dir=data_dir)
   builder.download_and_prepare(
       file_format='array_record',
@@ -96,7 +97,7 @@ def build_tfds(workdir: os.PathLike) -> str:
 
 def open_source(workdir: os.PathLike, split: str = 'train'):
   """Random-access source of the synthetic set, same item layout as `input_pipeline.open_source`."""
-  data_dir = pathlib.Path(workdir) / STAGE / 'tfds'
+  data_dir = wdir.synthetic_tfds_dir(workdir)
   builder = SyntheticNuclei(data_dir=str(data_dir))
   if not pathlib.Path(builder.data_dir, 'dataset_info.json').exists():
     raise FileNotFoundError(f'no synthetic dataset in {data_dir}: run the sample stage first')
@@ -122,14 +123,13 @@ def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   inst_centroid) and `manifest.json` (each patch's kind, source tile, grid index and offset), each
   file atomically, the manifest last."""
   import json  # pylint: disable=g-import-not-at-top
-  out = pathlib.Path(workdir) / STAGE / 'consep_format'
+  out = wdir.synthetic_export_dir(workdir)
   manifest = {}
   for name, ex in iter_examples(workdir, num_shards):
-    wdir.write_consep_example(out, name, ex['image'], {
+    records.write_consep_example(out, name, ex['image'], {
         'inst_map': ex['inst_map'].astype(np.int32), 'type_map': ex['type_map'].astype(np.int32),
         **instance_record(ex['inst_map'], ex['type_map'])})
     manifest[name] = {'kind': ex['kind'], 'tile': ex['source_tile'], 'patch': int(ex['patch']),
                       'offset': [int(v) for v in ex['offset']]}
-  wdir.atomic_write(out / hovernet_data.MANIFEST,
-                           json.dumps({'patches': manifest}, indent=1).encode())
+  wdir.atomic_write(out / hovernet_data.MANIFEST, json.dumps({'patches': manifest}, indent=1).encode())
   return out

@@ -19,7 +19,6 @@ from diffmix_jax.metrics import postprocess
 from diffmix_jax.core import sharding
 from diffmix_jax.hovernet import model as hovernet
 
-VARIABLES_FILE = 'variables.msgpack'  # Final eval variables a finished hovernet_train run writes.
 
 
 def tile_patches(image: np.ndarray, input_size: int, output_size: int) -> np.ndarray:
@@ -103,7 +102,7 @@ def create_predictor(module: hovernet.HoVerNet, variables: Any, batch_size: int,
   mesh = mesh or local_mesh()
   n_dev = mesh.shape[sharding.DATA]
   if batch_size % n_dev:
-    raise ValueError(f'config.hovernet.infer.batch_size={batch_size} is not divisible by the '
+    raise ValueError(f'config.eval.batch_size={batch_size} is not divisible by the '
                      f'{n_dev} local devices; use a multiple of {n_dev}')
   rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   variables = jax.device_put(variables, rep)
@@ -178,10 +177,6 @@ def true_record(inst_map: np.ndarray, type_map: np.ndarray) -> dict[str, np.ndar
           'inst_centroid': np.asarray(cents, np.float64).reshape(len(ids), 2)}
 
 
-def variables_path(workdir: str, run: str) -> str:
-  return os.path.join(workdir, f'hovernet_{run}', VARIABLES_FILE)
-
-
 def load_variables(path: str, module: hovernet.HoVerNet) -> Any:
   """Variables written by `hovernet_train` (`variables.msgpack`) for `module`.
 
@@ -195,3 +190,4 @@ def load_variables(path: str, module: hovernet.HoVerNet) -> Any:
   target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
   with open(path, 'rb') as f:
     return serialization.from_bytes(target, f.read())
+

@@ -20,12 +20,6 @@ from diffmix_jax.hovernet import augment as hovernet_augment
 from diffmix_jax.hovernet import targets as hovernet_targets
 
 
-def synthetic_folder(config, workdir: str) -> str:
-  """The synthetic set HoVer-Net reads: `hovernet.train.synthetic_dir`, else the sample stage's
-  `<workdir>/synthetic/consep_format`."""
-  return config.hovernet.train.synthetic_dir or os.path.join(workdir, 'synthetic', 'consep_format')
-
-
 MANIFEST = 'manifest.json'  # Written by `synthetic_io.export_consep` beside Images/ and Labels/.
 
 

@@ -130,6 +130,19 @@ def save_mat(path: str | os.PathLike, record: Record) -> None:
   wdir.atomic_write(path, buf.getvalue())  # Makes the folder; temp name, then rename.
 
 
+def write_consep_example(folder: os.PathLike, name: str, image, record: dict) -> None:
+  """`folder/Images/<name>.png` (RGB uint8 [H, W, 3]) and `folder/Labels/<name>.mat` (`record`:
+  inst_map, type_map, inst_type, inst_centroid), each written atomically."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = pathlib.Path(folder)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format='png')
+  wdir.atomic_write(folder / 'Images' / f'{name}.png', buf.getvalue())
+  buf = io.BytesIO()
+  sio.savemat(buf, record, do_compression=True)
+  wdir.atomic_write(folder / 'Labels' / f'{name}.mat', buf.getvalue())
+
+
 def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
                     names: Sequence[str] | None = None,
                     radius: float = seg_metrics.MATCH_RADIUS,

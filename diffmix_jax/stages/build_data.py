@@ -32,7 +32,7 @@ def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'orig
     The summary of `summarize`.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import tfds_builders  # pylint: disable=g-import-not-at-top
+  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
   if dataset == 'demo_nuclei':
     labels = 'merged'  # Generated directly in merged ids.
   else:
@@ -41,7 +41,7 @@ def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'orig
     if not pathlib.Path(manual_dir).is_dir():
       raise FileNotFoundError(f'manual_dir {manual_dir} does not exist; expected the folder holding '
                               'Train/ and Test/')
-  builder = tfds_builders.create_builder(dataset, data_dir, labels)
+  builder = registry.create_builder(dataset, data_dir, labels)
   # TFDS writes into a temporary folder and renames it when complete, so a killed build is redone.
   builder.download_and_prepare(
       file_format='array_record',
@@ -115,7 +115,7 @@ def format_summary(summary: dict, class_names=None) -> str:
 
 def data_dir_for(config: ml_collections.ConfigDict, workdir: str) -> str:
   """`config.data.data_dir`, or `<workdir>/tfds` when it is empty."""
-  return config.data.data_dir or os.path.join(workdir, 'tfds')
+  return wdir.tfds_dir(config, workdir)
 
 
 def manual_dir_for(config: ml_collections.ConfigDict) -> str:
@@ -131,7 +131,7 @@ def manual_dir_for(config: ml_collections.ConfigDict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage `build_data`: builds the configured dataset and writes its summary (no-op when done)."""
-  out = wdir.StageDir(workdir, 'build_data')
+  out = wdir.StageDir(workdir, wdir.BUILD_DATA)
   if out.done():
     logging.info('build_data: already done (%s)', out.path)
     return
@@ -139,5 +139,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                   config.data.labels)
   names = [n.strip() for n in config.data.class_names.split(',')]
   logging.info('build_data summary:\n%s', format_summary(summary, names))
-  out.write_text('summary.json', json.dumps(summary, indent=2))
+  out.write_text(wdir.SUMMARY, json.dumps(summary, indent=2))
   out.mark_done()

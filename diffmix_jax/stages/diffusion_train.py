@@ -9,7 +9,6 @@ Outputs under `<workdir>/diffusion/`: orbax checkpoints, TensorBoard events, `em
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
@@ -33,7 +32,6 @@ from diffmix_jax import workdir as wdir
 from diffmix_jax.core import train_loop as train_lib
 from diffmix_jax.sdm import unet as sdm_unet
 
-EMA_FILE = 'ema_params.msgpack'
 
 
 @flax.struct.dataclass
@@ -156,7 +154,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains the SDM through both phases; resumes from the newest checkpoint; no-op when done."""
-  out = wdir.StageDir(workdir, 'diffusion')
+  out = wdir.StageDir(workdir, wdir.DIFFUSION)
   if out.done():
     logging.info('diffusion_train: already done (%s)', out.path)
     return
@@ -164,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   mesh = sharding.create_mesh(config.mesh)
   trainer = create_trainer(config, mesh)
   total = tc.phase1_steps + tc.phase2_steps
-  manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
+  manager = checkpoint.create_manager(out.checkpoints, tc.keep_checkpoints)
   restored = checkpoint.restore_latest(
       manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
   if restored is None:
@@ -182,7 +180,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if data_state is not None:
     it.set_state(data_state)
 
-  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  writer = train_lib.create_writer(out.tensorboard)
   if start == 0:
     train_lib.log_overview(config, jax.device_get(state.params))
   progress = train_lib.create_progress(total)
@@ -217,27 +215,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer.flush()
   ema = multihost_utils.process_allgather(state.ema, tiled=True)  # Host NumPy, all processes.
   if jax.process_index() == 0:
-    out.write_bytes(EMA_FILE, serialization.to_bytes(ema))
+    out.write_bytes(wdir.EMA_PARAMS, serialization.to_bytes(ema))
     out.mark_done({'steps': total})
   logging.info('diffusion_train: finished %d steps', total)
-
-
-def load_ema(workdir: str, module) -> Any:
-  """The EMA params written by a finished `diffusion_train` stage.
-
-  Args:
-    workdir: the run's workdir.
-    module: the SDMUNet they belong to (for the tree structure).
-
-  Returns:
-    float32 params pytree.
-  """
-  path = os.path.join(workdir, 'diffusion', EMA_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: run the diffusion_train stage first, or set '
-                            'config.sample.params_path to converted official weights')
-  target = jax.eval_shape(lambda: module.init(jax.random.key(0),
-                                              *sdm_unet_dummy_inputs(module))['params'])
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
-  with open(path, 'rb') as f:
-    return serialization.from_bytes(target, f.read())

@@ -15,26 +15,26 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
   label = label or run
-  pred_dir, true_dir = out.path / label / 'pred', out.path / label / 'true'
+  pred_dir, true_dir = wdir.eval_record_dirs(workdir, label)
   pred_dir.mkdir(parents=True, exist_ok=True)
   true_dir.mkdir(parents=True, exist_ok=True)
-  variables = hovernet_infer.load_variables(hovernet_infer.variables_path(workdir, run), module)
+  variables = hovernet_infer.load_variables(wdir.hovernet_variables_path(workdir, run), module)
   predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
   mine = [tiles[i] for i in eval_indices_for(len(tiles))]
   progress = train_lib.create_progress(len(mine))
   for k, tile in enumerate(mine):
     if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
       records.save_mat(true_dir / f'{tile["name"]}.mat',
-               hovernet_infer.true_record(tile['inst_map'], tile['type_map']))
+                       hovernet_infer.true_record(tile['inst_map'], tile['type_map']))
       records.save_mat(pred_dir / f'{tile["name"]}.mat',
-               hovernet_infer.predict_record(predict, module, tile['image']))
+                       hovernet_infer.predict_record(predict, module, tile['image']))
     progress(k + 1)
   if jax.process_count() > 1:
     sharding.barrier(f'evaluate {label} predicted')
   if jax.process_index() == 0:
     metrics = records.evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
-                            weights=[float(v) for v in config.eval.f_c_weights.split(',')])
-    records.write_json(metrics, out.path / f'{label}.json')
+                                    weights=[float(v) for v in config.eval.f_c_weights.split(',')])
+    records.write_json(metrics, wdir.eval_json(workdir, label))
     print(f'evaluate {label}:\n{records.format_table(metrics)}')
 
 
@@ -45,17 +45,13 @@ def eval_indices_for(n: int) -> list[int]:
   return input_pipeline.eval_indices(n, jax.process_index(), jax.process_count())
 
 
-SYNTHETIC_FIDELITY = 'synthetic_fidelity'  # eval/<this>.json: the baseline model, synthetic set.
-
-
 def _synthetic_folder(config, workdir: str) -> str:
   """The synthetic set to score with the baseline model, or '' when there is none to score
   (`eval.synthetic_fidelity` off, no baseline arm, or no synthetic set written)."""
   from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.hovernet import patches as hovernet_data  # pylint: disable=g-import-not-at-top
   if not config.eval.synthetic_fidelity or arms.fidelity_run(config) is None:
     return ''
-  folder = hovernet_data.synthetic_folder(config, workdir)
+  folder = wdir.synthetic_consep_dir(config, workdir)
   return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
 
 
@@ -73,23 +69,23 @@ def run(config, workdir: str) -> None:
   from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top
   from diffmix_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
-  out = wdir.StageDir(workdir, 'eval')
+  out = wdir.StageDir(workdir, wdir.EVAL)
   names = [arms.run_name(a, s) for a, s in arms.runs(config)]
   synthetic = _synthetic_folder(config, workdir)
-  wanted = names + ([SYNTHETIC_FIDELITY] if synthetic else [])
-  if out.done() and all((out.path / f'{n}.json').exists() for n in wanted):
+  wanted = names + ([wdir.SYNTHETIC_FIDELITY] if synthetic else [])
+  if out.done() and all(wdir.eval_json(workdir, n).exists() for n in wanted):
     logging.info('evaluate: already done (%s)', out.path)
     return
   module = hovernet.create_hovernet(config.hovernet.model)
   tiles = input_pipeline.load_split(config, workdir, 'test')
   for name in names:
-    if not (out.path / f'{name}.json').exists():
+    if not wdir.eval_json(workdir, name).exists():
       _evaluate_run(config, workdir, name, tiles, module, out)
-  if synthetic and not (out.path / f'{SYNTHETIC_FIDELITY}.json').exists():
+  if synthetic and not wdir.eval_json(workdir, wdir.SYNTHETIC_FIDELITY).exists():
     # The baseline model (real data only) reads every synthetic patch at its own size, padded as
     # test tiles are, scored against the patch's own labels: is each class rendered recognisably?
     from diffmix_jax.hovernet import patches as hovernet_data  # pylint: disable=g-import-not-at-top
     _evaluate_run(config, workdir, arms.fidelity_run(config),
-                  hovernet_data.read_synthetic(synthetic), module, out, label=SYNTHETIC_FIDELITY)
+                  hovernet_data.read_synthetic(synthetic), module, out, label=wdir.SYNTHETIC_FIDELITY)
   if jax.process_index() == 0:
     out.mark_done({'runs': names, 'tiles': len(tiles)})

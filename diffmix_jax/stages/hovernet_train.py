@@ -10,7 +10,6 @@ the evaluate stage) and `DONE`.
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable
 
@@ -29,7 +28,6 @@ from diffmix_jax.core import checkpoint
 from diffmix_jax.hovernet import torch_import as convert_hovernet
 from diffmix_jax import convert_torch
 from diffmix_jax.hovernet import patches as hovernet_data
-from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.hovernet import losses as hovernet_losses
 from diffmix_jax.hovernet import targets as hovernet_targets
 from diffmix_jax.hovernet import validation as hovernet_validation
@@ -178,7 +176,7 @@ def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, me
   synthetic = []
   if arms.ARMS[arm]:
     synthetic = hovernet_data.pack_patches(hovernet_data.read_synthetic(
-        hovernet_data.synthetic_folder(config, workdir), arms.ARMS[arm]), tc.patch_window)
+        wdir.synthetic_consep_dir(config, workdir), arms.ARMS[arm]), tc.patch_window)
   if tiles is None:
     tiles = input_pipeline.load_split(config, workdir, 'train')
   if val_tiles is None:
@@ -256,7 +254,7 @@ def _write_variables(out: wdir.StageDir, state: TrainState, done_info: dict) -> 
   """The eval variables for the evaluate stage, then DONE (process 0)."""
   variables = _variables(state)
   if jax.process_index() == 0:
-    out.write_bytes(hovernet_infer.VARIABLES_FILE, serialization.to_bytes(variables))
+    out.write_bytes(wdir.HOVERNET_VARIABLES, serialization.to_bytes(variables))
     out.mark_done(done_info)
 
 
@@ -277,7 +275,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
     raise ValueError(f'config.hovernet.train.runs: unknown arm {arm!r}; expected a comma list of '
                      f'{", ".join(arms.ARMS)}')
   run = arms.run_name(arm, seed)
-  out = wdir.StageDir(workdir, f'hovernet_{run}')
+  out = wdir.StageDir(workdir, wdir.hovernet_stage(run))
   if out.done():
     logging.info('hovernet_train: run %s already done (%s)', run, out.path)
     return
@@ -289,10 +287,10 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
   total = sum(phase_steps)
   trainer = create_trainer(config, mesh, spe, data.tp_weights)
   input_size, output_size = trainer.module.patch_shapes
-  manager = checkpoint.create_manager(os.path.join(out.path, 'checkpoints'), tc.keep_checkpoints)
+  manager = checkpoint.create_manager(out.checkpoints, tc.keep_checkpoints)
   state, start = _initial_state(trainer, manager, config, run, seed)
   train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
-  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  writer = train_lib.create_writer(out.tensorboard)
   if start == 0:
     train_lib.log_overview(config, jax.device_get(state.params))
   progress = train_lib.create_progress(total)

@@ -1,14 +1,10 @@
 """Stage `mix_labels`: balancing and enlarging label maps of the training split in workdir/mixed_labels/.
 
 Layout (every file written to a temporary name and renamed; `DONE` last; diffmix_method.md §2.5, §3.3):
-  balance/<tile>.npz   inst_map, type_map int32 [H, W]; ids, inst_type int32 [M]; inst_centroid
-                       float64 [M, 2] (x, y); prov_<column> int64 [R] (see balancing.balance_tile),
-                       prov_donor_name str [R]; touched int32 [K]
-  enlarge/<tile>.npz   offsets int32 [P, 2]; inst_maps int32 [P, S, S]; classes, real_ids int32 [P, K];
-                       move_<column> int32 [Q]; num_nuclei, num_interior, num_moved int32 [P]
+  balance/<tile>.npz, enlarge/<tile>.npz   the maps (mixing/files.py writes and reads them)
   provenance.csv       one row per replacement: tile, target_id, donor_tile, donor_id, classes, present
   summary.json, class_histogram.png, preview.png, DONE
-Read the maps back with `load_mixed` and the tile names with `mixed_names`.
+Read the maps back with `mixing.files.load_mixed`.
 """
 
 import io
@@ -27,18 +23,9 @@ import numpy as np  # noqa: E402
 from diffmix_jax.data import labels  # noqa: E402
 from diffmix_jax.mixing import balancing  # noqa: E402
 from diffmix_jax.mixing import enlarging  # noqa: E402
+from diffmix_jax.mixing import files as mixed_files  # noqa: E402
 from diffmix_jax.mixing import tiles as mixing_tiles  # noqa: E402
 from diffmix_jax import workdir as wdir  # noqa: E402
-
-STAGE = 'mixed_labels'
-KINDS = ('balance', 'enlarge')
-
-
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  wdir.atomic_write(path, buf.getvalue())
-
 
 def _save_figure(fig, path: pathlib.Path) -> None:
   buf = io.BytesIO()
@@ -116,46 +103,6 @@ def enlarge_params(cfg, patch_size: int, stride: int) -> enlarging.EnlargeParams
                     'equal the real labels', f, cfg.frame_margin, patch_size)
   return enlarging.EnlargeParams(int(cfg.frame_margin), float(prob), int(low), int(high),
                                     cfg.collision, int(patch_size), int(stride))
-
-
-def mixed_names(workdir: os.PathLike, kind: str) -> list[str]:
-  """Tile names with a stored map of `kind` ('balance' or 'enlarge'), in tile-name order."""
-  if kind not in KINDS:
-    raise ValueError(f'kind must be one of {KINDS}; got {kind!r}')
-  folder = pathlib.Path(workdir) / STAGE / kind
-  names = [p.stem for p in folder.glob('*.npz')] if folder.is_dir() else []
-  return sorted(names, key=mixing_tiles.natural_key)
-
-
-def load_mixed(workdir: os.PathLike, kind: str, name: str) -> dict:
-  """Reads one tile's mixed labels written by `run`.
-
-  Args:
-    workdir: the experiment workdir.
-    kind: 'balance' (one map per tile) or 'enlarge' (one map per grid patch, §4.1).
-    name: tile name, e.g. 'train_3'.
-
-  Returns:
-    balance: {'inst_map', 'type_map': int32 [H, W], 'ids', 'inst_type': int32 [M], 'inst_centroid':
-      float64 [M, 2] (x, y), 'provenance': {column: [R]}, 'touched': int32 [K]}.
-    enlarge: {'offsets': int32 [P, 2] (row, col), 'inst_maps', 'type_maps': int32 [P, S, S] (ids
-      re-mapped per patch), 'classes', 'real_ids': int32 [P, K] (per patch id), 'moves': {column:
-      int32 [Q]}, 'num_nuclei', 'num_interior', 'num_moved': int32 [P]}.
-  """
-  if kind not in KINDS:
-    raise ValueError(f'kind must be one of {KINDS}; got {kind!r}')
-  path = pathlib.Path(workdir) / STAGE / kind / f'{name}.npz'
-  if not path.exists():
-    raise FileNotFoundError(f'{path} does not exist: run the mix_labels stage first (names there: '
-                            f'{mixed_names(workdir, kind)[:5]}...)')
-  with np.load(path) as z:
-    d = {k: z[k] for k in z.files}
-  if kind == 'balance':
-    prov = {k[5:]: d.pop(k) for k in list(d) if k.startswith('prov_')}
-    return dict(d, provenance=prov)
-  moves = {k[5:]: d.pop(k) for k in list(d) if k.startswith('move_')}
-  d['type_maps'] = enlarging.patch_type_maps(d['classes'], d['inst_maps'])
-  return dict(d, moves=moves)
 
 
 def _patch_sums(mask: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
@@ -322,7 +269,7 @@ def run(config, workdir: os.PathLike) -> None:
     config: the full experiment config (`configs/common.py`).
     workdir: experiment folder; outputs go to `workdir/mixed_labels/`.
   """
-  stage = wdir.StageDir(workdir, STAGE)
+  stage = wdir.StageDir(workdir, wdir.MIXED_LABELS)
   if stage.done():
     logging.info('mix_labels: already done (%s)', stage.path)
     return
@@ -364,25 +311,19 @@ def run(config, workdir: os.PathLike) -> None:
   for b in balanced if write_balance else []:
     pv = b.provenance
     donor_names = np.array([names[i] for i in pv['donor_tile']], dtype=str)
-    _save_npz(stage.path / 'balance' / f'{b.name}.npz', inst_map=b.inst_map, type_map=b.type_map,
-              ids=b.ids, inst_type=b.inst_type, inst_centroid=b.inst_centroid, touched=b.touched,
-              prov_donor_name=donor_names, **{f'prov_{k}': v for k, v in pv.items()})
+    mixed_files.write_balanced(workdir, b, donor_names)
     csv += [f'{b.name},{r[0]},{names[r[1]]},{r[2]},{r[3]},{r[4]},{r[5]}' for r in zip(
         pv['target_id'], pv['donor_tile'], pv['donor_id'], pv['original_class'], pv['donor_class'],
         pv['present'])]
   for e in enlarged:
-    _save_npz(stage.path / 'enlarge' / f'{e.name}.npz', offsets=e.offsets, inst_maps=e.inst_maps,
-              classes=e.classes, real_ids=e.real_ids, num_nuclei=e.num_nuclei,
-              num_interior=e.num_interior, num_moved=e.num_moved,
-              **{f'move_{k}': v for k, v in e.moves.items()})
+    mixed_files.write_enlarged(workdir, e)
   for kind, kept in (('balance', summary['balance_tiles']), ('enlarge', summary['enlarge_tiles'])):
-    for stale in set(mixed_names(workdir, kind)) - set(kept):  # left by an unfinished older run
-      (stage.path / kind / f'{stale}.npz').unlink()
+    mixed_files.remove_stale(workdir, kind, kept)
   stage.write_text('provenance.csv', '\n'.join(csv) + '\n')
-  plot_histogram(summary, class_names, stage.path / 'class_histogram.png')
+  plot_histogram(summary, class_names, stage.path / wdir.CLASS_HISTOGRAM)
   plot_preview(tiles, balanced, enlarged, config.mix.preview_tiles, num_classes, class_names,
-               stage.path / 'preview.png')
-  stage.write_text('summary.json', json.dumps(summary, indent=1))
+               stage.path / wdir.PREVIEW)
+  stage.write_text(wdir.SUMMARY, json.dumps(summary, indent=1))
   stage.mark_done({'seed': int(seed), 'tiles': len(tiles)})
   logging.info('mix_labels: %d tiles, %d replacements, %.2f moved per patch -> %s', len(tiles),
                summary['replacements'], summary['enlarge_moved_per_patch'], stage.path)

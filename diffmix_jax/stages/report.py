@@ -46,11 +46,11 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   runs = {}
   for arm, seed in arms.runs(config):
     runs.setdefault(arm, {})[str(seed)] = _read_json(
-        root / 'eval' / f'{arms.run_name(arm, seed)}.json', 'evaluate')
+        wdir.eval_json(workdir, arms.run_name(arm, seed)), 'evaluate')
   first = str(arms.seeds(config)[0])
   for arm, per_seed in runs.items():
     out[arm] = per_seed[first]
-  fidelity = root / 'eval' / 'synthetic_fidelity.json'
+  fidelity = wdir.eval_json(workdir, wdir.SYNTHETIC_FIDELITY)
   if fidelity.exists() and 'baseline' in out:
     out['synthetic_fidelity'] = {'synthetic': json.loads(fidelity.read_text()),
                                  'real_test': out['baseline']}
@@ -58,7 +58,7 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out['runs'] = runs
   out['summary'] = run_stats.summarize(runs)
   out['paired'] = run_stats.paired(runs)
-  timings = root / 'timings.json'
+  timings = root / wdir.TIMINGS
   out['timings_s'] = json.loads(timings.read_text()) if timings.exists() else {}
   return out
 
@@ -160,20 +160,20 @@ def summary_tables(metrics: dict, class_names: list[str]) -> str:
 def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   """Writes every report file; returns the report folder."""
   root = pathlib.Path(workdir)
-  out = wdir.StageDir(workdir, 'report')
+  out = wdir.StageDir(workdir, wdir.REPORT)
   metrics = collect(config, workdir)
   names = [n.strip() for n in config.data.class_names.split(',')]
   out.write_text('metrics.json', json.dumps(metrics, indent=2))
   out.write_bytes('f1_per_class.png', f1_bars(metrics, names))
   copied = {}
-  for src, dst in ((root / 'mixed_labels' / 'class_histogram.png', 'class_histogram.png'),
-                   (root / 'mixed_labels' / 'preview.png', 'mixed_labels_preview.png'),
-                   (root / 'synthetic' / 'preview.png', 'synthetic_samples.png')):
+  for src, dst in ((root / wdir.MIXED_LABELS / wdir.CLASS_HISTOGRAM, 'class_histogram.png'),
+                   (root / wdir.MIXED_LABELS / wdir.PREVIEW, 'mixed_labels_preview.png'),
+                   (root / wdir.SYNTHETIC / wdir.PREVIEW, 'synthetic_samples.png')):
     if src.exists():
       out.write_bytes(dst, src.read_bytes())
       copied[dst] = True
   summary = {}
-  mixed_summary = root / 'mixed_labels' / 'summary.json'
+  mixed_summary = root / wdir.MIXED_LABELS / wdir.SUMMARY
   if mixed_summary.exists():
     summary = json.loads(mixed_summary.read_text())
   md = [f'# DiffMix report: {config.name} ({config.data.name})', '',
@@ -215,20 +215,20 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
   md += [f'| {k} | {v:.1f} |' for k, v in metrics['timings_s'].items()]
   md += ['', '## Config', '', '```', config.to_json_best_effort(indent=1)[:20000], '```', '']
   out.write_text('report.md', '\n'.join(md))
-  _to_tensorboard(out.path, metrics)
+  _to_tensorboard(out, metrics)
   return out.path
 
 
-def _to_tensorboard(path: pathlib.Path, metrics: dict) -> None:
+def _to_tensorboard(out: wdir.StageDir, metrics: dict) -> None:
   from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  writer = train_lib.create_writer(str(path / 'tb'))
+  writer = train_lib.create_writer(out.tensorboard)
   for run in RUNS:
     if run in metrics:
       scalars = {f'{run}/{k}': metrics[run][k] for k in TABLE_KEYS}
       scalars.update({f'{run}/f_c_{c}': v for c, v in metrics[run]['f_c'].items()})
       writer.write_scalars(0, scalars)
-  images = {p.stem: np.asarray(Image.open(p).convert('RGB'))[None] for p in path.glob('*.png')}
+  images = {p.stem: np.asarray(Image.open(p).convert('RGB'))[None] for p in out.path.glob('*.png')}
   writer.write_images(0, images)
   writer.flush()
 
@@ -236,7 +236,7 @@ def _to_tensorboard(path: pathlib.Path, metrics: dict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Stage entry: writes the report; a no-op when done for the same runs (delete report/ to redraw
   it); runs added to the config since redraw it."""
-  out = wdir.StageDir(workdir, 'report')
+  out = wdir.StageDir(workdir, wdir.REPORT)
   names = [arms.run_name(a, s) for a, s in arms.runs(config)]
   if out.done() and json.loads((out.path / wdir.DONE).read_text()).get('runs') == names:
     logging.info('report: already done (%s)', out.path)

@@ -28,7 +28,7 @@ import numpy as np
 from diffmix_jax.sdm import diffusion as gd
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.data import labels
-from diffmix_jax.stages import mix_labels
+from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax.sdm import unet as sdm_unet
 from diffmix_jax.sdm import samplers
@@ -41,8 +41,8 @@ from diffmix_jax.core import train_loop as train_lib
 def work_items(config: ml_collections.ConfigDict, workdir: str, tiles: dict) -> list[tuple]:
   """All (kind, tile name, patch index, row, col) items in their global order."""
   items = []
-  for kind in mix_labels.KINDS:
-    for name in sorted(mix_labels.mixed_names(workdir, kind), key=mixing_tiles.natural_key):
+  for kind in mixed_files.KINDS:
+    for name in sorted(mixed_files.mixed_names(workdir, kind), key=mixing_tiles.natural_key):
       h, w = tiles[name]['image'].shape[:2]
       offsets = mixing_tiles.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
       items += [(kind, name, p, int(r), int(c)) for p, (r, c) in enumerate(offsets)]
@@ -66,7 +66,7 @@ class _Labels:
   def patch(self, kind: str, name: str, p: int, r: int, c: int, size: int):
     key = (kind, name)
     if key not in self._cache:
-      self._cache = {key: mix_labels.load_mixed(self._workdir, kind, name)}  # One tile at a time.
+      self._cache = {key: mixed_files.load_mixed(self._workdir, kind, name)}  # One tile at a time.
     d = self._cache[key]
     if kind == 'balance':
       inst, types = d['inst_map'][r:r + size, c:c + size], d['type_map'][r:r + size, c:c + size]
@@ -85,7 +85,7 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, module) -> dict
     FileNotFoundError / ValueError: missing file, or a tree that does not fit the model (names the
     first mismatching leaves).
   """
-  path = config.sample.params_path or os.path.join(workdir, 'diffusion', 'ema_params.msgpack')
+  path = config.sample.params_path or wdir.ema_params_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: run diffusion_train, or set '
                             'config.sample.params_path to weights converted by convert_torch')
@@ -124,7 +124,7 @@ def _render_fn(config, module, mesh):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Renders every missing shard, then exports the synthetic set; no-op when done."""
-  out = wdir.StageDir(workdir, synthetic_io.STAGE)
+  out = wdir.StageDir(workdir, wdir.SYNTHETIC)
   if out.done():
     logging.info('sample: already done (%s)', out.path)
     return
@@ -189,8 +189,8 @@ def _finish(config, workdir: str, out: wdir.StageDir, num_shards: int, tiles: di
   from PIL import Image  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   Image.fromarray(grid).save(buf, format='png')
-  out.write_bytes('preview.png', buf.getvalue())
-  writer = train_lib.create_writer(os.path.join(out.path, 'tb'))
+  out.write_bytes(wdir.PREVIEW, buf.getvalue())
+  writer = train_lib.create_writer(out.tensorboard)
   writer.write_images(0, {'label_original_synthetic_contours': grid[None]})
   writer.flush()
   out.mark_done({'shards': num_shards})

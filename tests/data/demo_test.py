@@ -8,7 +8,8 @@ from PIL import Image
 import pytest
 from scipy import io as sio
 
-from diffmix_jax.data import demo as demo_data
+
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.metrics import records
 
 
@@ -19,7 +20,7 @@ def test_export_writes_consep_layout_that_scores_one_against_itself(tmp_path):
   assert 'wrote 8 tiles' in run.stdout
   names = sorted(p.stem for p in (out / 'Images').glob('*.png'))
   assert names == sorted(f'test_{k}' for k in range(1, 9))
-  image, inst, types = demo_data.make_tile(demo_data.SEED, 'test', 2)
+  image, inst, types = demo_tiles.make_tile(demo_tiles.SEED, 'test', 2)
   np.testing.assert_array_equal(np.asarray(Image.open(out / 'Images' / 'test_3.png')), image)
   mat = sio.loadmat(out / 'Labels' / 'test_3.mat')
   np.testing.assert_array_equal(mat['inst_map'], inst)

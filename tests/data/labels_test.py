@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from diffmix_jax.data import labels
+from tfds_builders import raw_folders
 
 
 def test_edge_map_touching_instances_border_and_background():
@@ -74,24 +75,25 @@ def test_downsample_takes_top_left_pixel_of_each_cell():
 
 def test_consep_merge():
   raw = np.arange(8).reshape(2, 4)
-  np.testing.assert_array_equal(labels.merge_classes(raw, 'consep'), [[0, 1, 2, 3], [3, 4, 4, 4]])
+  np.testing.assert_array_equal(raw_folders.merge_classes(raw, 'consep'), [[0, 1, 2, 3], [3, 4, 4, 4]])
 
 
 def test_glysac_merge():
   raw = np.arange(11)
-  np.testing.assert_array_equal(labels.merge_classes(raw, 'glysac'),
+  np.testing.assert_array_equal(raw_folders.merge_classes(raw, 'glysac'),
                                 [0, 1, 1, 3, 2, 2, 2, 2, 3, 1, 1])
 
 
 def test_merge_rejects_ids_outside_raw_scheme():
   with pytest.raises(ValueError, match=r'0\.\.7; found \[8, 9\]'):
-    labels.merge_classes(np.array([1, 8, 9]), 'consep')
+    raw_folders.merge_classes(np.array([1, 8, 9]), 'consep')
 
 
 def test_one_class_palette_for_every_figure():
   """Training previews, the mixing preview's colormap and the demo preview colour a class alike."""
   # pylint: disable=g-import-not-at-top
   from diffmix_jax.data import demo as demo_data
+  from tfds_builders.demo_nuclei import generate as demo_tiles
   from diffmix_jax.stages import mix_labels
   from diffmix_jax.core import train_loop as train_lib
   ids = np.arange(5)
@@ -99,7 +101,7 @@ def test_one_class_palette_for_every_figure():
   np.testing.assert_array_equal(train_lib.colour_labels(ids[None])[0], want)
   cmap = mix_labels._class_cmap(5)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.round([np.array(cmap(k)[:3]) * 255 for k in ids]), want)
-  image, inst, types = demo_data.make_tile(demo_data.SEED, 'test', 0, size=64)
+  image, inst, types = demo_tiles.make_tile(demo_tiles.SEED, 'test', 0, size=64)
   label_row = demo_data.preview([(image, inst, types)])[64:]
   interior = (types > 0) & ~labels.edge_map(inst)
   np.testing.assert_array_equal(label_row[interior], want[types[interior]])

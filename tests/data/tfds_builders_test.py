@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 
 from diffmix_jax.stages import build_data
-from diffmix_jax.data import raw_folders as dataset_files
+from tfds_builders import raw_folders
 from diffmix_jax.data import input_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def _label_maps(rng, raw_ids, size=40, n=6):
 def write_tile(root, split, name, rng, raw_ids, suffix='.png', mode='RGB', size=40, mat_extra=None,
                drop_keys=()):
   """Writes <root>/<Split>/Images/<name><suffix> and Labels/<name>.mat; returns the raw classes."""
-  folder = pathlib.Path(root) / dataset_files.SPLIT_FOLDERS[split]
+  folder = pathlib.Path(root) / raw_folders.SPLIT_FOLDERS[split]
   (folder / 'Images').mkdir(parents=True, exist_ok=True)
   (folder / 'Labels').mkdir(parents=True, exist_ok=True)
   channels = {'RGB': 3, 'RGBA': 4, 'L': 1}[mode]
@@ -67,10 +67,9 @@ def _counts(classes, table):
 
 
 def test_consep_original_ids_are_merged(tmp_path):
-  from diffmix_jax.data import labels
   raw = make_dataset(tmp_path / 'raw', raw_ids=np.arange(1, 8))
   summary = build_data.build('consep', str(tmp_path / 'tfds'), str(tmp_path / 'raw'), 'original')
-  table = labels.merge_table('consep')
+  table = raw_folders.merge_table('consep')
   for split in ('train', 'test'):
     assert summary['splits'][split]['nuclei_per_class'] == _counts(raw[split], table)
   src = input_pipeline.open_source('consep', str(tmp_path / 'tfds'), 'original', 'train')
@@ -85,10 +84,9 @@ def test_consep_original_ids_are_merged(tmp_path):
 
 
 def test_glysac_raw_ids_merged_and_tif_and_png_accepted(tmp_path):
-  from diffmix_jax.data import labels
   raw = make_dataset(tmp_path / 'raw', raw_ids=np.arange(1, 11), suffixes=('.tif', '.png'))
   summary = build_data.build('glysac', str(tmp_path / 'tfds'), str(tmp_path / 'raw'), 'original')
-  table = labels.merge_table('glysac')
+  table = raw_folders.merge_table('glysac')
   for split in ('train', 'test'):
     assert summary['splits'][split]['nuclei_per_class'] == _counts(raw[split], table)
   assert max(int(c) for c in summary['splits']['train']['nuclei_per_class']) <= 3
@@ -100,12 +98,12 @@ def test_merged_scheme_rejects_ids_above_4_naming_file_and_ids(tmp_path):
     write_tile(tmp_path / 'raw', 'train', f'train_{i + 1}', rng, raw_ids=[1, 2, 3, 4])
   write_tile(tmp_path / 'raw', 'train', 'train_3', rng, raw_ids=[5, 6])
   write_tile(tmp_path / 'raw', 'test', 'test_1', rng, raw_ids=[1, 2])
-  with pytest.raises(dataset_files.DatasetError, match=r'train_3\.mat: class ids \[5, 6\]'):
+  with pytest.raises(raw_folders.DatasetError, match=r'train_3\.mat: class ids \[5, 6\]'):
     build_data.build('consep', str(tmp_path / 'tfds'), str(tmp_path / 'raw'), 'merged')
 
 
 def _expect_error(tmp_path, match, dataset='consep', scheme='original'):
-  with pytest.raises((dataset_files.DatasetError, FileNotFoundError, ValueError), match=match):
+  with pytest.raises((raw_folders.DatasetError, FileNotFoundError, ValueError), match=match):
     build_data.build(dataset, str(tmp_path / 'tfds'), str(tmp_path / 'raw'), scheme)
   # Nothing a rerun would trust: no finished dataset in data_dir.
   with pytest.raises(FileNotFoundError, match='not built'):

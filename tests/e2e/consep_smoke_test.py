@@ -18,7 +18,7 @@ from scipy import io as sio
 
 from configs import consep_smoke
 from diffmix_jax.hovernet import targets as hovernet_targets
-from diffmix_jax.stages import mix_labels
+from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.data import synthetic as synthetic_io
 from diffmix_jax.mixing import tiles as mixing_tiles
 from main_test import _one_device_env
@@ -82,7 +82,7 @@ def test_synthetic_patches_sit_on_the_official_grid_with_their_mixed_labels(smok
   for (kind, tile, p), (offset, image, inst, types) in items.items():
     assert tile == 'train_24' and image.shape == (size, size, 3) and image.dtype == np.uint8
     np.testing.assert_array_equal(offset, grid[p])
-    mixed = mix_labels.load_mixed(workdir, kind, tile)
+    mixed = mixed_files.load_mixed(workdir, kind, tile)
     if kind == 'balance':
       r, c = offset
       want_types = mixed['type_map'][r:r + size, c:c + size]

@@ -36,8 +36,6 @@ import pytest
 
 from configs import tiny
 from conftest import copy_workdir
-from diffmix_jax.stages import diffusion_train
-from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.stages import sample
 from diffmix_jax import workdir as wdir
@@ -68,7 +66,7 @@ def _write_untrained_hovernet(config, workdir: pathlib.Path) -> None:
   size = module.patch_shapes[0]
   variables = jax.device_get(module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   out = wdir.StageDir(workdir, f'hovernet_{RUN}')
-  out.write_bytes(hovernet_infer.VARIABLES_FILE, serialization.to_bytes(variables))
+  out.write_bytes(wdir.HOVERNET_VARIABLES, serialization.to_bytes(variables))
   out.mark_done({'untrained': True})
 
 
@@ -247,7 +245,7 @@ def test_training_losses_equal_one_process(n, request, reference):
   assert sorted(one) == sorted(multi) == list(range(1, total + 1))
   np.testing.assert_allclose([multi[s] for s in sorted(one)], [one[s] for s in sorted(one)],
                              atol=1e-5, rtol=0)
-  assert (workdir / 'diffusion' / diffusion_train.EMA_FILE).exists()
+  assert (workdir / 'diffusion' / wdir.EMA_PARAMS).exists()
 
 
 def _shards(workdir: pathlib.Path) -> list[dict]:

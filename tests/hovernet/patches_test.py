@@ -10,13 +10,13 @@ from scipy import io as sio
 
 from configs import tiny
 from diffmix_jax.core import arms
-from diffmix_jax.data import demo as demo_data
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.hovernet import patches as hovernet_data
 from diffmix_jax.stages import hovernet_train
 
 
 def _tile(i=0):
-  image, inst, types = demo_data.make_tile(0, 'train', i)
+  image, inst, types = demo_tiles.make_tile(0, 'train', i)
   return {'name': f'train_{i}', 'image': image, 'inst_map': inst, 'type_map': types}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffmix_jax.data import demo as demo_data
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.hovernet import validation as hovernet_validation
 from diffmix_jax.hovernet import model as hovernet
@@ -34,7 +34,7 @@ def setup():
   variables = {'params': traverse_util.unflatten_dict(flat), 'batch_stats': v['batch_stats']}
   tiles = []
   for i in range(3):
-    image, inst, types = demo_data.make_tile(0, 'test', i)
+    image, inst, types = demo_tiles.make_tile(0, 'test', i)
     tiles.append({'name': f'test_{i}', 'image': image, 'inst_map': inst, 'type_map': types})
   return module, variables, tiles, tiny.get_config().eval
 

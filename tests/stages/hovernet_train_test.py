@@ -12,8 +12,9 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from diffmix_jax import workdir as wdir
 from diffmix_jax.hovernet import torch_import as convert_hovernet
-from diffmix_jax.data import demo as demo_data
+from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.stages import evaluate
 from diffmix_jax.metrics import records
 from diffmix_jax.hovernet import patches as hovernet_data
@@ -82,7 +83,7 @@ def _synthetic_patches(tile, folder, size):
 def _tiles(n, split='train'):
   out = []
   for i in range(n):
-    image, inst, types = demo_data.make_tile(0, split, i)
+    image, inst, types = demo_tiles.make_tile(0, split, i)
     out.append({'name': f'{split}_{i}', 'image': image, 'inst_map': inst, 'type_map': types})
   return out
 
@@ -209,7 +210,7 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert json.loads((out / 'DONE').read_text()) == {
       'arm': 'baseline', 'seed': 0, 'steps': 4, 'real_windows': 4, 'synthetic_items': 0,
       'synthetic_per_batch': [0, 0]}
-  assert (out / hovernet_infer.VARIABLES_FILE).exists() and (out / 'checkpoints').is_dir()
+  assert (out / wdir.HOVERNET_VARIABLES).exists() and (out / 'checkpoints').is_dir()
   assert list((out / 'tb').iterdir())
   _synthetic_patches(tiles[0], tmp_path / 'synthetic' / 'consep_format', size=48)
   evaluate.run(config, workdir)
@@ -248,7 +249,7 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert not (killed / 'hovernet_baseline' / 'DONE').exists()
   monkeypatch.setattr(hovernet_train.train_lib, 'create_progress', real_progress)
   hovernet_train.run(config, str(killed))
-  read = lambda d: (d / 'hovernet_baseline' / hovernet_infer.VARIABLES_FILE).read_bytes()
+  read = lambda d: (d / 'hovernet_baseline' / wdir.HOVERNET_VARIABLES).read_bytes()
   assert read(killed) == read(tmp_path)  # Validation does not touch the weights either.
 
   # A seed added to the finished workdir: only its run trains and is scored; seed 0 is kept.
@@ -258,7 +259,7 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   evaluate.run(config, workdir)
   assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'baseline.json')] == stamps
   assert json.loads((tmp_path / 'hovernet_baseline_s1' / 'DONE').read_text())['seed'] == 1
-  assert read(tmp_path) != (tmp_path / 'hovernet_baseline_s1' / hovernet_infer.VARIABLES_FILE
+  assert read(tmp_path) != (tmp_path / 'hovernet_baseline_s1' / wdir.HOVERNET_VARIABLES
                             ).read_bytes()  # Another init, batch order and augmentation.
   assert json.loads((tmp_path / 'eval' / 'baseline_s1.json').read_text())['num_images'] == 1
 

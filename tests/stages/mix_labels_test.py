@@ -15,6 +15,7 @@ from skimage import morphology
 from configs import common
 import diffmix_jax
 from diffmix_jax.stages import mix_labels
+from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
 from diffmix_jax.mixing import tiles as mixing_tiles
@@ -77,9 +78,9 @@ def _loader(split_data):
 
 def _read_all(workdir):
   out = {}
-  for kind in mix_labels.KINDS:
-    for name in mix_labels.mixed_names(workdir, kind):
-      out[(kind, name)] = mix_labels.load_mixed(workdir, kind, name)
+  for kind in mixed_files.KINDS:
+    for name in mixed_files.mixed_names(workdir, kind):
+      out[(kind, name)] = mixed_files.load_mixed(workdir, kind, name)
   return out
 
 
@@ -156,8 +157,8 @@ def test_stage_outputs_and_summary(tmp_path, monkeypatch):
     assert (stage / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   s = json.loads((stage / 'summary.json').read_text())
   names = ['train_1', 'train_2', 'train_3', 'train_10']
-  assert mix_labels.mixed_names(tmp_path, 'balance') == names
-  assert mix_labels.mixed_names(tmp_path, 'enlarge') == names
+  assert mixed_files.mixed_names(tmp_path, 'balance') == names
+  assert mixed_files.mixed_names(tmp_path, 'enlarge') == names
   # Known answers from the raw split.
   tiles = {d['name']: mixing_tiles.prepare_tile(d['name'], d['inst_map'], d['type_map'], 5)
            for d in data}
@@ -171,7 +172,7 @@ def test_stage_outputs_and_summary(tmp_path, monkeypatch):
   after = np.zeros(4, int)
   reps = 0
   for n in names:
-    b = mix_labels.load_mixed(tmp_path, 'balance', n)
+    b = mixed_files.load_mixed(tmp_path, 'balance', n)
     assert b['inst_map'].dtype == np.int32 and b['type_map'].dtype == np.int32
     np.testing.assert_array_equal(b['type_map'] > 0, b['inst_map'] > 0)
     assert set(np.unique(b['type_map']).tolist()) <= {0, 1, 2, 3, 4}  # merged set only (§8 item 1)
@@ -181,7 +182,7 @@ def test_stage_outputs_and_summary(tmp_path, monkeypatch):
         str(c): int(v) for c, v in enumerate(np.bincount(b['inst_type'], minlength=5)) if c}
     assert len(b['provenance']['target_id']) == s['replacements_per_tile'][n]
     reps += s['replacements_per_tile'][n]
-    e = mix_labels.load_mixed(tmp_path, 'enlarge', n)
+    e = mixed_files.load_mixed(tmp_path, 'enlarge', n)
     size = tiles[n].inst_map.shape[0]
     assert e['offsets'].tolist() == ([[0, 0]] if size == 256 else [[0, 0], [0, 76], [76, 0], [76, 76]])
     assert e['inst_maps'].dtype == np.int32 and e['type_maps'].shape == e['inst_maps'].shape
@@ -197,7 +198,7 @@ def test_stage_outputs_and_summary(tmp_path, monkeypatch):
   assert s['normalised_entropy_after'] == pytest.approx(-(p * np.log(p)).sum() / np.log(4))
   assert s['class_shares_after']['1'] == pytest.approx(p[0]) and p[0] > before[0] / before.sum()
   assert s['patches'] == 13
-  moved = sum(int(mix_labels.load_mixed(tmp_path, 'enlarge', n)['moves']['moved'].sum())
+  moved = sum(int(mixed_files.load_mixed(tmp_path, 'enlarge', n)['moves']['moved'].sum())
               for n in names)
   assert s['enlarge_moved_per_patch'] == pytest.approx(moved / 13)
   csv = (stage / 'provenance.csv').read_text().strip().splitlines()
@@ -245,9 +246,9 @@ def test_dataset_without_rare_nuclei(tmp_path, monkeypatch):
   s = json.loads((tmp_path / 'mixed_labels' / 'summary.json').read_text())
   assert s['eligible_rare'] == 0 and s['replacements'] == 0
   assert 'no eligible rare nucleus' in s['messages'][0] and s['balance_tiles'] == []
-  assert mix_labels.mixed_names(tmp_path, 'balance') == []
-  assert len(mix_labels.mixed_names(tmp_path, 'enlarge')) == 4
-  assert mix_labels.load_mixed(tmp_path, 'enlarge', 'train_2')['inst_maps'].shape == (4, 256, 256)
+  assert mixed_files.mixed_names(tmp_path, 'balance') == []
+  assert len(mixed_files.mixed_names(tmp_path, 'enlarge')) == 4
+  assert mixed_files.load_mixed(tmp_path, 'enlarge', 'train_2')['inst_maps'].shape == (4, 256, 256)
   assert (tmp_path / 'mixed_labels' / 'DONE').exists()
 
 
@@ -271,9 +272,9 @@ def test_tile_smaller_than_a_patch(tmp_path, monkeypatch):
                    type_map=np.ascontiguousarray(small['type_map'][:200, :200])))
   _install_loader(monkeypatch, _loader(data)[0])
   mix_labels.run(_config(), tmp_path)
-  e = mix_labels.load_mixed(tmp_path, 'enlarge', 'train_4')
+  e = mixed_files.load_mixed(tmp_path, 'enlarge', 'train_4')
   assert e['offsets'].shape == (0, 2) and e['type_maps'].shape == (0, 256, 256)
-  b = mix_labels.load_mixed(tmp_path, 'balance', 'train_4')
+  b = mixed_files.load_mixed(tmp_path, 'balance', 'train_4')
   assert b['inst_map'].shape == (200, 200)
   s = json.loads((tmp_path / 'mixed_labels' / 'summary.json').read_text())
   assert s['patches'] == 13
@@ -289,9 +290,9 @@ def test_unknown_class_in_data(tmp_path, monkeypatch):
 
 def test_load_mixed_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='run the mix_labels stage'):
-    mix_labels.load_mixed(tmp_path, 'balance', 'train_1')
+    mixed_files.load_mixed(tmp_path, 'balance', 'train_1')
   with pytest.raises(ValueError, match='kind'):
-    mix_labels.load_mixed(tmp_path, 'blend', 'train_1')
+    mixed_files.load_mixed(tmp_path, 'blend', 'train_1')
 
 
 @pytest.mark.slow

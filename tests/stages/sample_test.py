@@ -8,7 +8,7 @@ import pytest
 from configs import tiny
 from diffmix_jax.metrics import records
 from diffmix_jax.data import input_pipeline
-from diffmix_jax.stages import mix_labels
+from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax.stages import sample
 from diffmix_jax.data import synthetic as synthetic_io
@@ -26,7 +26,7 @@ def test_exports_pass_evaluate_checks_and_agree_with_mixed_labels(sampled):
   for path in files[::5]:
     record = records.load_mat(path)  # Raises on any input-check failure.
     tile, kind, patch = path.stem.rsplit('_', 2)
-    mixed = mix_labels.load_mixed(workdir, kind, tile)
+    mixed = mixed_files.load_mixed(workdir, kind, tile)
     if kind == 'balance':
       offsets = mixing_tiles.grid_offsets(256, 256, size, config.sample.grid_stride)
       r, c = (int(v) for v in offsets[int(patch)])

@@ -2,8 +2,8 @@
 
 import tensorflow_datasets as tfds
 
-from diffmix_jax.data import demo as demo_data
 from tfds_builders import tiles
+from tfds_builders.demo_nuclei import generate as demo_data
 
 
 class DemoNuclei(tfds.core.GeneratorBasedBuilder):

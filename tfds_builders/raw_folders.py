@@ -15,7 +15,66 @@ import numpy as np
 from PIL import Image
 import scipy.io
 
-from diffmix_jax.data import labels
+# Raw class ids -> merged ids (hovernet.md §6.1-6.2, sdm.md §4.6). Background 0 stays 0.
+# CoNSeP: 1 other; 2 inflammatory; 3, 4 -> 3 epithelial; 5, 6, 7 -> 4 spindle-shaped.
+# GLySAC: {1, 2, 9, 10} -> 1; {4, 5, 6, 7} -> 2; {3, 8} -> 3.
+_MERGES = {
+    'consep': {0: 0, 1: 1, 2: 2, 3: 3, 4: 3, 5: 4, 6: 4, 7: 4},
+    'glysac': {0: 0, 1: 1, 2: 1, 9: 1, 10: 1, 4: 2, 5: 2, 6: 2, 7: 2, 3: 3, 8: 3},
+}
+# Number of classes incl. background after the merge.
+MERGED_NUM_CLASSES = {'consep': 5, 'glysac': 4}
+
+
+def original_max_id(dataset: str) -> int:
+  """Largest raw class id of `dataset` ('consep': 7, 'glysac': 10)."""
+  return max(_MERGES[_check_dataset(dataset)])
+
+
+def _check_dataset(dataset: str) -> str:
+  if dataset not in _MERGES:
+    raise ValueError(f'unknown dataset {dataset!r} for class merging; expected one of '
+                     f'{sorted(_MERGES)}')
+  return dataset
+
+
+def merge_table(dataset: str) -> np.ndarray:
+  """Lookup table raw id -> merged id.
+
+  Args:
+    dataset: 'consep' or 'glysac'.
+
+  Returns:
+    int32 [max_raw_id + 1]; `table[type_map]` merges a raw map.
+  """
+  merges = _MERGES[_check_dataset(dataset)]
+  table = np.zeros(max(merges) + 1, np.int32)
+  for raw, merged in merges.items():
+    table[raw] = merged
+  return table
+
+
+def merge_classes(type_map: np.ndarray, dataset: str) -> np.ndarray:
+  """Maps raw class ids to merged ids (the merge is applied once, never to merged maps).
+
+  Args:
+    type_map: integer [..., H, W] raw ids of `dataset`.
+    dataset: 'consep' or 'glysac'.
+
+  Returns:
+    int32 [..., H, W] merged ids.
+
+  Raises:
+    ValueError: when a value is outside the raw scheme (names the values found).
+  """
+  table = merge_table(dataset)
+  bad = np.setdiff1d(np.unique(type_map), np.arange(len(table)))
+  if bad.size:
+    raise ValueError(f'{dataset} raw class ids must be in 0..{len(table) - 1}; found '
+                     f'{bad.tolist()}')
+  return table[type_map.astype(np.int64)]
+
+
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff')
 SPLIT_FOLDERS = {'train': 'Train', 'test': 'Test'}
@@ -139,15 +198,15 @@ def read_labels(path: pathlib.Path, dataset: str, scheme: str
   types = _integer_map(mat, 'type_map', path)
   if inst.shape != types.shape:
     raise DatasetError(f'{path}: inst_map {inst.shape} and type_map {types.shape} differ in shape')
-  max_id = labels.original_max_id(dataset) if scheme == 'original' else (
-      labels.MERGED_NUM_CLASSES[dataset] - 1)
+  max_id = original_max_id(dataset) if scheme == 'original' else (
+      MERGED_NUM_CLASSES[dataset] - 1)
   bad = np.unique(types[types > max_id])
   if bad.size:
     hint = (' (use --labels original for raw class ids)' if scheme == 'merged' else '')
     raise DatasetError(f'{path}: class ids {bad.tolist()} are outside the {scheme} {dataset} scheme '
                        f'0..{max_id}{hint}')
   if scheme == 'original':
-    types = labels.merge_classes(types, dataset)
+    types = merge_classes(types, dataset)
   warnings = []
   ids = np.unique(inst[inst > 0])
   if ids.size and (ids[0] != 1 or ids[-1] != ids.size):
