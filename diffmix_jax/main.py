@@ -8,6 +8,7 @@ Each stage is `run(config, workdir)`, resumes from its own files and returns at 
 import importlib
 import json
 import os
+import sys
 import time
 
 from absl import app
@@ -15,7 +16,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from diffmix_jax.core import checkpoint
 from diffmix_jax import config_checks
 from diffmix_jax import workdir as wdir
 
@@ -23,31 +23,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every stage output and checkpoint.')
 
-# Stage name -> (module that owns it, issue that builds it, run by every process or by process 0).
-STAGES = {
-    'build_data': ('diffmix_jax.stages.build_data', 3, False),
-    'diffusion_train': ('diffmix_jax.stages.diffusion_train', 7, True),
-    'mix_labels': ('diffmix_jax.stages.mix_labels', 6, False),
-    'sample': ('diffmix_jax.stages.sample', 9, True),
-    'hovernet_train': ('diffmix_jax.stages.hovernet_train', 8, True),
-    'evaluate': ('diffmix_jax.stages.evaluate', 8, True),
-    'report': ('diffmix_jax.stages.report', 10, False),
-}
+# Stages run by process 0 only (they write host files the other processes then read); the others run
+# in every process.
+HOST_STAGES = ('build_data', 'mix_labels', 'report')
 
 
 def stage_fn(name: str):
-  """The `run` function of stage `name`; NotImplementedError when its module does not exist yet."""
-  module, issue, _ = STAGES[name]
-  try:
-    mod = importlib.import_module(module)
-  except ModuleNotFoundError as e:
-    if e.name != module:
-      raise
-    mod = None
-  if mod is None or not hasattr(mod, 'run'):
-    raise NotImplementedError(f'stage {name!r} is not implemented yet ({module}.run, issue #{issue}); '
-                              f'run the stages before it with --config.stages=...')
-  return mod.run
+  """The `run` function of stage `name` (diffmix_jax/stages/<name>.py)."""
+  return importlib.import_module(f'diffmix_jax.stages.{name}').run
 
 
 def main(argv):
@@ -56,10 +39,15 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if not workdir:
     raise app.UsageError('--workdir is required')
-  config_checks.validate(config)
-  checkpoint.quiet_orbax_logs()
-  import jax  # pylint: disable=g-import-not-at-top  (after flags: distributed init comes first)
+  try:
+    stages = config_checks.check(config, workdir)  # Every value, before any stage or JAX import.
+  except ValueError as e:
+    print(f'main: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  import jax  # pylint: disable=g-import-not-at-top  (after the checks; distributed init comes first)
+  from diffmix_jax.core import checkpoint  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
+  checkpoint.quiet_orbax_logs()
   if config.mesh.distributed:
     sharding.initialize_distributed(config.mesh)
   os.makedirs(workdir, exist_ok=True)
@@ -70,15 +58,14 @@ def main(argv):
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   if jax.process_index() == 0:
-    wdir.atomic_write(os.path.join(workdir, wdir.CONFIG),
-                             config.to_json_best_effort(indent=2).encode())
+    wdir.atomic_write(os.path.join(workdir, wdir.CONFIG), config.to_json_best_effort(indent=2).encode())
   timings_path = os.path.join(workdir, wdir.TIMINGS)
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
-  for name in [s.strip() for s in config.stages.split(',') if s.strip()]:
+  for name in stages:
     run = stage_fn(name)
     logging.info('=== stage %s ===', name)
     start = time.time()
-    if STAGES[name][2] or jax.process_index() == 0:
+    if name not in HOST_STAGES or jax.process_index() == 0:
       run(config, workdir)
     if jax.process_count() > 1:  # Host-only stages write files the other processes read next.
       sharding.barrier(f'stage {name} finished')

@@ -11,6 +11,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from diffmix_jax import config_checks
 from diffmix_jax import workdir as wdir
 
 NUM_AUGS = 6  # 0 none; 1, 2, 3 rotate by 90 deg * k; 4 flip left-right; 5 flip up-down (sdm.md §4.6).
@@ -38,29 +39,6 @@ def open_source(dataset: str, data_dir: str, labels: str, split: str):
   return builder.as_data_source(split=split)
 
 
-def tile_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
-  """The tiles of `split` a run uses: `config.data.<split>_tiles` as a list ([] = every tile).
-
-  Raises:
-    ValueError: a name given twice.
-  """
-  names = [n.strip() for n in config.data[f'{split}_tiles'].split(',') if n.strip()]
-  twice = sorted({n for n in names if names.count(n) > 1})
-  if twice:
-    raise ValueError(f'config.data.{split}_tiles: tile(s) {twice} named more than once; expected a '
-                     'comma list of distinct tile names')
-  return names
-
-
-def check_tile_names(config: ml_collections.ConfigDict, split: str, available: list[str]) -> None:
-  """Raises ValueError naming `config.data.<split>_tiles` if it names a tile not in `available`."""
-  known = set(available)
-  unknown = [n for n in tile_names(config, split) if n not in known]
-  if unknown:
-    raise ValueError(f'config.data.{split}_tiles: unknown tile(s) {unknown}; the {split} split of '
-                     f'{config.data.name} holds {", ".join(available)}')
-
-
 class _Subset:
   """The items of a data source at `indices`, in that order."""
 
@@ -79,11 +57,11 @@ def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   to `config.data.<split>_tiles` when that is set (the builder's order kept)."""
   data_dir = wdir.tfds_dir(config, workdir)
   source = open_source(config.data.name, data_dir, config.data.labels, split)
-  wanted = set(tile_names(config, split))
+  wanted = set(config_checks.tile_names(config, split))
   if not wanted:
     return source
   names = [_tile_name(source[i]) for i in range(len(source))]
-  check_tile_names(config, split, names)
+  config_checks.check_tile_names(config, split, names)
   return _Subset(source, [i for i, n in enumerate(names) if n in wanted])
 
 

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-MODES = ('original', 'fast')
-# (input, output) patch sides per mode (hovernet.md §0).
-PATCH_SHAPES = {'original': (270, 80), 'fast': (256, 164)}
+from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES
+
 # Centre crops per side of d0 and d1 before the u1/u2 skip sums (hovernet.md §1.3), full-size widths.
 _SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
 
@@ -24,7 +23,6 @@ _SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
 # so the untrained HV map is noise of std ~sqrt(C/2) that Adam must first shrink weight by weight.
 # 'zeros' starts every head at its bias: on the demo tiles a tiny network then separates nuclei after
 # ~100 steps instead of ~600 (tests/stages/hovernet_train_test.py, BENCHMARKS.md).
-HEAD_INITS = ('kaiming', 'zeros')
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 

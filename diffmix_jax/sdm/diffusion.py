@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffmix_jax.sdm.fields import space_timesteps
+
 # model_fn(x_t [B,H,W,3] float32, t [B] int32 on the ORIGINAL grid, y [B,H,W,Cy]) -> [B,H,W,6] float32.
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -18,41 +20,6 @@ def linear_betas(num_steps: int = 1000) -> np.ndarray:
   """β_t = linspace(1e-4·s, 0.02·s, T), s = 1000/T, float64 (sdm.md §3.1)."""
   scale = 1000.0 / num_steps
   return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
-
-
-def space_timesteps(num_steps: int, respacing: str) -> list[int]:
-  """Kept original timesteps for a respacing string (sdm.md §3.7).
-
-  Args:
-    num_steps: length of the original process (1000).
-    respacing: '' (all steps), 'ddimN' (smallest integer stride giving exactly N steps), or a comma list
-      of counts, one per equal section of the original grid, each taken with fractional striding.
-
-  Returns:
-    Sorted list of kept original indices τ_0 < τ_1 < ….
-  """
-  if not respacing:
-    return list(range(num_steps))
-  if respacing.startswith('ddim'):
-    n = int(respacing[len('ddim'):])
-    for stride in range(1, num_steps):
-      if len(range(0, num_steps, stride)) == n:
-        return list(range(0, num_steps, stride))
-    raise ValueError(f'cannot create exactly {n} steps with an integer stride from {num_steps}')
-  counts = [int(c) for c in respacing.split(',')]
-  size_per, extra = divmod(num_steps, len(counts))
-  kept, start = [], 0
-  for i, count in enumerate(counts):
-    size = size_per + (1 if i < extra else 0)
-    if size < count:
-      raise ValueError(f'cannot take {count} steps from a section of {size} (respacing={respacing!r})')
-    stride = 1 if count <= 1 else (size - 1) / (count - 1)
-    cur = 0.0
-    for _ in range(count):
-      kept.append(start + round(cur))
-      cur += stride
-    start += size
-  return sorted(set(kept))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,16 +7,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from diffmix_jax.sdm import fields as sdm_fields
 from diffmix_jax.sdm import layers
 
-# Official defaults of channel_mult per image_size (guided-diffusion's create_model, sdm.md §1).
-DEFAULT_CHANNEL_MULT = {
-    512: (0.5, 1, 1, 2, 2, 4, 4),
-    256: (1, 1, 2, 2, 4, 4),
-    128: (1, 1, 2, 3, 4),
-    64: (1, 2, 3, 4),
-}
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}  # sdm_fields.DTYPES
 
 
 class SDMUNet(nn.Module):
@@ -155,16 +149,6 @@ class SDMUNet(nn.Module):
     return layers.conv(out_ch, 3, ch, jnp.float32, 'out_2', zero=True)(h)
 
 
-def parse_channel_mult(channel_mult: str, image_size: int) -> tuple[float, ...]:
-  """'' → official default for image_size; else a comma list of numbers ('1,2' → (1, 2))."""
-  if not channel_mult:
-    if image_size not in DEFAULT_CHANNEL_MULT:
-      raise ValueError(f'diffusion.model.channel_mult is empty and image_size={image_size} has no '
-                       f'official default (known: {sorted(DEFAULT_CHANNEL_MULT)})')
-    return DEFAULT_CHANNEL_MULT[image_size]
-  return tuple(float(v) if '.' in v else int(v) for v in channel_mult.split(','))
-
-
 def create_sdm(model_config: ml_collections.ConfigDict) -> SDMUNet:
   """Builds the UNet from a `diffusion.model` ConfigDict (configs/common.py).
 
@@ -179,10 +163,10 @@ def create_sdm(model_config: ml_collections.ConfigDict) -> SDMUNet:
   m = model_config
   if m.dtype not in _DTYPES:
     raise ValueError(f'diffusion.model.dtype={m.dtype!r}; expected one of {sorted(_DTYPES)}')
-  attn = tuple(int(r) for r in str(m.attention_resolutions).split(',') if r)
+  attn = sdm_fields.comma_ints(m.attention_resolutions)
   return SDMUNet(
       image_size=m.image_size, num_channels=m.num_channels, num_res_blocks=m.num_res_blocks,
-      channel_mult=parse_channel_mult(m.channel_mult, m.image_size), attention_resolutions=attn,
+      channel_mult=sdm_fields.parse_channel_mult(m.channel_mult, m.image_size), attention_resolutions=attn,
       num_heads=m.num_heads, num_head_channels=m.num_head_channels,
       resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
       learn_sigma=m.learn_sigma, num_classes=m.num_classes, no_instance=m.no_instance,

@@ -80,8 +80,11 @@ def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx
   keep = jax.random.uniform(k_drop, (b,)) >= drop_rate
   y = y * keep[:, None, None, None].astype(y.dtype)  # Whole condition, edge channel included.
 
+  k_dropout = jax.random.fold_in(rng, 3)  # Apart from the split above: dropout 0 changes nothing.
+
   def loss_fn(params):
-    model_fn = lambda x_t, tt, yy: module.apply({'params': params}, x_t, tt, yy)
+    model_fn = lambda x_t, tt, yy: module.apply({'params': params}, x_t, tt, yy, train=True,
+                                                rngs={'dropout': k_dropout})
     losses = gd.training_losses(diff, model_fn, x0, t, y, noise)
     return losses['loss'].mean(), losses
 
@@ -106,6 +109,14 @@ def make_condition(local: dict, model_config: ml_collections.ConfigDict) -> np.n
   """Host-side condition y for a local batch (sdm.md §4.6)."""
   return labels.condition(local['type_map'], local['inst_map'], model_config.num_classes,
                           model_config.no_instance)
+
+
+def local_ema(ema, sharded: bool):
+  """This process's whole copy of the EMA for the preview sampler. A sharded EMA
+  (`mesh.shard_opt_state`) is gathered: a collective, so every process calls it at the same step."""
+  if sharded:
+    return multihost_utils.process_allgather(ema, tiled=True)
+  return jax.tree.map(lambda a: a.addressable_data(0), ema)
 
 
 def _sample_grid(ema, module, local: dict, y: np.ndarray, respacing: str, seed: int) -> np.ndarray:
@@ -204,13 +215,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       train_lib.check_finite(int(state.first_bad_step), 'diffusion_train')
       checkpoint.save(manager, done, state, it.get_state())
     if tc.sample_every_steps and done % tc.sample_every_steps == 0:
-      # Each process samples its own examples on one local device from its copy of the EMA.
-      local_ema = jax.tree.map(lambda a: a.addressable_data(0), state.ema)
-      if all(a.shape == b.shape for a, b in zip(jax.tree.leaves(local_ema),
-                                                jax.tree.leaves(trainer.abstract_state.ema))):
-        grid = _sample_grid(local_ema, trainer.module, local, y, tc.sample_respacing,
-                            config.seed + done)
-        writer.write_images(done, {'label_real_ema_sample': grid[None]})
+      grid = _sample_grid(local_ema(state.ema, config.mesh.shard_opt_state), trainer.module, local,
+                          y, tc.sample_respacing, config.seed + done)
+      writer.write_images(done, {'label_real_ema_sample': grid[None]})
   checkpoint.wait(manager)
   writer.flush()
   ema = multihost_utils.process_allgather(state.ema, tiled=True)  # Host NumPy, all processes.

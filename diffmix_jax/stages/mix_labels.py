@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 
 import matplotlib
 matplotlib.use('Agg')
@@ -34,75 +33,27 @@ def _save_figure(fig, path: pathlib.Path) -> None:
   wdir.atomic_write(path, buf.getvalue())
 
 
-def parse_classes(text: str, field: str, num_classes: int) -> tuple[int, ...]:
-  """Ids of a comma list like '2,3,4', in order; each must be in 1..num_classes-1 (else a
-  ValueError naming `field`, e.g. 'config.mix.balance.rare_classes')."""
-  out = []
-  for part in str(text).split(','):
-    part = part.strip()
-    if not re.fullmatch(r'-?\d+', part):
-      raise ValueError(f'{field}: {text!r} is not a comma list of class ids')
-    cid = int(part)
-    if not 1 <= cid <= num_classes - 1:
-      raise ValueError(f'{field}: class id {cid} is not in 1..{num_classes - 1}')
-    if cid in out:
-      raise ValueError(f'{field}: class id {cid} is listed twice')
-    out.append(cid)
-  return tuple(out)
-
-
-def balance_params(cfg, num_classes: int) -> balancing.BalanceParams:
-  """Validated `balancing.BalanceParams` from `config.mix.balance` (§2.4 parameters)."""
-  f = 'config.mix.balance.'
-  rare = parse_classes(cfg.rare_classes, f + 'rare_classes', num_classes)
-  common = parse_classes(cfg.common_classes, f + 'common_classes', num_classes)
-  both = sorted(set(rare) & set(common))
-  if both:
-    raise ValueError(f'{f}common_classes: class id {both[0]} is also in {f}rare_classes')
-  if not 0.0 <= cfg.target_fraction <= 1.0:
-    raise ValueError(f'{f}target_fraction must be in [0, 1]; got {cfg.target_fraction}')
-  if not cfg.area_ratio > 0:
-    raise ValueError(f'{f}area_ratio must be > 0; got {cfg.area_ratio}')
-  if cfg.dilation_iterations < 0 or cfg.border_margin < 0:
-    raise ValueError(f'{f}dilation_iterations and {f}border_margin must be >= 0')
-  if cfg.paste_mode not in balancing.PASTE_MODES:
-    raise ValueError(f'{f}paste_mode must be one of {balancing.PASTE_MODES}; '
-                     f'got {cfg.paste_mode!r}')
+def balance_params(cfg) -> balancing.BalanceParams:
+  """`balancing.BalanceParams` from `config.mix.balance` (§2.4; values checked by config_checks)."""
+  ids = lambda text: tuple(int(v) for v in str(text).split(',') if v.strip())
   cap = cfg.max_replacements_per_tile
-  if cap is not None and cap < 0:
-    raise ValueError(f'{f}max_replacements_per_tile must be None or >= 0; got {cap}')
-  return balancing.BalanceParams(rare, common, float(cfg.target_fraction), float(cfg.area_ratio),
-                                    int(cfg.dilation_iterations), float(cfg.border_margin),
-                                    cfg.paste_mode, None if cap is None else int(cap))
+  return balancing.BalanceParams(ids(cfg.rare_classes), ids(cfg.common_classes),
+                                 float(cfg.target_fraction), float(cfg.area_ratio),
+                                 int(cfg.dilation_iterations), float(cfg.border_margin),
+                                 cfg.paste_mode, None if cap is None else int(cap))
 
 
 def enlarge_params(cfg, patch_size: int, stride: int) -> enlarging.EnlargeParams:
-  """Validated `enlarging.EnlargeParams` from `config.mix.enlarge` and `config.sample`'s grid.
-
-  §3.3, §4.1. The `author_issue3` preset selects every interior nucleus and shifts by -3..3 px.
-  """
-  f = 'config.mix.enlarge.'
-  if cfg.preset not in enlarging.PRESETS:
-    raise ValueError(f'{f}preset must be one of {enlarging.PRESETS}; got {cfg.preset!r}')
-  if cfg.collision not in enlarging.COLLISIONS:
-    raise ValueError(f'{f}collision must be one of {enlarging.COLLISIONS}; '
-                     f'got {cfg.collision!r}')
+  """`enlarging.EnlargeParams` from `config.mix.enlarge` and `config.sample`'s grid (§3.3, §4.1; values
+  checked by config_checks). The `author_issue3` preset moves every interior nucleus by -3..3 px."""
   prob, low, high = cfg.axis_probability, cfg.shift_low, cfg.shift_high
   if cfg.preset == 'author_issue3':
     prob, low, high = 1.0, -3, 3
-  if not 0.0 <= prob <= 1.0:
-    raise ValueError(f'{f}axis_probability must be in [0, 1]; got {prob}')
-  if low > high or max(-low, high) >= cfg.frame_margin:
-    raise ValueError(f'{f}shift_low..shift_high must be ordered and smaller in size than '
-                     f'{f}frame_margin={cfg.frame_margin}; got {low}..{high}')
-  if not 0 <= 2 * cfg.frame_margin <= patch_size or stride < 1:
-    raise ValueError(f'{f}frame_margin={cfg.frame_margin} must be in [0, patch_size/2] and the grid '
-                     f'stride >= 1 (config.sample.patch_size={patch_size}, grid_stride={stride})')
   if 2 * cfg.frame_margin == patch_size:
-    logging.warning('%sframe_margin=%d leaves no interior in a %d px patch: enlarging maps will '
-                    'equal the real labels', f, cfg.frame_margin, patch_size)
+    logging.warning('config.mix.enlarge.frame_margin=%d leaves no interior in a %d px patch: '
+                    'enlarging maps will equal the real labels', cfg.frame_margin, patch_size)
   return enlarging.EnlargeParams(int(cfg.frame_margin), float(prob), int(low), int(high),
-                                    cfg.collision, int(patch_size), int(stride))
+                                 cfg.collision, int(patch_size), int(stride))
 
 
 def _patch_sums(mask: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
@@ -275,7 +226,7 @@ def run(config, workdir: os.PathLike) -> None:
     return
   num_classes = config.data.num_classes
   class_names = labels.class_names(config.data.class_names, num_classes)
-  bparams = balance_params(config.mix.balance, num_classes)
+  bparams = balance_params(config.mix.balance)
   eparams = enlarge_params(config.mix.enlarge, config.sample.patch_size, config.sample.grid_stride)
   # Imported here so that this NumPy stage does not load the pipeline's dependencies until it runs.
   from diffmix_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
