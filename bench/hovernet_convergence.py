@@ -84,7 +84,7 @@ def main(argv):
       continue
     variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
     predict = hovernet_infer.create_predictor(trainer.module, variables, 4)
-    pairs = [(hovernet_infer.true_record(t['inst_map'], t['type_map']),
+    pairs = [(records.label_record(t['inst_map'], t['type_map']),
               hovernet_infer.predict_record(predict, trainer.module, t['image']))
              for t in eval_tiles]
     r = records.evaluate_arrays(pairs)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from diffmix_jax.mixing import balancing  # noqa: E402
 from diffmix_jax.mixing import enlarging  # noqa: E402
 from diffmix_jax.mixing import tiles as mixing_tiles  # noqa: E402
+from tfds_builders import raw_folders
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
   if not folder.is_dir():
     sys.exit(f'--consep_dir (or $DIFFMIX_CONSEP_DIR) must hold Train/Labels/*.mat; got {folder}')
   raw = []
-  for path in sorted(folder.glob('*.mat'), key=lambda p: mixing_tiles.natural_key(p.stem)):
+  for path in sorted(folder.glob('*.mat'), key=lambda p: raw_folders.natural_key(p.stem)):
     m = scipy.io.loadmat(path)
     raw.append((path.stem, m['inst_map'].astype(np.int32), m['type_map'].astype(np.int32)))
   n = len(raw)

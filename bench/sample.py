@@ -34,7 +34,7 @@ def render_setup(config, mesh, n: int):
   from diffmix_jax.stages import sample  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax.sdm import unet as sdm_unet  # pylint: disable=g-import-not-at-top
-  module = sdm_unet.create_sdm(config.diffusion.model)
+  module = sdm_unet.create_sdm(**config.diffusion.model)
   params = jax.device_put(sdm_unet.init_params(module, jax.random.key(0)),
                           sharding.replicated(mesh))
   render = sample._render_fn(config, module, mesh)  # pylint: disable=protected-access

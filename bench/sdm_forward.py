@@ -63,7 +63,7 @@ def measure_flops(dtype: str) -> None:
   for remat in (False, True):
     cfg = common.base_config().diffusion.model
     cfg.dtype, cfg.remat = dtype, remat
-    module = sdm_unet.create_sdm(cfg)
+    module = sdm_unet.create_sdm(**cfg)
     params = sdm_unet.abstract_params(module)
     args = _inputs(module, 1)
     if not remat:
@@ -80,7 +80,7 @@ def measure_speed(size: int, channels: int, batch: int, iters: int) -> None:
   cfg = common.base_config().diffusion.model
   cfg.update(image_size=size, num_channels=channels, channel_mult='1,2,2',
              attention_resolutions=str(size // 4), dtype='float32', remat=False)
-  module = sdm_unet.create_sdm(cfg)
+  module = sdm_unet.create_sdm(**cfg)
   params = sdm_unet.init_params(module, jax.random.key(0), 1)
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@
 #   python -m diffmix_jax.convert_torch --model sdm --config configs/consep.py \
 #       --checkpoint ema_0.9999_010000.pt --out DIR
 # writes DIR/sdm_params.msgpack (flax.serialization msgpack of the float32 'params' tree of
-# `sdm_unet.create_sdm(config.diffusion.model)`, read back with `load_params`) and
+# `sdm_unet.create_sdm(**config.diffusion.model)`, read back with `core.checkpoint.load_tree`) and
 # DIR/sdm_model_config.json (the model fields used). Files go to a temporary name, then os.replace.
 
 import json
@@ -15,10 +15,10 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 import numpy as np
-from flax import serialization
 from flax import traverse_util
 
 from diffmix_jax import workdir as wdir
+from diffmix_jax.core import checkpoint as ckpt
 from diffmix_jax.sdm import unet as sdm_unet
 
 # Flax Dense layers that are kernel-1 Conv1d in the official model ([O, I, 1] weights, sdm.md §2.12).
@@ -153,7 +153,7 @@ def load_sdm(path: str, model_config: ml_collections.ConfigDict):
     (module, params): `module.apply({'params': params}, x_t, t, y)` with x_t [B,H,W,3] float32,
     t [B] int on 0…999 and y [B,H,W,num_classes+1] returns [B,H,W,6] like the official forward.
   """
-  module = sdm_unet.create_sdm(model_config)
+  module = sdm_unet.create_sdm(**model_config)
   return module, sdm_params_from_state_dict(load_torch_state_dict(path), module, source=path)
 
 
@@ -211,17 +211,6 @@ def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
 # ---- saving ----
 
 
-def save_params(path: str, params) -> None:
-  """Writes a params tree as flax.serialization msgpack, atomically (temp file, then os.replace)."""
-  wdir.atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
-
-
-def load_params(path: str):
-  """Reads a params tree written by `save_params` (nested dict of np.ndarray)."""
-  with open(path, 'rb') as f:
-    return serialization.msgpack_restore(f.read())
-
-
 HOVERNET_VARIABLES = 'hovernet_variables.msgpack'  # What `convert --model hovernet` writes ...
 HOVERNET_CONFIG = 'hovernet_model_config.json'  # ... and the model fields that rebuild the module.
 
@@ -241,7 +230,7 @@ def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_
     module, variables = load_hovernet(checkpoint, config.hovernet.model.mode,
                                       config.hovernet.model.nr_types)
     out = os.path.join(out_dir, HOVERNET_VARIABLES)
-    save_params(out, variables)
+    ckpt.save_tree(out, variables)
     cfg = json.dumps(hovernet_model_fields(module), indent=2).encode()
     wdir.atomic_write(os.path.join(out_dir, HOVERNET_CONFIG), cfg)
     return out
@@ -249,7 +238,7 @@ def convert(model: str, config: ml_collections.ConfigDict, checkpoint: str, out_
     raise ValueError(f'--model={model!r}; expected sdm or hovernet')
   _, params = load_sdm(checkpoint, config.diffusion.model)
   out = os.path.join(out_dir, 'sdm_params.msgpack')
-  save_params(out, params)
+  ckpt.save_tree(out, params)
   cfg = json.dumps(config.diffusion.model.to_dict(), indent=2, sort_keys=True).encode()
   wdir.atomic_write(os.path.join(out_dir, 'sdm_model_config.json'), cfg)
   return out

@@ -86,7 +86,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
                               '`python -m diffmix_jax.main` (it writes config.json)')
     config = json.loads(path.read_text())
     fields = config['hovernet']['model']
-    module = hovernet.create_hovernet(_model_config(fields))
+    module = hovernet.create_hovernet(**_model_config(fields))
     variables = hovernet_infer.load_variables(
         wdir.hovernet_variables_path(workdir, run or 'baseline'), module)
     names = [n.strip() for n in config['data']['class_names'].split(',')]
@@ -97,7 +97,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
       raise FileNotFoundError(f'{cfg_path}: missing; --model_dir must be a folder written by '
                               '`python -m diffmix_jax.convert_torch --model hovernet`')
     fields = json.loads(cfg_path.read_text())
-    module = hovernet.create_hovernet(_model_config(fields))
+    module = hovernet.create_hovernet(**_model_config(fields))
     variables = hovernet_infer.load_variables(
         str(pathlib.Path(model_dir) / convert_torch.HOVERNET_VARIABLES), module)
     return Model(module, variables, fields, None)

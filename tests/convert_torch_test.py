@@ -13,6 +13,7 @@ import pytest
 
 from configs import common
 from diffmix_jax import convert_torch
+from diffmix_jax.core import checkpoint
 from diffmix_jax.sdm import unet as sdm_unet
 
 torch = pytest.importorskip('torch')
@@ -39,7 +40,7 @@ def _random_state_dict(shapes, seed=0):
 @pytest.fixture(scope='module')
 def small_checkpoint(tmp_path_factory):
   """A torch.save'd state dict with the official key set at num_channels=32, random values."""
-  shapes = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(_small_config()))
+  shapes = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
   sd = _random_state_dict(shapes)
   path = tmp_path_factory.mktemp('ckpt') / 'ema_0.9999_000000.pt'
   torch.save(sd, path)
@@ -51,10 +52,10 @@ def test_full_size_keys_and_shapes_equal_official_tsv():
     pytest.skip(f'{TSV} not found')
   rows = [line.split('\t') for line in TSV.read_text().splitlines()[1:]]
   official = {k: tuple(json.loads(s)) for k, s in rows}
-  got = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(common.base_config().diffusion.model))
+  got = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**common.base_config().diffusion.model))
   assert got == official
   # The reduced model used for the round trip has exactly the same key set.
-  small = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(_small_config()))
+  small = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
   assert set(small) == set(official)
 
 
@@ -101,7 +102,7 @@ def test_mismatches_are_reported_by_name(small_checkpoint, tmp_path):
   cfg.num_classes = 4
   with pytest.raises(convert_torch.CheckpointMismatchError, match=r'shape mismatches \(50\)'):
     convert_torch.sdm_params_from_state_dict({k: v.numpy() for k, v in sd.items()},
-                                             sdm_unet.create_sdm(cfg))
+                                             sdm_unet.create_sdm(**cfg))
 
 
 def test_save_load_params_and_hovernet_placeholder(small_checkpoint, tmp_path):
@@ -110,7 +111,8 @@ def test_save_load_params_and_hovernet_placeholder(small_checkpoint, tmp_path):
   cfg.diffusion.model = _small_config()
   out = convert_torch.convert('sdm', cfg, str(path), str(tmp_path / 'out'))
   assert sorted(os.listdir(tmp_path / 'out')) == ['sdm_model_config.json', 'sdm_params.msgpack']
-  restored = convert_torch.load_params(out)
+  restored = checkpoint.load_tree(out, sdm_unet.abstract_params(
+      sdm_unet.create_sdm(**cfg.diffusion.model)), 'the converted SDM')
   exported = convert_torch.export_sdm(restored)
   for k, v in sd.items():
     np.testing.assert_array_equal(exported[k], v.numpy(), err_msg=k)
@@ -243,7 +245,7 @@ def test_forward_matches_torch_reference_tiny():
   """Converted params + Flax forward == a torch.nn.functional forward on the same state dict."""
   cfg = _small_config()
   cfg.update(**TINY)
-  module = sdm_unet.create_sdm(cfg)
+  module = sdm_unet.create_sdm(**cfg)
   shapes = convert_torch.sdm_expected_shapes(module)
   rng = np.random.default_rng(5)
   sd = {k: torch.from_numpy((0.1 * rng.standard_normal(s)).astype(np.float32))

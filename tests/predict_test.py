@@ -18,11 +18,11 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from diffmix_jax.core import checkpoint
 from diffmix_jax import workdir as wdir
 from diffmix_jax import convert_torch
 from diffmix_jax.data import demo as demo_data
 from diffmix_jax.metrics import records
-from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax import predict
 from diffmix_jax.hovernet import model as hovernet
 
@@ -44,7 +44,7 @@ def sources(tmp_path_factory):
   """One model as a `main` workdir and as a converted folder; 3 exported demo test tiles (the
   first as .TIF) and, with DIFFMIX_CONSEP_DIR, a 300x260 crop of a real CoNSeP test tile."""
   root = tmp_path_factory.mktemp('predict')
-  module = hovernet.create_hovernet(predict._model_config(FIELDS))  # pylint: disable=protected-access
+  module = hovernet.create_hovernet(**predict._model_config(FIELDS))  # pylint: disable=protected-access
   variables = _variables(module)
   config = tiny.get_config()
   config.hovernet.model.update(FIELDS)
@@ -52,7 +52,7 @@ def sources(tmp_path_factory):
   (root / 'work' / 'config.json').write_text(config.to_json_best_effort())
   (root / 'work' / 'hovernet_baseline' / wdir.HOVERNET_VARIABLES).write_bytes(
       serialization.to_bytes(variables))
-  convert_torch.save_params(str(root / 'model' / convert_torch.HOVERNET_VARIABLES), variables)
+  checkpoint.save_tree(str(root / 'model' / convert_torch.HOVERNET_VARIABLES), variables)
   (root / 'model' / convert_torch.HOVERNET_CONFIG).write_text(
       json.dumps(convert_torch.hovernet_model_fields(module)))
   demo_data.export(str(root / 'demo'))
@@ -115,7 +115,7 @@ def test_outputs_agree_with_each_other_and_evaluate_reads_them(sources):
   truth.mkdir()
   for name in ('test_1', 'test_2', 'test_3'):
     lab = sio.loadmat(sources / 'demo' / 'Labels' / f'{name}.mat')
-    records.save_mat(truth / f'{name}.mat', hovernet_infer.true_record(lab['inst_map'],
+    records.save_mat(truth / f'{name}.mat', records.label_record(lab['inst_map'],
                                                                         lab['type_map']))
   pred = sources / 'pred_demo'
   pred.mkdir()
@@ -142,8 +142,8 @@ def test_sources_agree_rerun_skips_and_another_model_redoes(sources):
   assert errors == [] and stamp() == before  # Same model: every tile skipped.
   other = sources / 'model2'
   shutil.copytree(sources / 'model', other)
-  module = hovernet.create_hovernet(predict._model_config(FIELDS))  # pylint: disable=protected-access
-  convert_torch.save_params(str(other / convert_torch.HOVERNET_VARIABLES), _variables(module, 4))
+  module = hovernet.create_hovernet(**predict._model_config(FIELDS))  # pylint: disable=protected-access
+  checkpoint.save_tree(str(other / convert_torch.HOVERNET_VARIABLES), _variables(module, 4))
   _run({'model_dir': str(other)}, sources / 'images', b)
   after = stamp()
   assert all(after[p] != before[p] for p in before if p.parent.name == 'fingerprint')

@@ -9,11 +9,14 @@ non-contiguous ids) are fixed and reported as warnings, never silently.
 import dataclasses
 import logging
 import pathlib
+import re
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 import scipy.io
+
+from tfds_builders import instances
 
 # Raw class ids -> merged ids (hovernet.md §6.1-6.2, sdm.md §4.6). Background 0 stays 0.
 # CoNSeP: 1 other; 2 inflammatory; 3, 4 -> 3 epithelial; 5, 6, 7 -> 4 spindle-shaped.
@@ -123,12 +126,11 @@ def split_pairs(root: pathlib.Path, split: str) -> list[tuple[str, pathlib.Path,
                        + ', '.join(f'{n}.mat (expected {n}.png or {n}.tif)' for n in no_image))
   if not images:
     raise DatasetError(f'no images (.png/.tif) in {img_dir}')
-  return [(n, images[n], mats[n]) for n in sorted(images, key=_natural_key)]
+  return [(n, images[n], mats[n]) for n in sorted(images, key=natural_key)]
 
 
-def _natural_key(name: str):
-  """Sort key that orders train_2 before train_10."""
-  import re  # pylint: disable=g-import-not-at-top
+def natural_key(name: str) -> list:
+  """Sort key that orders train_2 before train_10: the order of tiles everywhere in the project."""
   return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', name)]
 
 
@@ -214,9 +216,10 @@ def read_labels(path: pathlib.Path, dataset: str, scheme: str
     lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
     inst = lut[inst]
     warnings.append(f'{path.name}: instance ids were not 1..N; renumbered {ids.size} instances')
-  types, mixed = _majority_types(inst, types, ids.size)
+  types, mixed = _majority_types(inst, types)
   if mixed:
-    warnings.append(f'{path.name}: {mixed} instance(s) with mixed types; took the majority type')
+    warnings.append(f'{path.name}: {mixed} instance(s) with mixed types; took the majority type '
+                    '(background only where it is the only value)')
   untyped = int(np.count_nonzero((types == 0) & (inst > 0)))
   if untyped:
     warnings.append(f'{path.name}: {untyped} nucleus pixels have type 0 (background)')
@@ -228,22 +231,18 @@ def read_labels(path: pathlib.Path, dataset: str, scheme: str
   return inst, types, warnings
 
 
-def _majority_types(inst: np.ndarray, types: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-  """Makes `types` constant over each instance (majority vote, ties -> smaller id).
+def _majority_types(inst: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, int]:
+  """Makes `types` constant over each instance (instances.instance_table's vote).
 
   Returns:
     (type_map int32 [H, W] with background 0 outside instances, number of mixed instances).
   """
-  if n == 0:
-    return np.zeros_like(types), 0
-  k = int(types.max()) + 1
-  counts = np.zeros((n + 1, k), np.int64)
-  np.add.at(counts, (inst.ravel(), types.ravel()), 1)
-  counts[0] = 0
-  majority = counts.argmax(axis=1).astype(np.int32)  # argmax takes the first (smaller) id on ties.
-  mixed = int(np.count_nonzero((counts[1:] > 0).sum(axis=1) > 1))
-  majority[0] = 0
-  return majority[inst], mixed
+  table = instances.instance_table(inst, types)
+  if not table['ids'].size:
+    return np.zeros_like(types, np.int32), 0
+  lut = np.zeros(int(table['ids'][-1]) + 1, np.int32)
+  lut[table['ids']] = table['type']
+  return lut[inst], int(np.count_nonzero((table['counts'] > 0).sum(axis=1) > 1))
 
 
 def read_tile(name: str, image_path: pathlib.Path, label_path: pathlib.Path, dataset: str,

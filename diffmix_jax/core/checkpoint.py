@@ -63,3 +63,43 @@ def abstract(tree, shardings):
   """ShapeDtypeStructs of `tree` (arrays or structs) carrying `shardings`."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
+
+
+def save_tree(path: os.PathLike, tree) -> None:
+  """Writes a pytree of arrays (params, EMA, HoVer-Net variables) as flax msgpack, atomically."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from diffmix_jax import workdir as wdir  # pylint: disable=g-import-not-at-top
+  wdir.atomic_write(path, serialization.msgpack_serialize(jax.device_get(tree)))
+
+
+def load_tree(path: os.PathLike, abstract, what: str):
+  """Reads a `save_tree` file that must fit `abstract` (a jax.eval_shape tree of the model).
+
+  Args:
+    path: the msgpack file.
+    abstract: the expected tree of ShapeDtypeStructs.
+    what: the config field or stage the file comes from, for the errors.
+
+  Returns:
+    The tree of np.ndarray.
+
+  Raises:
+    FileNotFoundError: no file (naming `what`); ValueError: it does not fit the model (the first
+      differing paths and shapes).
+  """
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: {what}')
+  with open(path, 'rb') as f:
+    try:
+      tree = serialization.msgpack_restore(f.read())
+    except Exception as e:  # msgpack raises several types for a damaged file.
+      raise ValueError(f'{path}: not a parameter file ({e})') from e
+  shapes = lambda t: {jax.tree_util.keystr(k): tuple(getattr(v, 'shape', ())) for k, v in
+                      jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = shapes(tree), shapes(abstract)
+  if got != want:
+    bad = sorted(set(got.items()) ^ set(want.items()))[:6]
+    raise ValueError(f'{path}: does not fit the configured model; first differences (path, shape): '
+                     f'{bad}')
+  return tree

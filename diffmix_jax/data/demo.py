@@ -41,7 +41,6 @@ def export(folder: str, splits: tuple[str, ...] = ('test',)) -> list[str]:
   """
   import pathlib  # pylint: disable=g-import-not-at-top
   from diffmix_jax.metrics import records  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.mixing import tiles as mixing_tiles  # pylint: disable=g-import-not-at-top
   root, names = pathlib.Path(folder), []
   for split in splits:
     if split not in demo_tiles.NUM_TILES:
@@ -49,12 +48,10 @@ def export(folder: str, splits: tuple[str, ...] = ('test',)) -> list[str]:
     for i in range(demo_tiles.NUM_TILES[split]):
       image, inst, types = demo_tiles.make_tile(demo_tiles.SEED, split, i)
       name = f'{split}_{i + 1}'
-      tile = mixing_tiles.prepare_tile(name, inst, types, len(demo_tiles.CLASS_NAMES))
-      ids = np.arange(1, int(inst.max()) + 1)  # Demo ids are 1..N without gaps.
+      rec = records.label_record(inst, types)
       records.write_consep_example(root, name, image, {
-          'inst_map': inst.astype(np.int32), 'type_map': types.astype(np.int32),
-          'inst_type': tile.classes[ids, None].astype(np.int32),
-          'inst_centroid': tile.centroids[ids]})
+          'inst_map': rec['inst_map'], 'type_map': types.astype(np.int32),
+          'inst_type': rec['inst_type'][:, None], 'inst_centroid': rec['inst_centroid']})
       names.append(name)
   return names
 

@@ -5,7 +5,6 @@ identical for any number of processes or workers, and the grain iterator state r
 """
 
 import pathlib
-from typing import Iterator
 
 import grain
 import ml_collections
@@ -186,9 +185,3 @@ def eval_indices(n: int, process_index: int = 0, process_count: int = 1) -> list
   if not 0 <= process_index < process_count:
     raise ValueError(f'process index {process_index} is not in 0..{process_count - 1}')
   return list(range(process_index, n, process_count))
-
-
-def eval_tiles(source, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Yields this process's evaluation tiles, in order, with `index` (position in the split) added."""
-  for i in eval_indices(len(source), process_index, process_count):
-    yield {'index': i, **_tile(source[i])}

@@ -71,8 +71,10 @@ def condition(type_map: np.ndarray, inst_map: np.ndarray, num_classes: int,
   return np.concatenate([one_hot, edge_map(inst_map)[..., None].astype(np.float32)], axis=-1)
 
 
-def drop_labels(y: np.ndarray, keep: np.ndarray) -> np.ndarray:
+def drop_labels(y, keep):
   """Replaces the whole condition of dropped samples by the all-zero (unconditional) map (sdm.md §4.2).
+
+  NumPy or JAX arrays (the SDM train step calls it on traced ones).
 
   Args:
     y: float [B, H, W, C] conditions.
@@ -81,12 +83,11 @@ def drop_labels(y: np.ndarray, keep: np.ndarray) -> np.ndarray:
   Returns:
     float [B, H, W, C], same dtype as y.
   """
-  keep = np.asarray(keep).reshape((-1,) + (1,) * (y.ndim - 1))
-  return y * keep.astype(y.dtype)
+  return y * keep.reshape((-1,) + (1,) * (y.ndim - 1)).astype(y.dtype)
 
 
-def downsample(y: np.ndarray, factor: int) -> np.ndarray:
-  """Top-left strided down-sampling for SPADE (sdm.md §5, pitfall 1): y[..., ::k, ::k, :].
+def downsample(y, factor: int):
+  """Top-left strided down-sampling for SPADE (sdm.md §5, pitfall 1): y[..., ::k, ::k, :] (NumPy or JAX).
 
   PyTorch's nearest interpolation by an integer factor picks the top-left pixel of each k x k cell;
   `jax.image.resize(..., 'nearest')` picks an interior one, so it must not be used.

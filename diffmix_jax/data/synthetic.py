@@ -104,20 +104,6 @@ def open_source(workdir: os.PathLike, split: str = 'train'):
   return builder.as_data_source(split=split)
 
 
-def instance_record(inst_map: np.ndarray, type_map: np.ndarray) -> dict:
-  """CoNSeP `.mat` fields of a label patch: inst_type int32 [N, 1], inst_centroid float64 [N, 2]
-  (x, y centre of mass), for ids 1..N."""
-  n = int(inst_map.max()) if inst_map.size else 0
-  ids = inst_map.ravel()
-  count = np.bincount(ids, minlength=n + 1)[1:].astype(np.float64)
-  ys, xs = np.indices(inst_map.shape)
-  cy = np.bincount(ids, ys.ravel(), minlength=n + 1)[1:] / np.maximum(count, 1)
-  cx = np.bincount(ids, xs.ravel(), minlength=n + 1)[1:] / np.maximum(count, 1)
-  cls = np.zeros(n + 1, np.int32)
-  cls[ids] = type_map.ravel()
-  return {'inst_type': cls[1:, None], 'inst_centroid': np.stack([cx, cy], 1)}
-
-
 def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   """Writes `consep_format/{Images,Labels}` (PNG + .mat with inst_map, type_map, inst_type,
   inst_centroid) and `manifest.json` (each patch's kind, source tile, grid index and offset), each
@@ -126,9 +112,10 @@ def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   out = wdir.synthetic_export_dir(workdir)
   manifest = {}
   for name, ex in iter_examples(workdir, num_shards):
+    rec = records.label_record(ex['inst_map'], ex['type_map'])
     records.write_consep_example(out, name, ex['image'], {
-        'inst_map': ex['inst_map'].astype(np.int32), 'type_map': ex['type_map'].astype(np.int32),
-        **instance_record(ex['inst_map'], ex['type_map'])})
+        'inst_map': rec['inst_map'], 'type_map': ex['type_map'].astype(np.int32),
+        'inst_type': rec['inst_type'][:, None], 'inst_centroid': rec['inst_centroid']})
     manifest[name] = {'kind': ex['kind'], 'tile': ex['source_tile'], 'patch': int(ex['patch']),
                       'offset': [int(v) for v in ex['offset']]}
   wdir.atomic_write(out / hovernet_data.MANIFEST, json.dumps({'patches': manifest}, indent=1).encode())

@@ -5,10 +5,8 @@ official post-processing once (pitfall 13).
 """
 
 import functools
-import os
 from typing import Any, Callable
 
-from flax import serialization
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -17,6 +15,7 @@ import numpy as np
 from diffmix_jax.hovernet import targets as hovernet_targets
 from diffmix_jax.metrics import postprocess
 from diffmix_jax.core import sharding
+from diffmix_jax.core import checkpoint
 from diffmix_jax.hovernet import model as hovernet
 
 
@@ -153,41 +152,11 @@ def predict_record(predict, module: hovernet.HoVerNet, image: np.ndarray) -> dic
   return postprocess.to_record(inst_map, info)
 
 
-def true_record(inst_map: np.ndarray, type_map: np.ndarray) -> dict[str, np.ndarray]:
-  """Ground-truth `.mat` record of a tile: per instance its majority type and centre of mass (x, y).
-
-  Args:
-    inst_map: [H, W] int instance map (any ids, 0 = background).
-    type_map: [H, W] int merged type map.
-
-  Returns:
-    `inst_map` [H, W] int32, `inst_type` [N] int32 and `inst_centroid` [N, 2] float64 for the
-    distinct non-zero ids in ascending order.
-  """
-  inst_map = np.asarray(inst_map, np.int32)
-  ids = np.unique(inst_map)
-  ids = ids[ids > 0]
-  types, cents = [], []
-  for i in ids:
-    rows, cols = np.nonzero(inst_map == i)
-    t = np.asarray(type_map)[rows, cols]
-    types.append(int(np.bincount(t).argmax()))
-    cents.append((cols.mean(), rows.mean()))
-  return {'inst_map': inst_map, 'inst_type': np.asarray(types, np.int32),
-          'inst_centroid': np.asarray(cents, np.float64).reshape(len(ids), 2)}
-
-
 def load_variables(path: str, module: hovernet.HoVerNet) -> Any:
   """Variables written by `hovernet_train` (`variables.msgpack`) for `module`.
 
   Raises:
-    FileNotFoundError: naming the file and the stage that writes it.
+    FileNotFoundError: naming the file and the stage that writes it; ValueError: they do not fit.
   """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: run the hovernet_train stage first')
-  size = module.patch_shapes[0]
-  target = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
-  with open(path, 'rb') as f:
-    return serialization.from_bytes(target, f.read())
-
+  return checkpoint.load_tree(path, hovernet.abstract_variables(module),
+                              'run the hovernet_train stage first')

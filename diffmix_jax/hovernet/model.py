@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
 from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES
@@ -372,14 +371,20 @@ class HoVerNet(nn.Module):
                        feats, train)
 
 
-def create_hovernet(model_config: ml_collections.ConfigDict) -> HoVerNet:
-  """HoVerNet from the fields of `config.hovernet.model` (configs/common.py)."""
+def create_hovernet(*, mode: str, nr_types: int, encoder_units: str, decoder_units: str, width: int,
+                    split_grouped_convs: bool, head_init: str) -> HoVerNet:
+  """HoVerNet from the fields of `config.hovernet.model` (configs/common.py), e.g.
+  `create_hovernet(**config.hovernet.model)`; unit counts are comma lists ('3,4,6,3')."""
   units = lambda text: tuple(int(v) for v in str(text).split(',') if v.strip())
-  return HoVerNet(mode=model_config.mode, nr_types=model_config.nr_types or None,
-                  encoder_units=units(model_config.encoder_units),
-                  decoder_units=units(model_config.decoder_units), width=model_config.width,
-                  split_grouped_convs=model_config.split_grouped_convs,
-                  head_init=model_config.head_init)
+  return HoVerNet(mode=mode, nr_types=nr_types or None, encoder_units=units(encoder_units),
+                  decoder_units=units(decoder_units), width=width,
+                  split_grouped_convs=split_grouped_convs, head_init=head_init)
+
+
+def abstract_variables(module: HoVerNet) -> dict:
+  """The variables' shapes and dtypes (jax.eval_shape: no compute, no memory)."""
+  size = module.patch_shapes[0]
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
 
 
 # Paths (tuples of Flax names) of the encoder modules that stay trainable in phase 1 (hovernet.md §1.5).

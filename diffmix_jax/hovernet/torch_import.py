@@ -8,8 +8,6 @@ transposes.
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -103,11 +101,6 @@ def infer_config(state_dict: dict[str, Any]) -> tuple[str, int | None]:
                                                if tp in state_dict else None)
 
 
-def _abstract_variables(module: hovernet.HoVerNet) -> dict:
-  size = module.patch_shapes[0]
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
-
-
 def variables_from_state_dict(state_dict: dict[str, np.ndarray], mode: str | None = None,
                               nr_types: int | None = -1,
                               module: hovernet.HoVerNet | None = None):
@@ -139,7 +132,7 @@ def variables_from_state_dict(state_dict: dict[str, np.ndarray], mode: str | Non
       raise ValueError(f'nr_types={nr_types} but the state dict has decoder.tp.u0.conv.weight for '
                        f'{found_types} types')
     module = hovernet.HoVerNet(mode=found_mode, nr_types=found_types)
-  target = _abstract_variables(module)
+  target = hovernet.abstract_variables(module)
   flat_target = traverse_util.flatten_dict(target)
   expected = {torch_key(p[0], p[1:]): p for p in flat_target}
   given = {k: v for k, v in sd.items()

@@ -85,7 +85,7 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config,
   preds = _gather(records, len(tiles), pathlib.Path(folder), step)
   if preds is None:
     return None
-  pairs = [(hovernet_infer.true_record(t['inst_map'], t['type_map']), p)
+  pairs = [(mat_records.label_record(t['inst_map'], t['type_map']), p)
            for t, p in zip(tiles, preds)]
   m = mat_records.evaluate_arrays(pairs, names=[t['name'] for t in tiles],
                                radius=eval_config.match_radius,

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import segmentation
 
+from tfds_builders import instances
+
 # hovernet.md §4.1: thresholds and area cut-offs.
 NP_THRESHOLD = 0.5  # Step 1: foreground is np >= 0.5.
 EDGE_THRESHOLD = 0.4  # Step 8: marker interior is E < 0.4.
@@ -118,8 +120,7 @@ def markers(blb: np.ndarray, edge: np.ndarray) -> np.ndarray:
   return remove_small_objects(ndimage.label(marker)[0], MIN_AREA).astype(np.int32)
 
 
-def instance_info(inst_map: np.ndarray, type_map: np.ndarray,
-                  nr_types: int) -> dict[int, dict[str, Any]]:
+def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[str, Any]]:
   """Per-instance bbox, contour, centroid and type vote (hovernet.md §4.2).
 
   An instance whose first OpenCV contour (RETR_TREE, CHAIN_APPROX_SIMPLE, on its bbox crop) has fewer
@@ -127,8 +128,7 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray,
 
   Args:
     inst_map: [H, W] non-negative integer instance map (any ids).
-    type_map: [H, W] integer-valued type map (argmax of TP), values in [0, nr_types).
-    nr_types: number of type classes including background.
+    type_map: [H, W] non-negative integer type map (argmax of TP).
 
   Returns:
     Dict from instance id (int, ascending) to a dict with `bbox` [[rmin, cmin], [rmax, cmax]] int64
@@ -142,10 +142,9 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray,
   ids = inst_map.ravel().astype(np.int64)
   n = int(ids.max()) + 1
   fg = ids > 0
-  types = np.asarray(type_map).ravel().astype(np.int64)
-  # Type counts per instance as one contingency table [n, nr_types].
-  counts = np.bincount(ids[fg] * nr_types + types[fg], minlength=n * nr_types).reshape(n, nr_types)
-  area = counts.sum(axis=1)
+  table = instances.instance_table(inst_map, type_map)  # Areas and the type vote.
+  row = np.zeros(n, np.int64)
+  row[table['ids']] = np.arange(table['ids'].size)
   rows, cols = np.indices(inst_map.shape)
   sum_x = np.bincount(ids[fg], weights=cols.ravel()[fg], minlength=n)
   sum_y = np.bincount(ids[fg], weights=rows.ravel()[fg], minlength=n)
@@ -161,17 +160,16 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray,
       continue
     contour = contour + np.array([cmin, rmin], np.int32)
     # Centroid as cv2.moments of the crop (m10/m00, m01/m00) plus the crop offset.
-    a = area[idx]
+    k = row[idx]
+    a = table['area'][k]
     centroid = np.array([(sum_x[idx] - cmin * a) / a + cmin, (sum_y[idx] - rmin * a) / a + rmin])
-    # Vote: the most frequent value, ties to the smaller id; background yields to any other value.
-    others = counts[idx, 1:]
-    inst_type = int(np.argmax(others)) + 1 if others.sum() > 0 else 0
+    inst_type = int(table['type'][k])
     info[idx] = {
         'bbox': np.array([[rmin, cmin], [rmax, cmax]], np.int64),
         'centroid': centroid,
         'contour': contour,
         'type': inst_type,
-        'type_prob': float(counts[idx, inst_type] / (a + 1.0e-6)),
+        'type_prob': float(table['counts'][k, inst_type] / (a + 1.0e-6)),
     }
   return info
 
@@ -200,7 +198,7 @@ def process(pred_map: np.ndarray, nr_types: int) -> tuple[np.ndarray, dict[int, 
   if np.any(tp != np.round(tp)) or np.any(tp < 0) or np.any(tp >= nr_types):
     raise ValueError(f'pred_map[..., 0] (tp) must hold integer type ids in [0, {nr_types})')
   inst_map = separate_instances(pred_map[..., 1], pred_map[..., 2], pred_map[..., 3])
-  return inst_map, instance_info(inst_map, tp.astype(np.int64), nr_types)
+  return inst_map, instance_info(inst_map, tp.astype(np.int64))
 
 
 def to_record(inst_map: np.ndarray, inst_info: dict[int, dict[str, Any]]) -> dict[str, np.ndarray]:

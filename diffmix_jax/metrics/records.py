@@ -14,7 +14,6 @@ import io
 import json
 import os
 import pathlib
-import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +21,8 @@ from scipy import io as sio
 
 from diffmix_jax.metrics import seg_metrics
 from diffmix_jax import workdir as wdir
+from tfds_builders import instances
+from tfds_builders import raw_folders
 
 INSTANCE_KEYS = ('dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq')
 Record = dict[str, np.ndarray]
@@ -94,6 +95,23 @@ def validate_record(record: dict[str, Any], source: str) -> Record:
   out['inst_type'] = inst_type.astype(np.int32)
   out['inst_centroid'] = centroid
   return out
+
+
+def label_record(inst_map: np.ndarray, type_map: np.ndarray) -> Record:
+  """The record of a label map (ground truth, a synthetic patch's labels): per instance its type
+  (`instances.instance_table`'s vote) and centre of mass.
+
+  Args:
+    inst_map: [H, W] int instance map (any ids, 0 = background).
+    type_map: [H, W] int merged type map.
+
+  Returns:
+    `inst_map` [H, W] int32, `inst_type` [N] int32 and `inst_centroid` [N, 2] float64 (x, y) for the
+    distinct non-zero ids in ascending order.
+  """
+  table = instances.instance_table(inst_map, type_map)
+  return {'inst_map': np.asarray(inst_map, np.int32), 'inst_type': table['type'],
+          'inst_centroid': table['centroid']}
 
 
 def load_mat(path: str | os.PathLike) -> Record:
@@ -183,16 +201,11 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
   return result
 
 
-def _natural_key(name: str) -> list[Any]:
-  """Sort key putting test_2 before test_10."""
-  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
-
-
 def _mat_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   """The folder's `.mat` files keyed by stem, in natural name order."""
   if not folder.is_dir():
     raise ValueError(f'{folder}: not a folder')
-  return {p.stem: p for p in sorted(folder.glob('*.mat'), key=lambda p: _natural_key(p.name))}
+  return {p.stem: p for p in sorted(folder.glob('*.mat'), key=lambda p: raw_folders.natural_key(p.name))}
 
 
 def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,

@@ -15,7 +15,7 @@ import numpy as np
 from diffmix_jax import workdir as wdir
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
-from diffmix_jax.mixing import tiles as mixing_tiles
+from tfds_builders import raw_folders
 
 KINDS = ('balance', 'enlarge')
 
@@ -58,7 +58,7 @@ def mixed_names(workdir: os.PathLike, kind: str) -> list[str]:
   _check_kind(kind)
   folder = wdir.mixed_dir(workdir, kind)
   names = [p.stem for p in folder.glob('*.npz')] if folder.is_dir() else []
-  return sorted(names, key=mixing_tiles.natural_key)
+  return sorted(names, key=raw_folders.natural_key)
 
 
 def load_mixed(workdir: os.PathLike, kind: str, name: str) -> dict:

@@ -7,11 +7,12 @@ which tiles are processed (`map_tiles`). Per-nucleus work is done on bounding-bo
 
 import concurrent.futures
 import dataclasses
-import re
 from typing import Optional
 
 import numpy as np
 from scipy import ndimage
+
+from tfds_builders import instances
 
 CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connected cross (§2.2 step 4.1, F6).
 
@@ -26,11 +27,6 @@ class Tile:
   boxes: np.ndarray  # int64 [N + 1, 4], (row0, col0, row1, col1) exclusive; zeros if absent.
 
 
-def natural_key(name: str) -> list:
-  """Sort key that orders train_2 before train_10 (the pipeline's tile-name order)."""
-  return [int(s) if s.isdigit() else s for s in re.split(r'(\d+)', name)]
-
-
 def id_tables(inst_map: np.ndarray, num_ids: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per-id areas, centres of mass and bounding boxes of an instance map.
 
@@ -42,16 +38,13 @@ def id_tables(inst_map: np.ndarray, num_ids: int = 0) -> tuple[np.ndarray, np.nd
     areas int64 [N + 1], centroids float64 [N + 1, 2] as (x, y) (NaN where absent), boxes int64
     [N + 1, 4] as (row0, col0, row1, col1) with exclusive ends; N = max(inst_map.max(), num_ids).
   """
-  h, w = inst_map.shape
   n = max(int(inst_map.max(initial=0)), num_ids)
-  flat = inst_map.ravel()
-  areas = np.bincount(flat, minlength=n + 1)
-  ys = np.bincount(flat, weights=np.repeat(np.arange(h, dtype=np.float64), w), minlength=n + 1)
-  xs = np.bincount(flat, weights=np.tile(np.arange(w, dtype=np.float64), h), minlength=n + 1)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    centroids = np.stack([xs / areas, ys / areas], axis=1)
-  centroids[areas == 0] = np.nan
-  centroids[0] = np.nan
+  table = instances.instance_table(inst_map)
+  areas = np.zeros(n + 1, np.int64)
+  areas[table['ids']] = table['area']
+  areas[0] = np.count_nonzero(inst_map == 0)
+  centroids = np.full((n + 1, 2), np.nan)
+  centroids[table['ids']] = table['centroid']
   boxes = np.zeros((n + 1, 4), np.int64)
   for i, sl in enumerate(ndimage.find_objects(inst_map), start=1):
     if sl is not None:
@@ -71,7 +64,7 @@ def prepare_tile(name: str, inst_map: np.ndarray, type_map: np.ndarray, num_clas
     inst_centroid: optional float [N, 2] stored (x, y) centroids of ids 1..N; else centre of mass.
 
   Returns:
-    A `Tile`; an id's class is the majority class over its pixels.
+    A `Tile`; an id's class is the vote of `instances.instance_table` over its pixels.
   """
   inst = np.ascontiguousarray(inst_map, dtype=np.int32)
   types = np.asarray(type_map).astype(np.int64)
@@ -82,12 +75,10 @@ def prepare_tile(name: str, inst_map: np.ndarray, type_map: np.ndarray, num_clas
   areas, centroids, boxes = id_tables(inst)
   centroids[0] = np.nan
   n = len(areas) - 1
-  counts = np.bincount(inst.ravel().astype(np.int64) * num_classes + types.ravel(),
-                       minlength=(n + 1) * num_classes).reshape(n + 1, num_classes)
-  classes = (np.argmax(counts[:, 1:], axis=1) + 1).astype(np.int32)
-  classes[areas == 0] = 0
-  classes[0] = 0
-  if np.any((areas[1:] > 0) & (counts[1:, 1:].sum(axis=1) == 0)):
+  table = instances.instance_table(inst, types)
+  classes = np.zeros(n + 1, np.int32)
+  classes[table['ids']] = table['type']
+  if np.any(table['type'] == 0):
     raise ValueError(f'tile {name}: a nucleus has type 0 on all its pixels (type_map > 0 must '
                      f'hold wherever inst_map > 0)')
   if inst_centroid is not None:

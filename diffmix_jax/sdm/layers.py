@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from diffmix_jax.data import labels
+
 Dtype = Any
 
 # Hidden width of every SPADE modulation MLP (sdm.md §2.5).
@@ -135,7 +137,7 @@ class SPADEGroupNorm(nn.Module):
     """Args: x [B, h, w, C]; y [B, H, W, Cy] full-resolution label. Returns [B, h, w, C] float32."""
     n = GroupNorm32(affine=False, dtype=jnp.float32)(x)
     k = y.shape[1] // x.shape[1]
-    y_r = y[:, ::k, ::k, :].astype(self.dtype)  # top-left pixel of each k×k cell
+    y_r = labels.downsample(y, k).astype(self.dtype)  # top-left pixel of each k×k cell
     a = nn.relu(conv(self.hidden, 3, y.shape[-1], self.dtype, 'mlp_shared_0')(y_r))
     gamma = conv(self.channels, 3, self.hidden, self.dtype, 'mlp_gamma')(a)
     beta = conv(self.channels, 3, self.hidden, self.dtype, 'mlp_beta')(a)

@@ -4,7 +4,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import linen as nn
 
 from diffmix_jax.sdm import fields as sdm_fields
@@ -149,28 +148,31 @@ class SDMUNet(nn.Module):
     return layers.conv(out_ch, 3, ch, jnp.float32, 'out_2', zero=True)(h)
 
 
-def create_sdm(model_config: ml_collections.ConfigDict) -> SDMUNet:
-  """Builds the UNet from a `diffusion.model` ConfigDict (configs/common.py).
-
-  Args:
-    model_config: fields image_size, num_channels, num_res_blocks, channel_mult (str),
-      attention_resolutions (str, e.g. '32,16,8'), num_heads, num_head_channels, resblock_updown,
-      use_scale_shift_norm, learn_sigma, num_classes, no_instance, dropout, dtype (str), remat.
-
-  Returns:
-    An unbound SDMUNet.
-  """
-  m = model_config
-  if m.dtype not in _DTYPES:
-    raise ValueError(f'diffusion.model.dtype={m.dtype!r}; expected one of {sorted(_DTYPES)}')
-  attn = sdm_fields.comma_ints(m.attention_resolutions)
+def create_sdm(*, image_size: int, num_channels: int, num_res_blocks: int, channel_mult: str,
+               attention_resolutions: str, num_heads: int, num_head_channels: int,
+               resblock_updown: bool, use_scale_shift_norm: bool, learn_sigma: bool, num_classes: int,
+               no_instance: bool, dropout: float, dtype: str, remat: bool,
+               spade_hidden: int) -> SDMUNet:
+  """The UNet from the fields of `config.diffusion.model` (configs/common.py, official flag names),
+  e.g. `create_sdm(**config.diffusion.model)`; channel_mult and attention_resolutions are comma lists
+  (channel_mult '' = the official default for image_size), dtype a name of sdm_fields.DTYPES."""
+  if dtype not in _DTYPES:
+    raise ValueError(f'diffusion.model.dtype={dtype!r}; expected one of {sorted(_DTYPES)}')
   return SDMUNet(
-      image_size=m.image_size, num_channels=m.num_channels, num_res_blocks=m.num_res_blocks,
-      channel_mult=sdm_fields.parse_channel_mult(m.channel_mult, m.image_size), attention_resolutions=attn,
-      num_heads=m.num_heads, num_head_channels=m.num_head_channels,
-      resblock_updown=m.resblock_updown, use_scale_shift_norm=m.use_scale_shift_norm,
-      learn_sigma=m.learn_sigma, num_classes=m.num_classes, no_instance=m.no_instance,
-      dropout=m.dropout, dtype=_DTYPES[m.dtype], remat=m.remat, spade_hidden=m.spade_hidden)
+      image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
+      channel_mult=sdm_fields.parse_channel_mult(channel_mult, image_size),
+      attention_resolutions=sdm_fields.comma_ints(attention_resolutions), num_heads=num_heads,
+      num_head_channels=num_head_channels, resblock_updown=resblock_updown,
+      use_scale_shift_norm=use_scale_shift_norm, learn_sigma=learn_sigma, num_classes=num_classes,
+      no_instance=no_instance, dropout=dropout, dtype=_DTYPES[dtype], remat=remat,
+      spade_hidden=spade_hidden)
+
+
+def dummy_inputs(module: SDMUNet, batch: int = 1) -> tuple:
+  """Zero (x_t [B, S, S, 3], t [B], y [B, S, S, Cy]) of the module's shapes, for init."""
+  s = module.image_size
+  return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32),
+          jnp.zeros((batch, s, s, module.label_channels)))
 
 
 def init_params(module: SDMUNet, rng: jax.Array, batch_size: int = 1):
@@ -184,18 +186,9 @@ def init_params(module: SDMUNet, rng: jax.Array, batch_size: int = 1):
   Returns:
     The float32 'params' pytree.
   """
-  s, cy = module.image_size, module.label_channels
-
-  def init(rng):
-    return module.init(rng, jnp.zeros((batch_size, s, s, 3)), jnp.zeros((batch_size,), jnp.int32),
-                       jnp.zeros((batch_size, s, s, cy)))['params']
-
-  return jax.jit(init)(rng)
+  return jax.jit(lambda r: module.init(r, *dummy_inputs(module, batch_size))['params'])(rng)
 
 
 def abstract_params(module: SDMUNet):
   """Parameter shapes/dtypes via jax.eval_shape (no compute, no memory)."""
-  s, cy = module.image_size, module.label_channels
-  return jax.eval_shape(
-      lambda: module.init(jax.random.key(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1,), jnp.int32),
-                          jnp.zeros((1, s, s, cy))))['params']
+  return jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(module)))['params']

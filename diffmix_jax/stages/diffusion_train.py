@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from absl import logging
 import flax
-from flax import serialization
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -45,16 +44,10 @@ class TrainState:
 
 
 def create_state(module, tx, rng: jax.Array) -> TrainState:
-  params = module.init(rng, *sdm_unet_dummy_inputs(module))['params']
+  params = module.init(rng, *sdm_unet.dummy_inputs(module))['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=params,
                     opt_state=tx.init(params), rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
                     first_bad_step=jnp.full((), -1, jnp.int32))
-
-
-def sdm_unet_dummy_inputs(module, batch: int = 1):
-  s = module.image_size
-  return (jnp.zeros((batch, s, s, 3)), jnp.zeros((batch,), jnp.int32),
-          jnp.zeros((batch, s, s, module.label_channels)))
 
 
 def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx,
@@ -78,7 +71,7 @@ def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx
   noise = jax.random.normal(k_eps, x0.shape, jnp.float32)
   drop_rate = jnp.where(state.step < phase1_steps, drop_rates[0], drop_rates[1])
   keep = jax.random.uniform(k_drop, (b,)) >= drop_rate
-  y = y * keep[:, None, None, None].astype(y.dtype)  # Whole condition, edge channel included.
+  y = labels.drop_labels(y, keep)  # Whole condition, edge channel included.
 
   k_dropout = jax.random.fold_in(rng, 3)  # Apart from the split above: dropout 0 changes nothing.
 
@@ -145,7 +138,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
   """Builds the model, diffusion, optimizer, shardings and the jitted init and step."""
   tc, mc = config.diffusion.train, config.diffusion.model
   sharding.check_batch(tc.batch_size, mesh, 'diffusion.train.batch_size')
-  module = sdm_unet.create_sdm(mc)
+  module = sdm_unet.create_sdm(**mc)
   diff = gd.create_diffusion(config.diffusion.schedule.diffusion_steps,
                              config.diffusion.schedule.noise_schedule)
   schedule = train_lib.phase_schedule(tc.phase1_steps, tc.phase1_lr, tc.phase2_lr)
@@ -222,6 +215,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   writer.flush()
   ema = multihost_utils.process_allgather(state.ema, tiled=True)  # Host NumPy, all processes.
   if jax.process_index() == 0:
-    out.write_bytes(wdir.EMA_PARAMS, serialization.to_bytes(ema))
+    checkpoint.save_tree(out.path / wdir.EMA_PARAMS, ema)
     out.mark_done({'steps': total})
   logging.info('diffusion_train: finished %d steps', total)

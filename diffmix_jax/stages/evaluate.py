@@ -25,7 +25,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   for k, tile in enumerate(mine):
     if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
       records.save_mat(true_dir / f'{tile["name"]}.mat',
-                       hovernet_infer.true_record(tile['inst_map'], tile['type_map']))
+                       records.label_record(tile['inst_map'], tile['type_map']))
       records.save_mat(pred_dir / f'{tile["name"]}.mat',
                        hovernet_infer.predict_record(predict, module, tile['image']))
     progress(k + 1)
@@ -76,7 +76,7 @@ def run(config, workdir: str) -> None:
   if out.done() and all(wdir.eval_json(workdir, n).exists() for n in wanted):
     logging.info('evaluate: already done (%s)', out.path)
     return
-  module = hovernet.create_hovernet(config.hovernet.model)
+  module = hovernet.create_hovernet(**config.hovernet.model)
   tiles = input_pipeline.load_split(config, workdir, 'test')
   for name in names:
     if not wdir.eval_json(workdir, name).exists():

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 from absl import logging
 import flax
-from flax import serialization
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -121,7 +120,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tup
   """Model, the two optimizers (same structure, own schedules), shardings, jitted init and steps;
   `tp_weights` [nr_types] (or None) weights the TP cross-entropy, a constant of the steps."""
   tc = config.hovernet.train
-  module = hovernet.create_hovernet(config.hovernet.model)
+  module = hovernet.create_hovernet(**config.hovernet.model)
   size = module.patch_shapes[0]
 
   def init(rng):
@@ -254,7 +253,7 @@ def _write_variables(out: wdir.StageDir, state: TrainState, done_info: dict) -> 
   """The eval variables for the evaluate stage, then DONE (process 0)."""
   variables = _variables(state)
   if jax.process_index() == 0:
-    out.write_bytes(wdir.HOVERNET_VARIABLES, serialization.to_bytes(variables))
+    checkpoint.save_tree(out.path / wdir.HOVERNET_VARIABLES, variables)
     out.mark_done(done_info)
 
 

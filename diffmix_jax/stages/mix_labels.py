@@ -25,6 +25,7 @@ from diffmix_jax.mixing import enlarging  # noqa: E402
 from diffmix_jax.mixing import files as mixed_files  # noqa: E402
 from diffmix_jax.mixing import tiles as mixing_tiles  # noqa: E402
 from diffmix_jax import workdir as wdir  # noqa: E402
+from tfds_builders import raw_folders
 
 def _save_figure(fig, path: pathlib.Path) -> None:
   buf = io.BytesIO()
@@ -231,7 +232,7 @@ def run(config, workdir: os.PathLike) -> None:
   # Imported here so that this NumPy stage does not load the pipeline's dependencies until it runs.
   from diffmix_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   raw = input_pipeline.load_split(config, workdir, 'train')
-  raw = sorted(raw, key=lambda d: mixing_tiles.natural_key(d['name']))
+  raw = sorted(raw, key=lambda d: raw_folders.natural_key(d['name']))
   if not raw:
     raise ValueError('mix_labels: the training split has no tiles')
   if len({d['name'] for d in raw}) != len(raw):

@@ -14,11 +14,9 @@ official loader, are the documented grid above; labels are merged once (by the d
 again on already merged mixed labels.
 """
 
-import os
 import time
 
 from absl import logging
-from flax import serialization
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -32,17 +30,19 @@ from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax.sdm import unet as sdm_unet
 from diffmix_jax.sdm import samplers
+from diffmix_jax.core import checkpoint
 from diffmix_jax.core import sharding
 from diffmix_jax import workdir as wdir
 from diffmix_jax.data import synthetic as synthetic_io
 from diffmix_jax.core import train_loop as train_lib
+from tfds_builders import raw_folders
 
 
 def work_items(config: ml_collections.ConfigDict, workdir: str, tiles: dict) -> list[tuple]:
   """All (kind, tile name, patch index, row, col) items in their global order."""
   items = []
   for kind in mixed_files.KINDS:
-    for name in sorted(mixed_files.mixed_names(workdir, kind), key=mixing_tiles.natural_key):
+    for name in sorted(mixed_files.mixed_names(workdir, kind), key=raw_folders.natural_key):
       h, w = tiles[name]['image'].shape[:2]
       offsets = mixing_tiles.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
       items += [(kind, name, p, int(r), int(c)) for p, (r, c) in enumerate(offsets)]
@@ -85,22 +85,9 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, module) -> dict
     FileNotFoundError / ValueError: missing file, or a tree that does not fit the model (names the
     first mismatching leaves).
   """
-  path = config.sample.params_path or wdir.ema_params_path(workdir)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: run diffusion_train, or set '
-                            'config.sample.params_path to weights converted by convert_torch')
-  with open(path, 'rb') as f:
-    params = serialization.msgpack_restore(f.read())
-  want = sdm_unet.abstract_params(module)
-  got_shapes = {jax.tree_util.keystr(k): np.shape(v) for k, v in
-                jax.tree_util.tree_flatten_with_path(params)[0]}
-  want_shapes = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
-                 jax.tree_util.tree_flatten_with_path(want)[0]}
-  if got_shapes != want_shapes:
-    bad = sorted(set(got_shapes.items()) ^ set(want_shapes.items()))[:6]
-    raise ValueError(f'{path}: params do not fit config.diffusion.model; first differences '
-                     f'(path, shape): {bad}')
-  return params
+  return checkpoint.load_tree(
+      config.sample.params_path or wdir.ema_params_path(workdir), sdm_unet.abstract_params(module),
+      'run diffusion_train, or set config.sample.params_path to weights converted by convert_torch')
 
 
 def _render_fn(config, module, mesh):
@@ -138,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.info('sample: %d patches in %d shards, %d shards to render', len(items), num_shards,
                len(todo))
   if todo:
-    module = sdm_unet.create_sdm(config.diffusion.model)
+    module = sdm_unet.create_sdm(**config.diffusion.model)
     params = jax.device_put(load_params(config, workdir, module), sharding.replicated(mesh))
     render = _render_fn(config, module, mesh)
   source = _Labels(workdir)

@@ -103,10 +103,7 @@ def test_eval_items_are_disjoint_and_cover_all_once():
     parts = [input_pipeline.eval_indices(10, p, count) for p in range(count)]
     flat = sorted(i for part in parts for i in part)
     assert flat == list(range(10))
-  src = fake_source(n=5)
-  tiles = list(input_pipeline.eval_tiles(src, 1, 2))
-  assert [t['index'] for t in tiles] == [1, 3] and [t['name'] for t in tiles] == ['tile_1', 'tile_3']
-  np.testing.assert_array_equal(tiles[0]['image'], src[1]['image'])
+  assert input_pipeline.eval_indices(5, 1, 2) == [1, 3]
 
 
 def test_tile_subset_keeps_the_builder_order_and_rejects_unknown_names(tiny_trained):

@@ -62,7 +62,7 @@ def _config():
 
 def _write_untrained_hovernet(config, workdir: pathlib.Path) -> None:
   """A finished `hovernet_<RUN>` folder holding freshly initialised variables."""
-  module = hovernet.create_hovernet(config.hovernet.model)
+  module = hovernet.create_hovernet(**config.hovernet.model)
   size = module.patch_shapes[0]
   variables = jax.device_get(module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   out = wdir.StageDir(workdir, f'hovernet_{RUN}')

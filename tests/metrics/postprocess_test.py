@@ -207,7 +207,7 @@ def test_instance_info_type_vote_centroid_bbox_with_non_contiguous_ids():
   inst[20:24, 30:35] = 12  # 20 px, all background -> type 0.
   inst[20:25, 2:6] = 40  # 20 px: {4: 12, 0: 8} -> 4.
   tp[20:25, 2:6].flat[:] = [4] * 12 + [0] * 8
-  info = postprocess.instance_info(inst, tp, 5)
+  info = postprocess.instance_info(inst, tp)
   assert list(info) == [3, 7, 12, 40]
   assert [info[i]['type'] for i in (7, 3, 12, 40)] == [2, 1, 0, 4]
   assert info[7]['type_prob'] == pytest.approx(5 / (20 + 1e-6), rel=1e-12)
@@ -224,7 +224,7 @@ def test_instance_with_fewer_than_3_contour_points_stays_in_map_only():
   inst = np.zeros((20, 20), np.int32)
   inst[5, 2:12] = 4  # A 1-px line: CHAIN_APPROX_SIMPLE gives 2 contour points.
   inst[10:15, 10:15] = 6
-  info = postprocess.instance_info(inst, np.ones_like(inst), 3)
+  info = postprocess.instance_info(inst, np.ones_like(inst))
   assert list(info) == [6]
 
 

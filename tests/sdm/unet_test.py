@@ -57,18 +57,18 @@ def test_parameter_tree_maps_one_to_one_onto_official_keys():
 
 def test_create_sdm_from_common_config():
   cfg = common.base_config().diffusion.model
-  m = sdm_unet.create_sdm(cfg)
+  m = sdm_unet.create_sdm(**cfg)
   assert m.channel_mult == (1, 1, 2, 2, 4, 4) and m.attention_resolutions == (32, 16, 8)
   assert m.dtype == jnp.bfloat16 and m.remat and m.label_channels == 6
   assert _count(sdm_unet.abstract_params(m)) == 652_256_518
   cfg = common.base_config().diffusion.model
   cfg.update(image_size=32, num_channels=32, channel_mult='1,2', attention_resolutions='16',
              dtype='float32')
-  assert sdm_unet.create_sdm(cfg).channel_mult == (1, 2)
+  assert sdm_unet.create_sdm(**cfg).channel_mult == (1, 2)
   cfg.image_size = 48
   cfg.channel_mult = ''
   with pytest.raises(ValueError, match='channel_mult'):
-    sdm_unet.create_sdm(cfg)
+    sdm_unet.create_sdm(**cfg)
 
 
 def test_time_embedding_is_cos_then_sin():

@@ -158,7 +158,7 @@ def test_dropout_is_applied_in_training_only():
   does not, and training from the same state moves away from dropout 0's (only from the second step:
   the official init zeroes every convolution after a dropout and the output conv)."""
   c = _config(**SMALL, **{'diffusion.model.dropout': 0.3})
-  module = sdm_unet.create_sdm(c.diffusion.model)
+  module = sdm_unet.create_sdm(**c.diffusion.model)
   rng = np.random.default_rng(0)  # Off the zero-initialised output conv, so the output moves.
   params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype),
                         jax.device_get(sdm_unet.init_params(module, jax.random.key(0))))

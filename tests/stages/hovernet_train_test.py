@@ -47,7 +47,7 @@ def _tiny_config(**train):
 def _encoder_file(config, path, seed=0) -> dict:
   """An ImageNet-style encoder file at the config's width: conv0, d0-d3 with the PyTorch names,
   random values (BN variances positive), as `.npz`; returns its state dict."""
-  module = hovernet.create_hovernet(config.hovernet.model)
+  module = hovernet.create_hovernet(**config.hovernet.model)
   size = module.patch_shapes[0]
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   rng = np.random.default_rng(seed)
@@ -289,7 +289,7 @@ def test_tiled_inference_chain_scores_an_oracle_network():
   record = hovernet_infer.predict_record(predict, module, tile['image'])
   assert calls == [(4, size, size, 3)]
   metrics = records.evaluate_arrays(
-      [(hovernet_infer.true_record(tile['inst_map'], tile['type_map']), record)])
+      [(records.label_record(tile['inst_map'], tile['type_map']), record)])
   assert metrics['dice'] > 0.9 and metrics['f_d'] > 0.8 and metrics['acc'] > 0.95, metrics
 
 
