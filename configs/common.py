@@ -13,16 +13,9 @@ ALL_STAGES = ('build_data', 'diffusion_train', 'mix_labels', 'sample', 'hovernet
               'evaluate', 'report')
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Returns the full default config (CoNSeP-like values, paper settings)."""
-  c = ml_collections.ConfigDict()
-  c.name = 'base'  # Name of the experiment, shown in logs and the report.
-  c.seed = 0  # Master seed; every random stream is derived from it by fold-in.
-  c.stages = ','.join(ALL_STAGES)  # Comma list of stages to run, in order.
-  c.compilation_cache = True  # XLA compilations in <workdir>/jax_cache ($JAX_COMPILATION_CACHE_DIR wins).
-
-  # ---- data (datasets.md) ----
-  c.data = d = ml_collections.ConfigDict()
+def _data() -> ml_collections.ConfigDict:
+  """`config.data`: data (datasets.md)."""
+  d = ml_collections.ConfigDict()
   d.name = 'consep'  # TFDS builder: consep | glysac | demo_nuclei.
   d.manual_dir = ''  # Folder with {Train,Test}/{Images,Labels} ('' = $DIFFMIX_CONSEP_DIR for consep).
   d.data_dir = ''  # TFDS data_dir for the built dataset ('' = <workdir>/tfds).
@@ -34,9 +27,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).
   d.num_workers = 0  # grain worker processes (0 = in the main process).
   d.prefetch = 2  # grain prefetch buffer (batches) when num_workers > 0.
+  return d
 
-  # ---- device mesh (design.md §5) ----
-  c.mesh = m = ml_collections.ConfigDict()
+
+def _mesh() -> ml_collections.ConfigDict:
+  """`config.mesh`: device mesh (design.md §5)."""
+  m = ml_collections.ConfigDict()
   m.data = -1  # Devices on the `data` axis (-1 = all devices of all hosts).
   m.shard_opt_state = False  # Shard Adam moments and EMA over `data` (ZeRO-1 style) to save memory.
   m.distributed = False  # Call jax.distributed.initialize() (multi-host).
@@ -45,10 +41,13 @@ def base_config() -> ml_collections.ConfigDict:
   m.process_id = -1  # This process's id (-1 = auto-detect).
   m.initialization_timeout = 300  # Seconds to wait for all processes in jax.distributed.initialize.
   m.heartbeat_timeout = 100  # Seconds without a peer's heartbeat before the job fails (no hang).
+  return m
 
-  # ---- SDM (sdm.md §1, official flag names) ----
-  c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.model = sm = ml_collections.ConfigDict()
+
+def _diffusion() -> ml_collections.ConfigDict:
+  """`config.diffusion`: SDM (sdm.md §1, official flag names)."""
+  diffusion = ml_collections.ConfigDict()
+  diffusion.model = sm = ml_collections.ConfigDict()
   sm.image_size = 256  # Training crop / model resolution.
   sm.num_channels = 256  # Base width (model_channels); time embedding is 4x this.
   sm.num_res_blocks = 2  # Encoder res blocks per level (decoder has one more).
@@ -66,11 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
   sm.remat = True  # Rematerialise every res/attention block in the backward pass.
   sm.spade_hidden = 128  # Width of SPADE's shared conv (official 128; smaller only for CPU demos).
 
-  c.diffusion.schedule = ds = ml_collections.ConfigDict()
+  diffusion.schedule = ds = ml_collections.ConfigDict()
   ds.diffusion_steps = 1000  # Length T of the forward process.
   ds.noise_schedule = 'linear'  # Beta schedule (only 'linear' is used by DiffMix).
 
-  c.diffusion.train = dt = ml_collections.ConfigDict()
+  diffusion.train = dt = ml_collections.ConfigDict()
   dt.batch_size = 16  # Global batch (split over the data axis).
   dt.phase1_steps = 5900  # Conditional pre-training steps (sdm.md §4.2).
   dt.phase2_steps = 4100  # Classifier-free fine-tuning steps.
@@ -84,12 +83,15 @@ def base_config() -> ml_collections.ConfigDict:
   dt.keep_checkpoints = 3  # Checkpoints kept by the manager.
   dt.sample_every_steps = 2000  # EMA sample grid every N steps (0 = never).
   dt.sample_respacing = 'ddim25'  # Respacing of the preview sampler.
+  return diffusion
 
-  # ---- label mixing (diffmix_method.md §2-§3) ----
-  c.mix = ml_collections.ConfigDict()
-  c.mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (§2.4 F8).
-  c.mix.preview_tiles = 3  # Tiles drawn in mixed_labels/preview.png.
-  c.mix.balance = mb = ml_collections.ConfigDict()
+
+def _mix() -> ml_collections.ConfigDict:
+  """`config.mix`: label mixing (diffmix_method.md §2-§3)."""
+  mix = ml_collections.ConfigDict()
+  mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (§2.4 F8).
+  mix.preview_tiles = 3  # Tiles drawn in mixed_labels/preview.png.
+  mix.balance = mb = ml_collections.ConfigDict()
   mb.rare_classes = '1'  # Comma list of rare class ids (donors).
   mb.common_classes = '2,3,4'  # Comma list of common class ids (targets), in official order.
   mb.target_fraction = 0.8  # Targets per tile = floor(fraction * eligible common nuclei) (§2.2).
@@ -98,16 +100,19 @@ def base_config() -> ml_collections.ConfigDict:
   mb.border_margin = 30  # Min centroid distance (px) from every tile edge, targets and donors.
   mb.paste_mode = 'overwrite'  # overwrite (official, covers neighbours) | clip (background only).
   mb.max_replacements_per_tile = ml_collections.config_dict.placeholder(int)  # None = no cap (F9).
-  c.mix.enlarge = me = ml_collections.ConfigDict()
+  mix.enlarge = me = ml_collections.ConfigDict()
   me.preset = 'recovered'  # recovered (§3.2/§3.3 fields below) | author_issue3 (all, -3..3 px).
   me.frame_margin = 32  # Nuclei touching this frame of a patch stay in place (§3.2).
   me.axis_probability = 0.3  # Probability that one axis of an interior nucleus is shifted.
   me.shift_low = -15  # Smallest shift per axis in px (inclusive).
   me.shift_high = 14  # Largest shift per axis in px (inclusive; official randint excludes 15).
   me.collision = 'overwrite'  # overwrite (official, later ids win) | reject (no move onto others).
+  return mix
 
-  # ---- synthesis (diffmix_method.md §4, sdm.md §3.8-3.10) ----
-  c.sample = sp = ml_collections.ConfigDict()
+
+def _sample() -> ml_collections.ConfigDict:
+  """`config.sample`: synthesis (diffmix_method.md §4, sdm.md §3.8-3.10)."""
+  sp = ml_collections.ConfigDict()
   sp.params_path = ''  # Converted official EMA params ('' = EMA from <workdir>/diffusion).
   sp.timestep_respacing = 'ddim100'  # Respaced grid of the DDIM sampler.
   sp.percent = 55  # Partial-noise start, percent of the respaced grid.
@@ -117,10 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
   sp.grid_stride = 76  # Stride of the patch grid over a tile (10x10 per 1000^2 tile).
   sp.batch_size = 8  # Patches per device batch (cond+uncond run as 2x this).
   sp.shard_size = 64  # Patches per resumable output shard.
+  return sp
 
-  # ---- HoVer-Net (hovernet.md) ----
-  c.hovernet = ml_collections.ConfigDict()
-  c.hovernet.model = hm = ml_collections.ConfigDict()
+
+def _hovernet() -> ml_collections.ConfigDict:
+  """`config.hovernet`: HoVer-Net (hovernet.md)."""
+  hovernet = ml_collections.ConfigDict()
+  hovernet.model = hm = ml_collections.ConfigDict()
   hm.mode = 'original'  # original (270->80) | fast (256->164).
   hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
   hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
@@ -128,7 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   hm.width = 1  # Divisor of every channel count: 1 = official network, 16 = tiny (tests).
   hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
   hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).
-  c.hovernet.train = ht = ml_collections.ConfigDict()
+  hovernet.train = ht = ml_collections.ConfigDict()
   # Arms (diffmix_jax/core/arms.py): baseline (real only) | balancing | enlarging (real + synthetics of
   # that mixing kind) | diffmix (real + both); each trained once per HoVer-Net seed in `seeds`.
   ht.runs = 'baseline,diffmix'
@@ -159,13 +167,33 @@ def base_config() -> ml_collections.ConfigDict:
   ht.keep_checkpoints = 2  # Checkpoints kept per run.
   ht.val_tiles = 2  # Test tiles validated (tiled inference + metrics) per epoch (0 = none).
   ht.val_every_epochs = 1  # Validation every N epochs of a phase.
+  return hovernet
 
-  # ---- evaluation (hovernet.md §4-§5, §7) ----
-  c.eval = ev = ml_collections.ConfigDict()
+
+def _eval() -> ml_collections.ConfigDict:
+  """`config.eval`: evaluation (hovernet.md §4-§5, §7)."""
+  ev = ml_collections.ConfigDict()
   ev.match_radius = 12  # Centroid pairing radius in pixels (inclusive).
   ev.f_c_weights = '2,2,1,1'  # Weights of F_c terms (official).
   ev.batch_size = 8  # Patches per jitted tiled-inference call (multiple of the local devices).
   # Also score the baseline model on every synthetic patch against its own labels (report's
   # synthetic_fidelity): does the SDM render each class recognisably?
   ev.synthetic_fidelity = True
+  return ev
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (CoNSeP-like values, paper settings)."""
+  c = ml_collections.ConfigDict()
+  c.name = 'base'  # Name of the experiment, shown in logs and the report.
+  c.seed = 0  # Master seed; every random stream is derived from it by fold-in.
+  c.stages = ','.join(ALL_STAGES)  # Comma list of stages to run, in order.
+  c.compilation_cache = True  # XLA compilations in <workdir>/jax_cache ($JAX_COMPILATION_CACHE_DIR wins).
+  c.data = _data()
+  c.mesh = _mesh()
+  c.diffusion = _diffusion()
+  c.mix = _mix()
+  c.sample = _sample()
+  c.hovernet = _hovernet()
+  c.eval = _eval()
   return c

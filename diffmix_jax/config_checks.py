@@ -19,6 +19,7 @@ from diffmix_jax.core import arms
 from diffmix_jax.hovernet import geometry
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
+from diffmix_jax.core import fields
 from diffmix_jax.sdm import fields as sdm_fields
 from tfds_builders import raw_folders
 from tfds_builders.demo_nuclei import generate as demo_tiles
@@ -65,7 +66,7 @@ def comma_numbers(lo=0, *, n=None, integer=True, allow_empty=False) -> Rule:
   """A comma list of numbers >= lo, exactly n of them when n is given."""
   def rule(v, c):
     del c
-    parts = [p.strip() for p in str(v).split(',') if p.strip()]
+    parts = fields.names(v)
     try:
       values = [int(p) if integer else float(p) for p in parts]
     except ValueError:
@@ -81,7 +82,7 @@ def class_ids(v, c) -> str | None:
   """A comma list of distinct class ids in 1..num_classes-1 (background 0 is not a class to mix)."""
   top = c.data.num_classes - 1
   try:
-    ids = [int(p) for p in str(v).split(',') if p.strip()]
+    ids = list(fields.ints(v))
   except ValueError:
     return f'expected a comma list of class ids in 1..{top}'
   bad = [i for i in ids if not 1 <= i <= top]
@@ -109,7 +110,7 @@ def respacing(v, c) -> str | None:
 def comma_of(options, allow_empty=False) -> Rule:
   def rule(v, c):
     del c
-    items = [s.strip() for s in str(v).split(',') if s.strip()]
+    items = fields.names(v)
     unknown = [s for s in items if s not in options]
     if unknown or not (items or allow_empty) or len(set(items)) != len(items):
       return (f'expected a comma list of distinct names from {", ".join(options)}'
@@ -245,7 +246,7 @@ def _check_relations(c: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     _fail('diffusion.model.channel_mult', c.diffusion.model.channel_mult, str(e))
   b = c.mix.balance
-  both = sorted(set(sdm_fields.comma_ints(b.rare_classes)) & set(sdm_fields.comma_ints(b.common_classes)))
+  both = sorted(set(fields.ints(b.rare_classes)) & set(fields.ints(b.common_classes)))
   if both:
     _fail('mix.balance.common_classes', b.common_classes,
           f'class id {both[0]} is also in config.mix.balance.rare_classes')
@@ -320,7 +321,7 @@ def tile_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
   Raises:
     ValueError: a name given twice.
   """
-  names = [n.strip() for n in config.data[f'{split}_tiles'].split(',') if n.strip()]
+  names = fields.names(config.data[f'{split}_tiles'])
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:
     raise ValueError(f'config.data.{split}_tiles: tile(s) {twice} named more than once; expected a '
@@ -348,7 +349,7 @@ def check(c: ml_collections.ConfigDict, workdir: str = '') -> list[str]:
     if problem:
       _fail(field, _get(c, field), problem)
   _check_relations(c)
-  stages = [s.strip() for s in c.stages.split(',') if s.strip()]
+  stages = fields.names(c.stages)
   _check_paths(c, stages, workdir)
   for split in ('train', 'test'):
     if tile_names(c, split):  # Raises for a name given twice.

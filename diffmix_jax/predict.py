@@ -31,6 +31,7 @@ from absl import logging
 import cv2
 import numpy as np
 
+from diffmix_jax.core import fields as config_fields
 from diffmix_jax import workdir as wdir
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
@@ -66,6 +67,15 @@ def _model_config(fields: dict):
   return cfg
 
 
+def from_files(fields: dict, variables_path, names) -> Model:
+  """The model of `config.hovernet.model` fields and a `variables.msgpack` written for them."""
+  from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
+  module = hovernet.create_hovernet(**_model_config(fields))
+  return Model(module, hovernet_infer.load_variables(str(variables_path), module), dict(fields),
+               names)
+
+
 def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint: str = '') -> Model:
   """The model of exactly one source: a `main` run, a converted folder or an official checkpoint.
 
@@ -74,8 +84,6 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     FileNotFoundError: naming the missing file.
   """
   from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
   if sum(bool(s) for s in (workdir, model_dir, checkpoint)) != 1:
     raise ValueError('give exactly one model source: --workdir (with --run), --model_dir or '
                      '--checkpoint')
@@ -85,22 +93,16 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
       raise FileNotFoundError(f'{path}: missing; --workdir must be a workdir of '
                               '`python -m diffmix_jax.main` (it writes config.json)')
     config = json.loads(path.read_text())
-    fields = config['hovernet']['model']
-    module = hovernet.create_hovernet(**_model_config(fields))
-    variables = hovernet_infer.load_variables(
-        wdir.hovernet_variables_path(workdir, run or 'baseline'), module)
-    names = [n.strip() for n in config['data']['class_names'].split(',')]
-    return Model(module, variables, dict(fields), names)
+    return from_files(config['hovernet']['model'],
+                      wdir.hovernet_variables_path(workdir, run or 'baseline'),
+                      config_fields.names(config['data']['class_names']))
   if model_dir:
     cfg_path = pathlib.Path(model_dir) / convert_torch.HOVERNET_CONFIG
     if not cfg_path.exists():
       raise FileNotFoundError(f'{cfg_path}: missing; --model_dir must be a folder written by '
                               '`python -m diffmix_jax.convert_torch --model hovernet`')
-    fields = json.loads(cfg_path.read_text())
-    module = hovernet.create_hovernet(**_model_config(fields))
-    variables = hovernet_infer.load_variables(
-        str(pathlib.Path(model_dir) / convert_torch.HOVERNET_VARIABLES), module)
-    return Model(module, variables, fields, None)
+    return from_files(json.loads(cfg_path.read_text()),
+                      pathlib.Path(model_dir) / convert_torch.HOVERNET_VARIABLES, None)
   if not os.path.isfile(checkpoint):
     raise FileNotFoundError(f'{checkpoint}: no such checkpoint file (--checkpoint)')
   module, variables = convert_torch.load_hovernet(checkpoint)

@@ -10,6 +10,8 @@ random stream from (`config.seed`, s) only, never from the arm, so runs of one s
 
 import ml_collections
 
+from diffmix_jax.core import fields
+
 # Arm -> the mixing kinds (`mixing.files.KINDS`) of the synthetic patches it trains on.
 ARMS = {'baseline': (), 'balancing': ('balance',), 'enlarging': ('enlarge',),
         'diffmix': ('balance', 'enlarge')}
@@ -21,7 +23,7 @@ def arms(config: ml_collections.ConfigDict) -> list[str]:
   Raises:
     ValueError: naming the field, for an unknown arm, a repeated one or an empty list.
   """
-  names = [r.strip() for r in config.hovernet.train.runs.split(',') if r.strip()]
+  names = fields.names(config.hovernet.train.runs)
   unknown = [r for r in names if r not in ARMS]
   if unknown or not names or len(set(names)) != len(names):
     raise ValueError(f'config.hovernet.train.runs={config.hovernet.train.runs!r}: expected a comma '
@@ -38,7 +40,7 @@ def seeds(config: ml_collections.ConfigDict) -> list[int]:
   """
   text = str(config.hovernet.train.seeds)
   try:
-    values = [int(v) for v in text.split(',') if v.strip()]
+    values = list(fields.ints(text))
   except ValueError:
     values = []
   if not values or min(values) < 0 or len(set(values)) != len(values):

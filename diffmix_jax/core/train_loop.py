@@ -99,6 +99,17 @@ def ema_update(ema, params, rate: float):
   return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
+def guarded_update(state, loss: jax.Array, **new):
+  """`state` with the fields of `new` and step + 1 when `loss` is finite; otherwise only step + 1 and
+  `first_bad_step` (the first step whose loss was not finite) recorded, the fields kept as they were.
+  Inside a jitted step: the check on the host is `check_finite`."""
+  finite = jnp.isfinite(loss)
+  kept = {k: jax.tree.map(lambda n, o: jnp.where(finite, n, o), v, getattr(state, k))
+          for k, v in new.items()}
+  return state.replace(step=state.step + 1, first_bad_step=jnp.where(
+      (state.first_bad_step < 0) & ~finite, state.step, state.first_bad_step), **kept)
+
+
 def check_finite(first_bad_step: int, where: str) -> None:
   """Raises FloatingPointError naming the first step whose loss was not finite."""
   if first_bad_step >= 0:

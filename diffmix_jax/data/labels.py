@@ -5,7 +5,6 @@ NHWC float32 [..., H, W, num_classes + 1] = one-hot over 0..num_classes-1 (backg
 channel 0) followed by the instance-edge channel (sdm.md §4.6, pitfall 10).
 """
 
-from typing import Sequence
 
 import numpy as np
 
@@ -102,12 +101,3 @@ def downsample(y, factor: int):
   if factor < 1 or y.shape[-3] % factor or y.shape[-2] % factor:
     raise ValueError(f'cannot down-sample {y.shape[-3]}x{y.shape[-2]} by {factor}')
   return y[..., ::factor, ::factor, :]
-
-
-def class_names(names: str, num_classes: int) -> Sequence[str]:
-  """Parses `config.data.class_names` and checks it names exactly `num_classes` classes."""
-  out = [n.strip() for n in names.split(',')]
-  if len(out) != num_classes or not all(out):
-    raise ValueError(f'config.data.class_names must list {num_classes} comma-separated names; '
-                     f'got {names!r}')
-  return out

@@ -12,16 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES
+from diffmix_jax.core import fields
+from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES, SKIP_CROPS
 
-# Centre crops per side of d0 and d1 before the u1/u2 skip sums (hovernet.md §1.3), full-size widths.
-_SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
-
-# Kaiming normal, fan_out, ReLU gain, untruncated (hovernet.md §1.4).
-# Output convs: 'kaiming' is the official init; with 2 output channels its fan_out gives kernel std 1,
-# so the untrained HV map is noise of std ~sqrt(C/2) that Adam must first shrink weight by weight.
-# 'zeros' starts every head at its bias: on the demo tiles a tiny network then separates nuclei after
-# ~100 steps instead of ~600 (tests/stages/hovernet_train_test.py, BENCHMARKS.md).
+# Kaiming normal, fan_out, ReLU gain, untruncated (hovernet.md §1.4); output convs: geometry.HEAD_INITS.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -366,7 +360,7 @@ class HoVerNet(nn.Module):
         x = jax.lax.stop_gradient(x)
       feats.append(x)
     feats[3] = _conv(1024 // w, 1, 'conv_bot')(feats[3])
-    return Decoder(self.nr_types, k, w, _SKIP_CROPS[self.mode], self.split_grouped_convs,
+    return Decoder(self.nr_types, k, w, SKIP_CROPS[self.mode], self.split_grouped_convs,
                    self.head_init == 'zeros', tuple(self.decoder_units), name='decoder')(
                        feats, train)
 
@@ -375,9 +369,8 @@ def create_hovernet(*, mode: str, nr_types: int, encoder_units: str, decoder_uni
                     split_grouped_convs: bool, head_init: str) -> HoVerNet:
   """HoVerNet from the fields of `config.hovernet.model` (configs/common.py), e.g.
   `create_hovernet(**config.hovernet.model)`; unit counts are comma lists ('3,4,6,3')."""
-  units = lambda text: tuple(int(v) for v in str(text).split(',') if v.strip())
-  return HoVerNet(mode=mode, nr_types=nr_types or None, encoder_units=units(encoder_units),
-                  decoder_units=units(decoder_units), width=width,
+  return HoVerNet(mode=mode, nr_types=nr_types or None, encoder_units=fields.ints(encoder_units),
+                  decoder_units=fields.ints(decoder_units), width=width,
                   split_grouped_convs=split_grouped_convs, head_init=head_init)
 
 

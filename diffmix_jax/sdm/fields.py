@@ -14,11 +14,6 @@ DEFAULT_CHANNEL_MULT = {
 }
 
 
-def comma_ints(text) -> tuple[int, ...]:
-  """'32,16,8' -> (32, 16, 8); '' -> (). ValueError for anything but integers."""
-  return tuple(int(v) for v in str(text).split(',') if v.strip())
-
-
 def parse_channel_mult(channel_mult: str, image_size: int) -> tuple[float, ...]:
   """'' → official default for image_size; else a comma list of numbers ('1,2' → (1, 2))."""
   if not channel_mult:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from diffmix_jax.core import fields
 from diffmix_jax.sdm import fields as sdm_fields
 from diffmix_jax.sdm import layers
 
@@ -161,7 +162,7 @@ def create_sdm(*, image_size: int, num_channels: int, num_res_blocks: int, chann
   return SDMUNet(
       image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
       channel_mult=sdm_fields.parse_channel_mult(channel_mult, image_size),
-      attention_resolutions=sdm_fields.comma_ints(attention_resolutions), num_heads=num_heads,
+      attention_resolutions=fields.ints(attention_resolutions), num_heads=num_heads,
       num_head_channels=num_head_channels, resblock_updown=resblock_updown,
       use_scale_shift_norm=use_scale_shift_norm, learn_sigma=learn_sigma, num_classes=num_classes,
       no_instance=no_instance, dropout=dropout, dtype=_DTYPES[dtype], remat=remat,

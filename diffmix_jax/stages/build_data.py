@@ -15,6 +15,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from diffmix_jax.core import fields
 from diffmix_jax.data import input_pipeline
 from diffmix_jax import workdir as wdir
 
@@ -137,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   summary = build(config.data.name, data_dir_for(config, workdir), manual_dir_for(config),
                   config.data.labels)
-  names = [n.strip() for n in config.data.class_names.split(',')]
+  names = fields.names(config.data.class_names)
   logging.info('build_data summary:\n%s', format_summary(summary, names))
   out.write_text(wdir.SUMMARY, json.dumps(summary, indent=2))
   out.mark_done()

@@ -85,13 +85,7 @@ def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = train_lib.ema_update(state.ema, params, ema_rate)
-  finite = jnp.isfinite(loss)
-  keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep_old(params, state.params), ema=keep_old(ema, state.ema),
-      opt_state=keep_old(opt_state, state.opt_state),
-      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
-                               state.first_bad_step))
+  new_state = train_lib.guarded_update(state, loss, params=params, ema=ema, opt_state=opt_state)
   metrics = {'loss': loss, 'mse': losses['mse'].mean(), 'vb': losses['vb'].mean(),
              'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step),
              'conditioned_fraction': jnp.mean(jnp.any(y != 0, axis=(1, 2, 3)).astype(jnp.float32))}

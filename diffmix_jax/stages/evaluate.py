@@ -3,6 +3,7 @@
 
 import os
 
+from diffmix_jax.core import fields
 from diffmix_jax.metrics import records
 from diffmix_jax import workdir as wdir
 
@@ -33,7 +34,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
     sharding.barrier(f'evaluate {label} predicted')
   if jax.process_index() == 0:
     metrics = records.evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
-                                    weights=[float(v) for v in config.eval.f_c_weights.split(',')])
+                                    weights=fields.floats(config.eval.f_c_weights))
     records.write_json(metrics, wdir.eval_json(workdir, label))
     print(f'evaluate {label}:\n{records.format_table(metrics)}')
 

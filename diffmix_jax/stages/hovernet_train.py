@@ -84,13 +84,8 @@ def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, pha
                                  state.batch_stats, _frozen_mask(batch_stats))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
-  finite = jnp.isfinite(loss)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      batch_stats=keep(batch_stats, state.batch_stats), opt_state=keep(opt_state, state.opt_state),
-      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
-                               state.first_bad_step))
+  new_state = train_lib.guarded_update(state, loss, params=params, batch_stats=batch_stats,
+                                       opt_state=opt_state)
   metrics = dict(terms, grad_norm=optax.global_norm(grads))
   return new_state, metrics
 

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from diffmix_jax.core import fields
 from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax.metrics import run_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax import workdir as wdir  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -162,7 +163,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
   root = pathlib.Path(workdir)
   out = wdir.StageDir(workdir, wdir.REPORT)
   metrics = collect(config, workdir)
-  names = [n.strip() for n in config.data.class_names.split(',')]
+  names = fields.names(config.data.class_names)
   out.write_text('metrics.json', json.dumps(metrics, indent=2))
   out.write_bytes('f1_per_class.png', f1_bars(metrics, names))
   copied = {}
