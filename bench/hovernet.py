@@ -28,7 +28,7 @@ from scipy import io as sio  # noqa: E402
 from configs import common  # noqa: E402
 from diffmix_jax.hovernet import infer as hovernet_infer  # noqa: E402
 from diffmix_jax.hovernet import targets as hovernet_targets  # noqa: E402
-from diffmix_jax.stages import hovernet_train  # noqa: E402
+from diffmix_jax.hovernet import training as hovernet_training  # noqa: E402
 from diffmix_jax.metrics import postprocess  # noqa: E402
 from diffmix_jax.core import sharding  # noqa: E402
 
@@ -85,7 +85,7 @@ def main(argv):
   c.hovernet.model.split_grouped_convs = _SPLIT.value
   c.hovernet.model.width, c.hovernet.model.encoder_units = _WIDTH.value, _UNITS.value
   mesh = sharding.create_mesh(c.mesh)
-  trainer = hovernet_train.create_trainer(c, mesh, (100, 100))
+  trainer = hovernet_training.create_trainer(c, mesh, (100, 100))
   module = trainer.module
   size, out = module.patch_shapes
   print(f'device: {jax.devices()[0].device_kind} x{len(jax.devices())}, mode {_MODE.value}, '

@@ -26,7 +26,7 @@ from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.metrics import records  # noqa: E402
 from diffmix_jax.hovernet import patches as hovernet_data  # noqa: E402
 from diffmix_jax.hovernet import infer as hovernet_infer  # noqa: E402
-from diffmix_jax.stages import hovernet_train  # noqa: E402
+from diffmix_jax.hovernet import training as hovernet_training  # noqa: E402
 from diffmix_jax.core import sharding  # noqa: E402
 
 _HEAD = flags.DEFINE_enum('head_init', 'zeros', ['kaiming', 'zeros'], 'Output conv init.')
@@ -64,7 +64,7 @@ def main(argv):
                 else [_tile('test', i) for i in range(_EVAL_TILES.value)])
   patches = hovernet_data.PatchSet(tiles, [], h.patch_window, _WINDOW_STEP.value, 0)
   per_epoch = len(patches) // _BATCH.value
-  trainer = hovernet_train.create_trainer(c, mesh, (per_epoch, per_epoch))
+  trainer = hovernet_training.create_trainer(c, mesh, (per_epoch, per_epoch))
   size, out = trainer.module.patch_shapes
   state = trainer.init(jax.random.key(_SEED.value))
   it = hovernet_data.create_dataset(patches, phase_seed=1, global_batch=_BATCH.value, start=0,

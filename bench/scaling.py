@@ -42,12 +42,12 @@ def _mesh(config, devices: int):
 
 def measure_train(config, devices: int, per_device: int, steps: int) -> dict:
   """Seconds per step of the stage's train step on `devices` devices, batch per_device * devices."""
-  from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.sdm import training as sdm_training  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   mesh = _mesh(config, devices)
   batch = per_device * devices
   config.diffusion.train.batch_size = batch
-  trainer = diffusion_train.create_trainer(config, mesh)
+  trainer = sdm_training.create_trainer(config, mesh)
   state = trainer.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   s, cy = config.data.crop_size, trainer.module.label_channels

@@ -25,12 +25,12 @@ def _load_config(path: str):
 
 
 def measure(config, batch: int, steps: int, remat: bool) -> dict:
-  from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.sdm import training as sdm_training  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   config.diffusion.train.batch_size = batch
   config.diffusion.model.remat = remat
   mesh = sharding.create_mesh(config.mesh)
-  trainer = diffusion_train.create_trainer(config, mesh)
+  trainer = sdm_training.create_trainer(config, mesh)
   state = trainer.init(jax.random.key(0))
   rng = np.random.default_rng(0)
   s, cy = config.data.crop_size, trainer.module.label_channels

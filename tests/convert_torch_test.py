@@ -13,6 +13,8 @@ import pytest
 
 from configs import common
 from diffmix_jax import convert_torch
+from diffmix_jax.core import torch_files
+from diffmix_jax.sdm import torch_import as sdm_torch
 from diffmix_jax.core import checkpoint
 from diffmix_jax.sdm import unet as sdm_unet
 
@@ -40,7 +42,7 @@ def _random_state_dict(shapes, seed=0):
 @pytest.fixture(scope='module')
 def small_checkpoint(tmp_path_factory):
   """A torch.save'd state dict with the official key set at num_channels=32, random values."""
-  shapes = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
+  shapes = sdm_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
   sd = _random_state_dict(shapes)
   path = tmp_path_factory.mktemp('ckpt') / 'ema_0.9999_000000.pt'
   torch.save(sd, path)
@@ -52,10 +54,10 @@ def test_full_size_keys_and_shapes_equal_official_tsv():
     pytest.skip(f'{TSV} not found')
   rows = [line.split('\t') for line in TSV.read_text().splitlines()[1:]]
   official = {k: tuple(json.loads(s)) for k, s in rows}
-  got = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**common.base_config().diffusion.model))
+  got = sdm_torch.sdm_expected_shapes(sdm_unet.create_sdm(**common.base_config().diffusion.model))
   assert got == official
   # The reduced model used for the round trip has exactly the same key set.
-  small = convert_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
+  small = sdm_torch.sdm_expected_shapes(sdm_unet.create_sdm(**_small_config()))
   assert set(small) == set(official)
 
 
@@ -67,7 +69,7 @@ def test_round_trip_is_bit_exact(small_checkpoint):
   assert jax.tree.structure(abstract) == jax.tree.structure(params)
   for a, p in zip(jax.tree.leaves(abstract), jax.tree.leaves(params)):
     assert a.shape == p.shape and p.dtype == np.float32
-  exported = convert_torch.export_sdm(params)
+  exported = sdm_torch.export_sdm(params)
   assert set(exported) == set(sd) and len(exported) == 766
   for k, v in sd.items():
     assert exported[k].shape == tuple(v.shape), k
@@ -90,7 +92,7 @@ def test_mismatches_are_reported_by_name(small_checkpoint, tmp_path):
   bad['out.2.weight'] = torch.zeros(6, 64, 3, 3)
   path = tmp_path / 'bad.pt'
   torch.save(bad, path)
-  with pytest.raises(convert_torch.CheckpointMismatchError) as e:
+  with pytest.raises(torch_files.CheckpointMismatchError) as e:
     convert_torch.load_sdm(str(path), _small_config())
   msg = str(e.value)
   assert str(path) in msg
@@ -100,8 +102,8 @@ def test_mismatches_are_reported_by_name(small_checkpoint, tmp_path):
   # A GLySAC checkpoint loaded with the CoNSeP config: 50 SPADE input convs mismatch.
   cfg = _small_config()
   cfg.num_classes = 4
-  with pytest.raises(convert_torch.CheckpointMismatchError, match=r'shape mismatches \(50\)'):
-    convert_torch.sdm_params_from_state_dict({k: v.numpy() for k, v in sd.items()},
+  with pytest.raises(torch_files.CheckpointMismatchError, match=r'shape mismatches \(50\)'):
+    sdm_torch.sdm_params_from_state_dict({k: v.numpy() for k, v in sd.items()},
                                              sdm_unet.create_sdm(**cfg))
 
 
@@ -113,7 +115,7 @@ def test_save_load_params_and_hovernet_placeholder(small_checkpoint, tmp_path):
   assert sorted(os.listdir(tmp_path / 'out')) == ['sdm_model_config.json', 'sdm_params.msgpack']
   restored = checkpoint.load_tree(out, sdm_unet.abstract_params(
       sdm_unet.create_sdm(**cfg.diffusion.model)), 'the converted SDM')
-  exported = convert_torch.export_sdm(restored)
+  exported = sdm_torch.export_sdm(restored)
   for k, v in sd.items():
     np.testing.assert_array_equal(exported[k], v.numpy(), err_msg=k)
 
@@ -246,11 +248,11 @@ def test_forward_matches_torch_reference_tiny():
   cfg = _small_config()
   cfg.update(**TINY)
   module = sdm_unet.create_sdm(**cfg)
-  shapes = convert_torch.sdm_expected_shapes(module)
+  shapes = sdm_torch.sdm_expected_shapes(module)
   rng = np.random.default_rng(5)
   sd = {k: torch.from_numpy((0.1 * rng.standard_normal(s)).astype(np.float32))
         for k, s in shapes.items()}
-  params = convert_torch.sdm_params_from_state_dict({k: v.numpy() for k, v in sd.items()}, module)
+  params = sdm_torch.sdm_params_from_state_dict({k: v.numpy() for k, v in sd.items()}, module)
   x = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
   labels = rng.integers(0, 5, (2, 32, 32))
   y = np.concatenate([np.eye(5)[labels], rng.integers(0, 2, (2, 32, 32, 1))], -1).astype(np.float32)

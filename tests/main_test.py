@@ -88,10 +88,10 @@ def _checkpoint_params(workdir: pathlib.Path) -> bytes:
   import jax
   from configs import tiny
   from diffmix_jax.core import checkpoint
-  from diffmix_jax.stages import diffusion_train
+  from diffmix_jax.sdm import training as sdm_training
   from diffmix_jax.core import sharding
   c = tiny.get_config()
-  trainer = diffusion_train.create_trainer(c, sharding.create_mesh(c.mesh))
+  trainer = sdm_training.create_trainer(c, sharding.create_mesh(c.mesh))
   manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
   step, state, _ = checkpoint.restore_latest(
       manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))

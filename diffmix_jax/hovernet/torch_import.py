@@ -1,16 +1,18 @@
-"""Torch-free mapping between official HoVer-Net state dicts and Flax variables (hovernet.md §1.6).
+"""Official HoVer-Net state dicts <-> Flax variables (hovernet.md §1.6), and the loaders of a whole
+checkpoint (`load_hovernet`) and of an ImageNet encoder file (`load_hovernet_encoder`).
 
 A state dict is a flat dict of NumPy arrays keyed by the PyTorch names (`conv0./.weight`,
-`d0.units.1.preact/bn.running_mean`, ...). Loading the pickle itself (torch.load(weights_only=True),
-the `desc` key, a `module.` prefix) belongs to `convert_torch.py`; this module only renames and
-transposes.
+`d0.units.1.preact/bn.running_mean`, ...); reading the pickle (torch.load(weights_only=True), the
+`desc` wrapper) is `core/torch_files.py`'s, the only place that imports torch.
 """
 
+import os
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
 
+from diffmix_jax.core import torch_files
 from diffmix_jax.hovernet import model as hovernet
 
 # Key segments containing '/' and their Flax module names (pitfall 22).
@@ -241,3 +243,49 @@ def describe(report: dict) -> str:
   part = lambda k: f"{len(report[k])} {k}" + (f" ({', '.join(report[k][:3])}, ...)"
                                              if report[k] and k != 'loaded' else '')
   return ', '.join(part(k) for k in ('loaded', 'missing', 'unexpected'))
+
+
+def load_hovernet(path: str, mode: str | None = None, nr_types: int | None = -1, module=None):
+  """Official HoVer-Net PyTorch checkpoint -> (module, variables).
+
+  `module.apply(variables, images, train=False)` with RGB NHWC float32 images in 0..255 returns the
+  raw NHWC logits {'np', 'hv', 'tp'} of the official forward.
+
+  Args:
+    path: `.tar`/`.pt` file (a state dict, or the official {'desc': state dict} wrapper).
+    mode: 'original' | 'fast'; None reads it from the tensors.
+    nr_types: type classes incl. background; None for segmentation only; -1 reads it from the tensors.
+    module: a HoVerNet variant to fill instead of the full-size one.
+
+  Raises:
+    ValueError listing missing/unexpected keys and shape mismatches.
+  """
+  return variables_from_state_dict(torch_files.load_torch_state_dict(path), mode, nr_types,
+                                   module=module)
+
+
+def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
+  """An ImageNet encoder file onto HoVer-Net variables (hovernet.md §3.3, `strict=False` by name).
+
+  Args:
+    path: `.npz` (arrays named with the PyTorch HoVer-Net keys), or a torch file (`.tar`/`.pth`:
+      the official {'desc': state dict} wrapper or a bare state dict), read with
+      `torch.load(weights_only=True)` (the `[torch]` extra).
+    variables: {'params', 'batch_stats'} of our HoVerNet.
+
+  Returns:
+    (variables, report) as `convert_hovernet.encoder_from_state_dict`: `conv0` and `d0`-`d3`
+    replaced, decoders unchanged; report lists loaded, missing and unexpected keys.
+
+  Raises:
+    FileNotFoundError: naming `path`.
+    ValueError: a shape mismatch (naming the key and both shapes) or no encoder key in the file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such encoder file (config.hovernet.train.pretrained)')
+  if path.lower().endswith('.npz'):
+    with np.load(path, allow_pickle=False) as npz:
+      state_dict = {k: npz[k] for k in npz.files}
+  else:
+    state_dict = torch_files.load_torch_state_dict(path)
+  return encoder_from_state_dict(state_dict, variables, source=path)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import common
-from diffmix_jax import convert_torch
+from diffmix_jax.sdm import torch_import as sdm_torch
 from diffmix_jax.sdm import diffusion as gd
 from diffmix_jax.sdm import layers
 from diffmix_jax.sdm import unet as sdm_unet
@@ -48,8 +48,8 @@ def test_parameter_tree_maps_one_to_one_onto_official_keys():
   rows = [line.split('\t') for line in TSV.read_text().splitlines()[1:]]
   official = {k: tuple(json.loads(s)) for k, s in rows}
   assert len(official) == 766
-  assert convert_torch.sdm_expected_shapes(sdm_unet.SDMUNet(num_classes=5)) == official
-  glysac = convert_torch.sdm_expected_shapes(sdm_unet.SDMUNet(num_classes=4))
+  assert sdm_torch.sdm_expected_shapes(sdm_unet.SDMUNet(num_classes=5)) == official
+  glysac = sdm_torch.sdm_expected_shapes(sdm_unet.SDMUNet(num_classes=4))
   diff = {k for k in official if official[k] != glysac[k]}
   assert len(diff) == 50 and all(k.endswith('mlp_shared.0.weight') for k in diff)
   assert all(glysac[k][1] == 5 for k in diff)

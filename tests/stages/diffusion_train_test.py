@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from diffmix_jax.stages import diffusion_train
+from diffmix_jax.sdm import training as sdm_training
 from diffmix_jax.core import sharding
 from diffmix_jax.core import train_loop as train_lib
 from diffmix_jax.sdm import unet as sdm_unet
@@ -40,14 +40,14 @@ def _batches(config, n, seed=0):
     local = {'image': rng.uniform(-1, 1, (b, s, s, 3)).astype(np.float32), 'inst_map': inst,
              'type_map': (inst % config.data.num_classes).astype(np.int32)}
     out.append({'image': local['image'],
-                'y': diffusion_train.make_condition(local, config.diffusion.model)})
+                'y': sdm_training.make_condition(local, config.diffusion.model)})
   return out
 
 
 def _train(config, devices, batches):
   config.mesh.data = devices
   mesh = sharding.create_mesh(config.mesh)
-  trainer = diffusion_train.create_trainer(config, mesh)
+  trainer = sdm_training.create_trainer(config, mesh)
   state = trainer.init(jax.random.key(config.seed))
   losses = []
   for local in batches:
@@ -83,7 +83,7 @@ def test_label_drop_rates_through_the_step_function():
                  'diffusion.train.phase1_steps': 1, 'diffusion.train.phase1_drop_rate': 1.0,
                  'diffusion.train.phase2_drop_rate': 0.2})
   mesh = sharding.create_mesh(c.mesh)
-  trainer = diffusion_train.create_trainer(c, mesh)
+  trainer = sdm_training.create_trainer(c, mesh)
   state = trainer.init(jax.random.key(0))
   batch = sharding.global_batch(_batches(c, 1)[0], mesh)
   state, metrics = trainer.step(state, batch)
@@ -174,7 +174,7 @@ def test_dropout_is_applied_in_training_only():
     cfg = _config(**SMALL, **{'diffusion.model.dropout': rate})
     cfg.mesh.data = 1
     mesh = sharding.create_mesh(cfg.mesh)
-    trainer = diffusion_train.create_trainer(cfg, mesh)
+    trainer = sdm_training.create_trainer(cfg, mesh)
     state = trainer.init(jax.random.key(0))
     for _ in range(2):
       state, _ = trainer.step(state, sharding.global_batch(batch, mesh))
@@ -190,10 +190,10 @@ def test_preview_sampler_gets_the_whole_ema_when_it_is_sharded():
   from the whole EMA (it was skipped without a word)."""
   c = _config(**SMALL, **{'mesh.shard_opt_state': True})
   mesh = sharding.create_mesh(c.mesh)
-  trainer = diffusion_train.create_trainer(c, mesh)
+  trainer = sdm_training.create_trainer(c, mesh)
   state = trainer.init(jax.random.key(0))
   sharded = [a for a in jax.tree.leaves(state.ema) if a.addressable_data(0).shape != a.shape]
   assert sharded, 'nothing was sharded: the case is not exercised'
-  whole = diffusion_train.local_ema(state.ema, True)
+  whole = sdm_training.local_ema(state.ema, True)
   for got, want in zip(jax.tree.leaves(whole), jax.tree.leaves(jax.device_get(state.ema))):
     np.testing.assert_array_equal(np.asarray(got), want)

@@ -22,6 +22,7 @@ from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.hovernet import losses as hovernet_losses
 from diffmix_jax.hovernet import targets as hovernet_targets
 from diffmix_jax.stages import hovernet_train
+from diffmix_jax.hovernet import training as hovernet_training
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.core import sharding
 from diffmix_jax.core import train_loop as train_lib
@@ -125,7 +126,7 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
   """StepLR per phase (§3.2: lr for lr_step_epochs epochs of that phase, then lr * gamma) and the
   step's `-lr * ADAM` update, which must equal optax.adam(lr) bit for bit over a few steps."""
   config = _tiny_config(lr=1e-3, lr_step_epochs=2, lr_gamma=0.1)
-  trainer = hovernet_train.create_trainer(config, sharding.create_mesh(config.mesh), (3, 5))
+  trainer = hovernet_training.create_trainer(config, sharding.create_mesh(config.mesh), (3, 5))
   assert [trainer.lr(0, k) for k in (0, 5, 6, 40)] == [np.float32(v) for v in
                                                        (1e-3, 1e-3, 1e-4, 1e-4)]
   assert [trainer.lr(1, k) for k in (0, 9, 10)] == [np.float32(v) for v in (1e-3, 1e-3, 1e-4)]
@@ -133,13 +134,13 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
   params = {'w': jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), 'b': jnp.zeros(3)}
   ref_tx = optax.adam(1e-3, b1=0.9, b2=0.999, eps=1e-8)
   ref, ref_state = params, ref_tx.init(params)
-  ours, our_state = params, hovernet_train.ADAM.init(params)
+  ours, our_state = params, hovernet_training.ADAM.init(params)
   lr = trainer.lr(0, 0)
   for k in range(3):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
     upd, ref_state = ref_tx.update(grads, ref_state, ref)
     ref = optax.apply_updates(ref, upd)
-    upd, our_state = hovernet_train.ADAM.update(grads, our_state, ours)
+    upd, our_state = hovernet_training.ADAM.update(grads, our_state, ours)
     ours = optax.apply_updates(ours, jax.tree.map(lambda u: -lr * u, upd))
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(ours)):
       np.testing.assert_array_equal(a, b, err_msg=f'step {k}')
@@ -155,10 +156,10 @@ def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats, tmp_path):
   # The reference Kaiming heads: zero heads would pass no gradient upstream on this first step.
   config.hovernet.model.head_init = 'kaiming'
   mesh = sharding.create_mesh(config.mesh)
-  trainer = hovernet_train.create_trainer(config, mesh, (2, 2))
+  trainer = hovernet_training.create_trainer(config, mesh, (2, 2))
   # Phase 1 starts from an ImageNet-style encoder file (issue 18), generated here at this width.
   encoder = _encoder_file(config, tmp_path / 'encoder.npz')
-  state = hovernet_train.load_pretrained(trainer, trainer.init(jax.random.key(0)),
+  state = hovernet_training.load_pretrained(trainer, trainer.init(jax.random.key(0)),
                                          str(tmp_path / 'encoder.npz'))
   before = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   for (collection, *path), value in traverse_util.flatten_dict(before).items():
