@@ -132,7 +132,7 @@ def main():
         lambda: records.evaluate_dirs(consep / 'Test' / 'Labels', pred_dir), args.repeats)
   assert dirs == metrics
 
-  print(f'## Evaluation: post-processing and metrics (bench/eval.py)\n')
+  print('## Evaluation: post-processing and metrics (bench/eval.py)\n')
   print(f'- Device: CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), '
         f'Python {platform.python_version()}, NumPy {np.__version__}.')
   print(f'- Command: `python bench/eval.py --repeats {args.repeats}` '

@@ -31,13 +31,13 @@ def render_setup(config, mesh, n: int):
     (render, params, batch) with batch `x0` float32 [n, S, S, 3], `y` float32 [n, S, S, C], `index`
     int32 [n], sharded over the mesh; call `render(params, batch['x0'], batch['y'], batch['index'])`.
   """
-  from diffmix_jax.stages import sample  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.sdm import render as sdm_render  # pylint: disable=g-import-not-at-top
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax.sdm import unet as sdm_unet  # pylint: disable=g-import-not-at-top
   module = sdm_unet.create_sdm(**config.diffusion.model)
   params = jax.device_put(sdm_unet.init_params(module, jax.random.key(0)),
                           sharding.replicated(mesh))
-  render = sample._render_fn(config, module, mesh)  # pylint: disable=protected-access
+  render = sdm_render.render_fn(config, module, mesh)
   rng = np.random.default_rng(0)
   s, cy = config.sample.patch_size, module.label_channels
   batch = sharding.global_batch({

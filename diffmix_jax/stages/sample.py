@@ -19,17 +19,15 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffmix_jax.sdm import diffusion as gd
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.data import labels
 from diffmix_jax.mixing import files as mixed_files
 from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax.sdm import unet as sdm_unet
-from diffmix_jax.sdm import samplers
+from diffmix_jax.sdm import render as sdm_render
 from diffmix_jax.core import checkpoint
 from diffmix_jax.core import fields
 from diffmix_jax.core import sharding
@@ -91,25 +89,6 @@ def load_params(config: ml_collections.ConfigDict, workdir: str, module) -> dict
       'run diffusion_train, or set config.sample.params_path to weights converted by convert_torch')
 
 
-def _render_fn(config, module, mesh):
-  """Jitted (params, x0, y, index) -> uint8-range float images, batch sharded over the mesh."""
-  sc = config.sample
-  diff = gd.create_diffusion(config.diffusion.schedule.diffusion_steps,
-                             config.diffusion.schedule.noise_schedule, sc.timestep_respacing)
-  key = jax.random.fold_in(jax.random.key(config.seed), 7)
-
-  def render(params, x0, y, index):
-    noise = jax.vmap(lambda g: jax.random.normal(jax.random.fold_in(key, g), x0.shape[1:]))(index)
-    model_fn = lambda x, t, c: module.apply({'params': params}, x, t, c)
-    out = samplers.diffmix_sample(diff, model_fn, x0, y, noise, sc.percent, sc.guidance,
-                                  sc.official_truncation)
-    return jnp.clip(jnp.round((out + 1.0) * 127.5), 0, 255)
-
-  batch = sharding.batch_sharding(mesh)
-  return jax.jit(render, in_shardings=(sharding.replicated(mesh), batch, batch, batch),
-                 out_shardings=batch)
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Renders every missing shard, then exports the synthetic set; no-op when done."""
   out = wdir.StageDir(workdir, wdir.SYNTHETIC)
@@ -128,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   if todo:
     module = sdm_unet.create_sdm(**config.diffusion.model)
     params = jax.device_put(load_params(config, workdir, module), sharding.replicated(mesh))
-    render = _render_fn(config, module, mesh)
+    render = sdm_render.render_fn(config, module, mesh)
   source = _Labels(workdir)
   start, done_patches = time.time(), 0
   for n_done, k in enumerate(todo):

@@ -181,7 +181,7 @@ def test_training_losses_match_reference():
 
   out = jax.jit(lambda *a: gd.training_losses(d, model_fn, *a))(x0, jnp.asarray(t), y, noise)
   bc = lambda v: v[:, None, None, None]
-  ac, ac_prev = ref['alphas_cumprod'][t], ref['alphas_cumprod_prev'][t]
+  ac = ref['alphas_cumprod'][t]
   x_t = bc(np.sqrt(ac)) * x0 + bc(np.sqrt(1 - ac)) * noise
   eps_hat = 0.9 * x_t + 0.1 * y[..., :1]
   v = 0.5 * x_t - 0.2
