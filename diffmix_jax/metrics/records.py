@@ -176,14 +176,16 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
   Returns:
     JSON-ready dict: `dice`, `aji`, `aji_plus`, `dq`, `sq`, `pq` (means over images), `per_image`
     {name: {those six}}, `f_d`, `acc`, `f_c` {str(type id): float} for each pooled ground-truth type,
-    `num_images`, `num_true`, `num_pred`.
+    `mpq_plus` (CoNIC's multi-class PQ: per class, pairs of IoU > 0.5 between instances of that
+    class, counts pooled over the images; None without typed instances) and `pq_per_class`
+    {str(class): PQ_c}, `num_images`, `num_true`, `num_pred`.
   """
   if not pairs:
     raise ValueError('evaluate_arrays needs at least one (true, pred) pair')
   names = list(names) if names is not None else [f'image_{i}' for i in range(len(pairs))]
   if len(names) != len(pairs) or len(set(names)) != len(names):
     raise ValueError(f'names must be {len(pairs)} distinct strings; got {names}')
-  per_image, type_records = {}, []
+  per_image, type_records, checked = {}, [], []
   for name, (true, pred) in zip(names, pairs):
     true = validate_record(true, f'{name} (true)')
     pred = validate_record(pred, f'{name} (pred)')
@@ -193,12 +195,36 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
     per_image[name] = seg_metrics.instance_metrics(true['inst_map'], pred['inst_map'])
     type_records.append((true['inst_centroid'], true['inst_type'], pred['inst_centroid'],
                          pred['inst_type']))
+    checked.append((true, pred))
   types = seg_metrics.type_metrics(type_records, radius=radius, weights=weights)
   result = {k: float(np.mean([m[k] for m in per_image.values()])) for k in INSTANCE_KEYS}
+  mpq, pq_c = _mpq_plus(checked)
   result.update(per_image=per_image, f_d=types['f_d'], acc=types['acc'],
-                f_c={str(t): v for t, v in types['f_c'].items()}, num_images=len(pairs),
+                f_c={str(t): v for t, v in types['f_c'].items()}, mpq_plus=mpq,
+                pq_per_class={str(c): v for c, v in pq_c.items()}, num_images=len(pairs),
                 num_true=types['num_true'], num_pred=types['num_pred'])
   return result
+
+
+def _type_of_ids(record: Record) -> dict[int, int]:
+  """{instance id: type} of a validated record (rows describe inst_uid, else the sorted ids)."""
+  ids = record.get('inst_uid')
+  if ids is None:
+    ids = np.unique(record['inst_map'])
+    ids = ids[ids > 0]
+  return dict(zip(np.asarray(ids).tolist(), np.asarray(record['inst_type']).tolist()))
+
+
+def _mpq_plus(pairs: list[tuple[Record, Record]]) -> tuple[float | None, dict[int, float]]:
+  """CoNIC's mPQ+ over validated (true, pred) records: per-class counts pooled over the images."""
+  typed = [(_type_of_ids(t), _type_of_ids(p)) for t, p in pairs]
+  classes = sorted({c for tt, pt in typed for c in (*tt.values(), *pt.values()) if c > 0})
+  pooled = {c: np.zeros(4) for c in classes}
+  for (true, pred), (tt, pt) in zip(pairs, typed):
+    for c, v in seg_metrics.class_pq_counts(true['inst_map'], tt, pred['inst_map'], pt,
+                                            classes).items():
+      pooled[c] += v
+  return seg_metrics.multi_class_pq(pooled)
 
 
 def _mat_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -303,3 +303,46 @@ def type_metrics(records: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.
     f_c[int(t)] = float(num / den)
   return {'f_d': float(f_d), 'acc': acc, 'f_c': f_c, 'num_true': num_true, 'num_pred': num_pred,
           'num_paired': tp_d}
+
+
+def class_pq_counts(true_inst: np.ndarray, true_type: dict[int, int], pred_inst: np.ndarray,
+                    pred_type: dict[int, int], classes: Sequence[int],
+                    match_iou: float = MATCH_IOU) -> dict[int, np.ndarray]:
+  """Per class, the PQ counts of one image between the instances of that class only (CoNIC's mPQ+).
+
+  Args:
+    true_inst, pred_inst: [H, W] integer instance maps.
+    true_type, pred_type: {instance id: class id} for the ids of each map.
+    classes: the class ids to count (background 0 is not one).
+    match_iou: pairs need IoU strictly greater than this (>= 0.5: pairs are unique).
+
+  Returns:
+    {class: float64 [4] (TP, FP, FN, sum of the TP pairs' IoU)}.
+  """
+  out = {}
+  for c in classes:
+    keep = lambda inst, types: np.where(np.isin(inst, [i for i, t in types.items() if t == c]),
+                                        inst, 0)
+    inter, ta, pa = _contingency(keep(true_inst, true_type), keep(pred_inst, pred_type))
+    iou = inter / np.maximum(ta[:, None] + pa[None, :] - inter, 1)
+    matched = iou > match_iou
+    tp = int(matched.sum())
+    out[c] = np.array([tp, len(pa) - tp, len(ta) - tp, iou[matched].sum()], np.float64)
+  return out
+
+
+def multi_class_pq(counts: dict[int, np.ndarray]) -> tuple[float | None, dict[int, float]]:
+  """mPQ+ of the CoNIC challenge from counts pooled over a split (sums of `class_pq_counts`).
+
+  PQ_c = DQ_c SQ_c with DQ_c = TP / (TP + FP/2 + FN/2 + 1e-6) and SQ_c = sum IoU / (TP + 1e-6); a class
+  with no TP, FP or FN (absent from truth and prediction) is left out; mPQ+ is the mean of the rest.
+
+  Returns:
+    (mPQ+ or None when no class is present, {class: PQ_c} of the classes kept).
+  """
+  per_class = {}
+  for c, (tp, fp, fn, iou_sum) in sorted(counts.items()):
+    if tp + fp + fn == 0:
+      continue
+    per_class[c] = float(tp / (tp + 0.5 * fp + 0.5 * fn + _EPS) * (iou_sum / (tp + _EPS)))
+  return (float(np.mean(list(per_class.values()))) if per_class else None), per_class

@@ -91,7 +91,8 @@ def test_cli_writes_json_atomically_and_prints_a_table(tmp_path):
   metrics = json.loads(out.read_text())
   assert metrics == records.evaluate_dirs(true_dir, pred_dir)  # Exact through JSON.
   assert sorted(metrics) == sorted(['dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq', 'per_image', 'f_d',
-                                    'acc', 'f_c', 'num_images', 'num_true', 'num_pred'])
+                                    'acc', 'f_c', 'mpq_plus', 'pq_per_class', 'num_images',
+                                    'num_true', 'num_pred'])
   assert [p.name for p in out.parent.iterdir()] == ['metrics.json']  # No temporary file left.
   (pred_dir / 'img_b.mat').unlink()
   proc = subprocess.run(
@@ -204,5 +205,8 @@ def test_consep_test_tiles_against_themselves_score_one(consep_dir, tmp_path):
   for key in ('dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq', 'f_d', 'acc'):
     assert metrics[key] == pytest.approx(1.0, abs=1e-6), key
   assert metrics['f_c'] == {'1': 1.0, '2': 1.0, '3': 1.0, '4': 1.0}
+  # CoNIC's mPQ+ of the real tiles against themselves: every class, every pair of IoU 1.
+  assert metrics['mpq_plus'] == pytest.approx(1.0, abs=1e-5)
+  assert set(metrics['pq_per_class']) == {'1', '2', '3', '4'}
   for name, per in metrics['per_image'].items():
     assert per == pytest.approx(dict.fromkeys(records.INSTANCE_KEYS, 1.0), abs=1e-6), name

@@ -204,3 +204,39 @@ def test_type_metrics_dummy_points_for_empty_images():
   assert (m['f_d'], m['acc'], m['f_c']) == (0.0, 0.0, {3: 0.0})
   with pytest.raises(ValueError, match='at least one'):
     seg_metrics.type_metrics([])
+
+
+def test_multi_class_pq_on_a_hand_computed_case():
+  """CoNIC's mPQ+: per class, pairs between instances of that class only, counts pooled over images.
+
+  Image A: true 1 (class 1, 4 px) predicted exactly as class 1 -> class 1 TP, IoU 1; true 2 (class
+  2, 4 px) predicted at the same pixels but as class 1 -> a class-1 FP and a class-2 FN.
+  Image B: true 1 (class 2, 4 px) predicted as class 2 over 3 of its pixels and 2 more (IoU 3/6 =
+  0.5: not a pair) -> class-2 FP and FN; true 2 (class 2, 4 px) predicted over all 4 and 1 more
+  (IoU 4/5) -> class-2 TP. Class 3 appears nowhere and is left out.
+  Class 1: TP 1, FP 1, FN 0, IoU sum 1 -> PQ = 1 / 1.5 * 1 = 2/3.
+  Class 2: TP 1, FP 1, FN 2, IoU sum 0.8 -> PQ = 1 / 2.5 * 0.8 = 0.32. mPQ+ = (2/3 + 0.32) / 2.
+  """
+  a_true = np.zeros((6, 6), np.int32)
+  a_true[0:2, 0:2], a_true[3:5, 3:5] = 1, 2
+  a_pred = a_true.copy()
+  b_true = np.zeros((6, 6), np.int32)
+  b_true[0:2, 0:2], b_true[3:5, 3:5] = 1, 2
+  b_pred = np.zeros((6, 6), np.int32)
+  b_pred[0:2, 0:2], b_pred[0, 1] = 7, 0  # 3 of true 1's pixels ...
+  b_pred[0, 2:4] = 7  # ... and 2 outside it: IoU 3 / 6.
+  b_pred[3:5, 3:5], b_pred[5, 3] = 9, 9  # IoU 4 / 5.
+  counts = {}
+  for true, tt, pred, pt in ((a_true, {1: 1, 2: 2}, a_pred, {1: 1, 2: 1}),
+                             (b_true, {1: 2, 2: 2}, b_pred, {7: 2, 9: 2})):
+    for c, v in seg_metrics.class_pq_counts(true, tt, pred, pt, [1, 2, 3]).items():
+      counts[c] = counts.get(c, 0) + v
+  np.testing.assert_allclose(counts[1], [1, 1, 0, 1.0])
+  np.testing.assert_allclose(counts[2], [1, 1, 2, 0.8])
+  np.testing.assert_allclose(counts[3], [0, 0, 0, 0])
+  mpq, per_class = seg_metrics.multi_class_pq(counts)
+  assert set(per_class) == {1, 2}
+  assert per_class[1] == pytest.approx(2 / 3, abs=1e-5)
+  assert per_class[2] == pytest.approx(0.32, abs=1e-5)
+  assert mpq == pytest.approx((2 / 3 + 0.32) / 2, abs=1e-5)
+  assert seg_metrics.multi_class_pq({3: np.zeros(4)}) == (None, {})
