@@ -40,7 +40,7 @@ OUTPUTS = (('mat', '.mat'), ('json', '.json'), ('overlay', '.png'), ('qupath', '
 
 @dataclasses.dataclass
 class Model:
-  module: Any  # models.hovernet.HoVerNet
+  module: Any  # hovernet.model.HoVerNet
   variables: Any  # {'params', 'batch_stats'}
   model_config: dict  # The `config.hovernet.model` fields that rebuild the module.
   class_names: list[str] | None  # Names by type id (0 = background), when the source has them.

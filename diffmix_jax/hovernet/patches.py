@@ -20,7 +20,7 @@ from diffmix_jax.hovernet import augment as hovernet_augment
 from diffmix_jax.hovernet import targets as hovernet_targets
 
 
-MANIFEST = 'manifest.json'  # Written by `synthetic_io.export_consep` beside Images/ and Labels/.
+MANIFEST = 'manifest.json'  # Written by `data.synthetic.export_consep` beside Images/ and Labels/.
 
 
 def _kind_filter(folder: pathlib.Path, names: list[str], kinds: tuple[str, ...]) -> list[str]:
@@ -41,7 +41,7 @@ def _kind_filter(folder: pathlib.Path, names: list[str], kinds: tuple[str, ...])
 def read_synthetic(folder: str | os.PathLike, kinds: tuple[str, ...] | None = None) -> list[dict]:
   """The synthetic patch set, CoNSeP layout: `Images/<name>.png` + `Labels/<name>.mat`.
 
-  This is the reader contract with the `sample` stage, whose `synthetic_io.export_consep` writes
+  This is the reader contract with the `sample` stage, whose `data.synthetic.export_consep` writes
   `<workdir>/synthetic/consep_format/`: each `.mat` holds `inst_map` and `type_map` [H, W] (merged
   classes), each PNG the RGB image of the same size; `manifest.json` records each patch's kind.
 

@@ -319,11 +319,16 @@ def class_pq_counts(true_inst: np.ndarray, true_type: dict[int, int], pred_inst:
   Returns:
     {class: float64 [4] (TP, FP, FN, sum of the TP pairs' IoU)}.
   """
+  def class_map(inst, types):  # int [H, W]: each pixel's instance class (0 = background).
+    inst = np.asarray(inst, np.int64)
+    lut = np.zeros(max(int(inst.max(initial=0)), max(types, default=0)) + 1, np.int64)
+    lut[list(types)] = list(types.values())
+    return inst, lut[inst]
+
+  (ti, tc), (pi, pc) = class_map(true_inst, true_type), class_map(pred_inst, pred_type)
   out = {}
   for c in classes:
-    keep = lambda inst, types: np.where(np.isin(inst, [i for i, t in types.items() if t == c]),
-                                        inst, 0)
-    inter, ta, pa = _contingency(keep(true_inst, true_type), keep(pred_inst, pred_type))
+    inter, ta, pa = _contingency(np.where(tc == c, ti, 0), np.where(pc == c, pi, 0))
     iou = inter / np.maximum(ta[:, None] + pa[None, :] - inter, 1)
     matched = iou > match_iou
     tp = int(matched.sum())
