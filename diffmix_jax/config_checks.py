@@ -269,12 +269,17 @@ def _check_relations(c: ml_collections.ConfigDict) -> None:
           f'must be at least the {c.hovernet.model.mode} network\'s input side {size}')
 
 
+def manual_dir(c: ml_collections.ConfigDict) -> str:
+  """The raw dataset folder: `data.manual_dir`, else $DIFFMIX_CONSEP_DIR for CoNSeP ('' if neither)."""
+  return c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
+                               else '')
+
+
 def _check_paths(c: ml_collections.ConfigDict, stages: list[str], workdir: str) -> None:
   """Files the selected stages read, checked before the first stage starts."""
   built = workdir and os.path.exists(os.path.join(workdir, wdir.BUILD_DATA, wdir.DONE))
   if 'build_data' in stages and c.data.name != 'demo_nuclei' and not built:
-    root = c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
-                                 else '')
+    root = manual_dir(c)
     if not root:
       _fail('data.manual_dir', c.data.manual_dir,
             f'the folder holding Train/ and Test/ of {c.data.name} is required by build_data')
@@ -308,8 +313,7 @@ def tile_names_on_disk(c: ml_collections.ConfigDict, split: str) -> list[str] | 
   """The tile names of a split as the builders name them, or None when the source folder is absent."""
   if c.data.name == 'demo_nuclei':
     return [f'{split}_{i + 1}' for i in range(demo_tiles.NUM_TILES[split])]
-  root = c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
-                               else '')
+  root = manual_dir(c)
   if not root or not os.path.isdir(root):
     return None
   return [name for name, _, _ in raw_folders.split_pairs(root, split)]

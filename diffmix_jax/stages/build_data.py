@@ -8,13 +8,13 @@ Also the `build_data` stage: builds `config.data.name` into `config.data.data_di
 """
 
 import json
-import os
 import pathlib
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from diffmix_jax import config_checks
 from diffmix_jax.core import fields
 from diffmix_jax.data import input_pipeline
 from diffmix_jax import workdir as wdir
@@ -121,13 +121,13 @@ def data_dir_for(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def manual_dir_for(config: ml_collections.ConfigDict) -> str:
   """`config.data.manual_dir`, or $DIFFMIX_CONSEP_DIR for CoNSeP when it is empty."""
-  if config.data.manual_dir or config.data.name == 'demo_nuclei':
+  if config.data.name == 'demo_nuclei':
     return config.data.manual_dir
-  env = os.environ.get('DIFFMIX_CONSEP_DIR', '') if config.data.name == 'consep' else ''
-  if not env:
+  root = config_checks.manual_dir(config)
+  if not root:
     raise ValueError(f'config.data.manual_dir is empty: set it to the {config.data.name} folder '
                      'holding Train/ and Test/ (--config.data.manual_dir=DIR)')
-  return env
+  return root
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
