@@ -10,6 +10,7 @@ stage (or for a rerun) is spelled here and nowhere else.
   synthetic/                    sample: shards, TFDS set, `consep_format/` folder, preview
   hovernet_<run>/               hovernet_train: checkpoints, `variables.msgpack`
   eval/<label>.json, eval/<label>/{pred,true}/   evaluate: metrics and `.mat` records per run
+  eval/<label>/tissue.json      evaluate: {tile: tissue} of the test tiles, when they carry one
   report/                       report: metrics.json, report.md, figures
 
 Every file is written to a temporary name in the same folder and renamed into place, so a killed run
@@ -97,6 +98,11 @@ def eval_record_dirs(workdir: os.PathLike, label: str) -> tuple[pathlib.Path, pa
   """`<workdir>/eval/<label>/pred/` and `.../true/`: one `<tile>.mat` record per test tile."""
   root = pathlib.Path(workdir) / EVAL / label
   return root / 'pred', root / 'true'
+
+
+def eval_tissue_json(workdir: os.PathLike, label: str) -> pathlib.Path:
+  """`<workdir>/eval/<label>/tissue.json`: {tile name: tissue} (PanNuke), next to pred/ and true/."""
+  return pathlib.Path(workdir) / EVAL / label / 'tissue.json'
 
 
 def atomic_write(path: os.PathLike, data: bytes) -> None:

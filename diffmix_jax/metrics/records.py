@@ -4,7 +4,8 @@ Files are matched by name; each holds `inst_map` [H, W], `inst_type` [N(, 1)] (t
 `inst_centroid` [N, 2] (x, y), optionally `inst_uid` [N(, 1)] (the ids that rows describe, as the official
 tile output writes it; without it rows describe the distinct non-zero ids of `inst_map` in ascending order).
 Instance metrics are means over images, detection/type metrics are pooled (hovernet.md §5; the
-conventions for empty images are in `seg_metrics`). The HoVer-Net stage calls `evaluate_arrays` and
+conventions for empty images are in `seg_metrics`); given each image's tissue, PanNuke's per-tissue
+mPQ and bPQ are added (`pannuke_pq`). The HoVer-Net stage calls `evaluate_arrays` and
 `evaluate_dirs` for its validation and final evaluation; `python -m diffmix_jax.evaluate` is the
 command line over two folders (diffmix_jax/evaluate.py); the `evaluate` stage is
 diffmix_jax/stages/evaluate.py.
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import io as sio
 
+from diffmix_jax.metrics import pannuke_pq
 from diffmix_jax.metrics import seg_metrics
 from diffmix_jax import workdir as wdir
 from tfds_builders import instances
@@ -164,7 +166,8 @@ def write_consep_example(folder: os.PathLike, name: str, image, record: dict) ->
 def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
                     names: Sequence[str] | None = None,
                     radius: float = seg_metrics.MATCH_RADIUS,
-                    weights: Sequence[float] = seg_metrics.F_C_WEIGHTS) -> dict[str, Any]:
+                    weights: Sequence[float] = seg_metrics.F_C_WEIGHTS,
+                    tissues: dict[str, str] | None = None) -> dict[str, Any]:
   """All metrics over a list of (truth, prediction) records (hovernet.md §5).
 
   Args:
@@ -172,19 +175,24 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
     names: image names (default 'image_0', 'image_1', ...), used in `per_image` and in errors.
     radius: centroid pairing radius in pixels (inclusive), config `eval.match_radius`.
     weights: F_c weights, config `eval.f_c_weights`.
+    tissues: {image name: tissue name} (PanNuke); when given, every name needs one and the result
+      gets `pannuke`.
 
   Returns:
     JSON-ready dict: `dice`, `aji`, `aji_plus`, `dq`, `sq`, `pq` (means over images), `per_image`
     {name: {those six}}, `f_d`, `acc`, `f_c` {str(type id): float} for each pooled ground-truth type,
     `mpq_plus` (CoNIC's multi-class PQ: per class, pairs of IoU > 0.5 between instances of that
     class, counts pooled over the images; None without typed instances) and `pq_per_class`
-    {str(class): PQ_c}, `num_images`, `num_true`, `num_pred`.
+    {str(class): PQ_c}, `num_images`, `num_true`, `num_pred`; with `tissues` also `pannuke`, PanNuke's
+    tissue-averaged `mpq` and `bpq` and their `per_tissue` values (`pannuke_pq.tissue_pq`).
   """
   if not pairs:
     raise ValueError('evaluate_arrays needs at least one (true, pred) pair')
   names = list(names) if names is not None else [f'image_{i}' for i in range(len(pairs))]
   if len(names) != len(pairs) or len(set(names)) != len(names):
     raise ValueError(f'names must be {len(pairs)} distinct strings; got {names}')
+  if tissues is not None:
+    pannuke_pq.check_tissues(names, tissues)
   per_image, type_records, checked = {}, [], []
   for name, (true, pred) in zip(names, pairs):
     true = validate_record(true, f'{name} (true)')
@@ -198,11 +206,14 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
     checked.append((true, pred))
   types = seg_metrics.type_metrics(type_records, radius=radius, weights=weights)
   result = {k: float(np.mean([m[k] for m in per_image.values()])) for k in INSTANCE_KEYS}
-  mpq, pq_c = _mpq_plus(checked)
+  typed = [(t['inst_map'], _type_of_ids(t), p['inst_map'], _type_of_ids(p)) for t, p in checked]
+  mpq, pq_c = _mpq_plus(typed)
   result.update(per_image=per_image, f_d=types['f_d'], acc=types['acc'],
                 f_c={str(t): v for t, v in types['f_c'].items()}, mpq_plus=mpq,
                 pq_per_class={str(c): v for c, v in pq_c.items()}, num_images=len(pairs),
                 num_true=types['num_true'], num_pred=types['num_pred'])
+  if tissues is not None:
+    result['pannuke'] = pannuke_pq.tissue_pq(typed, names, tissues)
   return result
 
 
@@ -215,14 +226,13 @@ def _type_of_ids(record: Record) -> dict[int, int]:
   return dict(zip(np.asarray(ids).tolist(), np.asarray(record['inst_type']).tolist()))
 
 
-def _mpq_plus(pairs: list[tuple[Record, Record]]) -> tuple[float | None, dict[int, float]]:
-  """CoNIC's mPQ+ over validated (true, pred) records: per-class counts pooled over the images."""
-  typed = [(_type_of_ids(t), _type_of_ids(p)) for t, p in pairs]
-  classes = sorted({c for tt, pt in typed for c in (*tt.values(), *pt.values()) if c > 0})
+def _mpq_plus(typed: list[pannuke_pq.TypedImage]) -> tuple[float | None, dict[int, float]]:
+  """CoNIC's mPQ+ over (true map, {id: type}, pred map, {id: type}) images: per-class counts pooled
+  over the images."""
+  classes = sorted({c for _, tt, _, pt in typed for c in (*tt.values(), *pt.values()) if c > 0})
   pooled = {c: np.zeros(4) for c in classes}
-  for (true, pred), (tt, pt) in zip(pairs, typed):
-    for c, v in seg_metrics.class_pq_counts(true['inst_map'], tt, pred['inst_map'], pt,
-                                            classes).items():
+  for true_inst, tt, pred_inst, pt in typed:
+    for c, v in seg_metrics.class_pq_counts(true_inst, tt, pred_inst, pt, classes).items():
       pooled[c] += v
   return seg_metrics.multi_class_pq(pooled)
 
@@ -235,12 +245,13 @@ def _mat_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,
-                  **kwargs: Any) -> dict[str, Any]:
+                  tissues: dict[str, str] | None = None, **kwargs: Any) -> dict[str, Any]:
   """Evaluates every `<name>.mat` of `pred_dir` against the same name in `true_dir`.
 
   Args:
     true_dir: folder of ground-truth `.mat` files.
     pred_dir: folder of predicted `.mat` files (exactly the same names).
+    tissues: {file stem: tissue name} (PanNuke; see `evaluate_arrays`), or None.
     **kwargs: `radius` and `weights`, passed to `evaluate_arrays`.
 
   Returns:
@@ -248,7 +259,7 @@ def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,
 
   Raises:
     ValueError: naming the file, for a file present on one side only, an unreadable or invalid file,
-      or instance maps of different shapes.
+      or instance maps of different shapes; naming the image, for one without a tissue.
   """
   true_files, pred_files = _mat_files(pathlib.Path(true_dir)), _mat_files(pathlib.Path(pred_dir))
   if not true_files:
@@ -259,6 +270,8 @@ def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,
   for name, path in pred_files.items():
     if name not in true_files:
       raise ValueError(f'{path}: prediction without ground truth in {true_dir}')
+  if tissues is not None:
+    pannuke_pq.check_tissues(list(true_files), tissues)
   pairs = []
   for name in true_files:
     true, pred = load_mat(true_files[name]), load_mat(pred_files[name])
@@ -266,7 +279,7 @@ def evaluate_dirs(true_dir: str | os.PathLike, pred_dir: str | os.PathLike,
       raise ValueError(f'{pred_files[name]}: inst_map shape {pred["inst_map"].shape} differs from '
                        f'{true_files[name]} {true["inst_map"].shape}')
     pairs.append((true, pred))
-  return evaluate_arrays(pairs, names=list(true_files), **kwargs)
+  return evaluate_arrays(pairs, names=list(true_files), tissues=tissues, **kwargs)
 
 
 def write_json(metrics: dict[str, Any], path: str | os.PathLike) -> None:
@@ -287,4 +300,18 @@ def format_table(metrics: dict[str, Any]) -> str:
   lines.append(f'F_d {metrics["f_d"]:.4f}  acc {metrics["acc"]:.4f}  {f_c}')
   lines.append(f'images {metrics["num_images"]}  true nuclei {metrics["num_true"]}  '
                f'predicted nuclei {metrics["num_pred"]}')
+  if 'pannuke' in metrics:
+    lines.extend(_pannuke_lines(metrics['pannuke']))
   return '\n'.join(lines)
+
+
+def _pannuke_lines(pannuke: dict[str, Any]) -> list[str]:
+  """PanNuke's tissue-averaged mPQ and bPQ, then one line per tissue ('n/a' for None)."""
+  def fmt(v):
+    return 'n/a' if v is None else f'{v:.4f}'
+  per_tissue = pannuke['per_tissue']
+  width = max(len(t) for t in per_tissue)
+  lines = [f'PanNuke mPQ {fmt(pannuke["mpq"])}  bPQ {fmt(pannuke["bpq"])}  (means over tissues)']
+  for t, v in per_tissue.items():
+    lines.append(f'  {t.ljust(width)}  mPQ {fmt(v["mpq"])}  bPQ {fmt(v["bpq"])}  images {v["images"]}')
+  return lines

@@ -1,6 +1,7 @@
 """Stage `evaluate`: tiled inference of the test tiles with every HoVer-Net run, then the metrics of
 `metrics.records` per run (hovernet.md §5, §7)."""
 
+import json
 import os
 
 from diffmix_jax.core import fields
@@ -10,7 +11,9 @@ from diffmix_jax import workdir as wdir
 def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out,
                   label: str = '') -> None:
   """Predicts this process's share of `tiles` with run `run`'s model, then (process 0) scores them
-  to `eval/<label>.json` (label defaults to the run's name; its .mat files go to eval/<label>/)."""
+  to `eval/<label>.json` (label defaults to the run's name; its .mat files go to eval/<label>/, and
+  the tiles' tissues, when they carry one, to eval/<label>/tissue.json for PanNuke's per-tissue
+  PQ)."""
   import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
@@ -19,6 +22,9 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   pred_dir, true_dir = wdir.eval_record_dirs(workdir, label)
   pred_dir.mkdir(parents=True, exist_ok=True)
   true_dir.mkdir(parents=True, exist_ok=True)
+  tissue_json = wdir.eval_tissue_json(workdir, label)
+  if jax.process_index() == 0:
+    save_tissues(tiles, tissue_json)
   variables = hovernet_infer.load_variables(wdir.hovernet_variables_path(workdir, run), module)
   predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
   mine = [tiles[i] for i in eval_indices_for(len(tiles))]
@@ -33,10 +39,19 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   if jax.process_count() > 1:
     sharding.barrier(f'evaluate {label} predicted')
   if jax.process_index() == 0:
+    tissues = json.loads(tissue_json.read_text()) if tissue_json.exists() else None
     metrics = records.evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
-                                    weights=fields.floats(config.eval.f_c_weights))
+                                    weights=fields.floats(config.eval.f_c_weights), tissues=tissues)
     records.write_json(metrics, wdir.eval_json(workdir, label))
     print(f'evaluate {label}:\n{records.format_table(metrics)}')
+
+
+def save_tissues(tiles: list[dict], path: os.PathLike) -> None:
+  """Writes {tile name: tissue} of the tiles that carry a `tissue` (str) as JSON to `path`,
+  atomically; writes nothing when no tile carries one."""
+  tissues = {t['name']: t['tissue'] for t in tiles if 'tissue' in t}
+  if tissues:
+    wdir.atomic_write(path, (json.dumps(tissues, indent=1, sort_keys=True) + '\n').encode())
 
 
 def eval_indices_for(n: int) -> list[int]:
@@ -60,10 +75,12 @@ def run(config, workdir: str) -> None:
   """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (hovernet.md §5, §7).
 
   Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
-  `evaluate_dirs`; run names of `arms.run_name`), the same for the first seed's baseline model on
-  the synthetic set as `synthetic_fidelity` (when there is one and `config.eval.synthetic_fidelity`),
-  and `<workdir>/eval/DONE`. A rerun is a no-op when every wanted JSON exists; runs added to the
-  config since are scored alone, and a killed stage keeps the tiles and runs it finished.
+  `evaluate_dirs`, with PanNuke's per-tissue `pannuke` when the test tiles carry a tissue, kept in
+  `eval/<run>/tissue.json`; run names of `arms.run_name`), the same for the first seed's baseline
+  model on the synthetic set as `synthetic_fidelity` (when there is one and
+  `config.eval.synthetic_fidelity`), and `<workdir>/eval/DONE`. A rerun is a no-op when every wanted
+  JSON exists; runs added to the config since are scored alone, and a killed stage keeps the tiles
+  and runs it finished.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
