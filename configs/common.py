@@ -16,14 +16,25 @@ ALL_STAGES = ('build_data', 'diffusion_train', 'mix_labels', 'sample', 'hovernet
 def _data() -> ml_collections.ConfigDict:
   """`config.data`: data (datasets.md)."""
   d = ml_collections.ConfigDict()
-  d.name = 'consep'  # TFDS builder: consep | glysac | demo_nuclei.
-  d.manual_dir = ''  # Folder with {Train,Test}/{Images,Labels} ('' = $DIFFMIX_CONSEP_DIR for consep).
+  # TFDS builder: consep | glysac | demo_nuclei | conic | pannuke | nuclei_folder (your own folder).
+  d.name = 'consep'
+  d.manual_dir = ''  # The dataset's folder as its builder documents it ('' = $DIFFMIX_CONSEP_DIR for consep).
   d.data_dir = ''  # TFDS data_dir for the built dataset ('' = <workdir>/tfds).
-  d.labels = 'original'  # Class ids in the source files: original (merged by us) | merged.
+  d.labels = 'original'  # CoNSeP/GLySAC label files hold: original ids (merged by us) | merged ids.
   d.train_tiles = ''  # Comma list of the train tiles to use, by name ('' = all).
   d.test_tiles = ''  # Comma list of the test tiles to use, by name ('' = all).
-  d.num_classes = 5  # Classes incl. background after the merge (CoNSeP 5, GLySAC 4).
+  # Classes incl. background after the merge (CoNSeP 5, GLySAC 4, CoNIC 7, PanNuke 6); must match the
+  # dataset's class table (tfds_builders/class_tables.py). 0 = read from it (with class_names '',
+  # diffusion.model.num_classes 0, hovernet.model.nr_types 0, mix.balance.{rare,common}_classes '').
+  d.num_classes = 5
   d.class_names = 'background,other,inflammatory,epithelial,spindle'  # Comma list, num_classes names.
+  d.conic = dc = ml_collections.ConfigDict()
+  dc.exclude = ''  # Comma list of CoNIC cohorts left out (e.g. consep: keeps a CoNSeP test set unseen).
+  dc.test_fraction = 0.2  # Share of each cohort's source images drawn for the test split.
+  dc.split_seed = 0  # Seed of that draw (recorded in the built dataset's metadata).
+  d.pannuke = dp = ml_collections.ConfigDict()
+  dp.train_folds = '1,2'  # PanNuke folds (comma list of 1-3) of the train split.
+  dp.test_folds = '3'  # PanNuke folds of the test split (disjoint from train_folds).
   d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).
   d.num_workers = 0  # grain worker processes (0 = in the main process).
   d.prefetch = 2  # grain prefetch buffer (batches) when num_workers > 0.

@@ -16,11 +16,13 @@ import ml_collections
 from configs import common
 from diffmix_jax import workdir as wdir
 from diffmix_jax.core import arms
+from diffmix_jax.data import datasets
 from diffmix_jax.hovernet import geometry
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
 from diffmix_jax.core import fields
 from diffmix_jax.sdm import fields as sdm_fields
+from tfds_builders import class_tables
 from tfds_builders import raw_folders
 from tfds_builders.demo_nuclei import generate as demo_tiles
 
@@ -130,12 +132,16 @@ def raises(parse: Callable[[ml_collections.ConfigDict], Any]) -> Rule:
 RULES: dict[str, Rule] = {
     'seed': count(),
     'stages': comma_of(common.ALL_STAGES, allow_empty=True),  # '': set-up only (launch tests).
-    'data.name': choice(*sorted(raw_folders.MERGED_NUM_CLASSES), 'demo_nuclei'),
+    'data.name': choice(*sorted(class_tables.FIXED), 'nuclei_folder'),
     'data.labels': choice('original', 'merged'),
     'data.num_classes': number(2, integer=True),
     'data.class_names': class_names,
     'data.crop_size': positive_int(),
     'data.num_workers': count(),
+    'data.conic.test_fraction': number(0.0, 1.0, lo_open=True, hi_open=True),
+    'data.conic.split_seed': count(),
+    'data.pannuke.train_folds': comma_of(('1', '2', '3')),
+    'data.pannuke.test_folds': comma_of(('1', '2', '3')),
     'data.prefetch': positive_int(),
     'mesh.data': positive_int(also=(-1,)),
     'mesh.num_processes': positive_int(also=(-1,)),
@@ -245,6 +251,10 @@ def _check_relations(c: ml_collections.ConfigDict) -> None:
     sdm_fields.parse_channel_mult(c.diffusion.model.channel_mult, c.diffusion.model.image_size)
   except ValueError as e:
     _fail('diffusion.model.channel_mult', c.diffusion.model.channel_mult, str(e))
+  folds = set(fields.names(c.data.pannuke.train_folds)) & set(fields.names(c.data.pannuke.test_folds))
+  if folds:
+    _fail('data.pannuke.test_folds', c.data.pannuke.test_folds,
+          f'fold {sorted(folds)[0]} is also in config.data.pannuke.train_folds')
   b = c.mix.balance
   both = sorted(set(fields.ints(b.rare_classes)) & set(fields.ints(b.common_classes)))
   if both:
@@ -269,22 +279,16 @@ def _check_relations(c: ml_collections.ConfigDict) -> None:
           f'must be at least the {c.hovernet.model.mode} network\'s input side {size}')
 
 
-def manual_dir(c: ml_collections.ConfigDict) -> str:
-  """The raw dataset folder: `data.manual_dir`, else $DIFFMIX_CONSEP_DIR for CoNSeP ('' if neither)."""
-  return c.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '') if c.data.name == 'consep'
-                               else '')
-
-
 def _check_paths(c: ml_collections.ConfigDict, stages: list[str], workdir: str) -> None:
   """Files the selected stages read, checked before the first stage starts."""
   built = workdir and os.path.exists(os.path.join(workdir, wdir.BUILD_DATA, wdir.DONE))
   if 'build_data' in stages and c.data.name != 'demo_nuclei' and not built:
-    root = manual_dir(c)
+    root = datasets.manual_dir(c)
     if not root:
       _fail('data.manual_dir', c.data.manual_dir,
-            f'the folder holding Train/ and Test/ of {c.data.name} is required by build_data')
+            f'{datasets.folder_layout(c.data.name)} ({c.data.name}) is required by build_data')
     if not os.path.isdir(root):
-      _fail('data.manual_dir', root, 'no such folder; expected the one holding Train/ and Test/')
+      _fail('data.manual_dir', root, f'no such folder; expected {datasets.folder_layout(c.data.name)}')
   if 'sample' in stages and c.sample.params_path and not os.path.isfile(c.sample.params_path):
     _fail('sample.params_path', c.sample.params_path,
           'no such file; expected converted EMA params (python -m diffmix_jax.convert_torch)')
@@ -313,7 +317,9 @@ def tile_names_on_disk(c: ml_collections.ConfigDict, split: str) -> list[str] | 
   """The tile names of a split as the builders name them, or None when the source folder is absent."""
   if c.data.name == 'demo_nuclei':
     return [f'{split}_{i + 1}' for i in range(demo_tiles.NUM_TILES[split])]
-  root = manual_dir(c)
+  if c.data.name in ('conic', 'pannuke'):  # Named in the built dataset only (its source checks).
+    return None
+  root = datasets.manual_dir(c)
   if not root or not os.path.isdir(root):
     return None
   return [name for name, _, _ in raw_folders.split_pairs(root, split)]
@@ -348,6 +354,7 @@ def check(c: ml_collections.ConfigDict, workdir: str = '') -> list[str]:
   Raises:
     ValueError: naming the first bad field, its value and the expected form.
   """
+  datasets.resolve_classes(c, workdir)  # Class fields left to the dataset's table (0 or '').
   for field, rule in RULES.items():
     problem = rule(_get(c, field), c)
     if problem:

@@ -1,6 +1,7 @@
 """Tests of configs/: every experiment config loads and validates; bad values name their field."""
 
 import importlib
+import json
 import pathlib
 import re
 import subprocess
@@ -13,7 +14,8 @@ from diffmix_jax.core import arms
 from diffmix_jax import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'tiny')
+CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'tiny', 'conic', 'pannuke',
+           'folder_example')
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -24,7 +26,12 @@ def test_configs_load_and_validate(name, tmp_path):
     c.hovernet.train.pretrained = str(tmp_path / 'encoder.tar')
   (tmp_path / 'build_data').mkdir()  # A workdir whose dataset is built: no manual_dir needed.
   (tmp_path / 'build_data' / 'DONE').write_text('{}')
+  classes = {'names': ['background', 'tumour', 'immune', 'stroma'], 'rare': [2], 'common': [1, 3]}
+  (tmp_path / 'build_data' / 'summary.json').write_text(json.dumps({'classes': classes}))
   assert config_checks.check(c, str(tmp_path)) == [s.strip() for s in c.stages.split(',')]
+  if name == 'folder_example':  # Its class fields are read from the built dataset's table.
+    assert (c.data.num_classes, c.hovernet.model.nr_types, c.mix.balance.common_classes) == (
+        4, 4, '1,3') and c.data.class_names == 'background,tumour,immune,stroma'
   # Configs override values only: the field set is the base config's.
   assert set(c.to_dict()) == set(common.base_config().to_dict())
 
@@ -46,8 +53,10 @@ def test_paper_settings_in_dataset_configs():
 
 
 @pytest.mark.parametrize('field,value,match', [
-    ('data.name', 'pannuke', 'config.data.name'),
+    ('data.name', 'lizard', 'config.data.name'),
     ('data.labels', 'raw', 'config.data.labels'),
+    ('data.pannuke.test_folds', '2', 'fold 2 is also in config.data.pannuke.train_folds'),
+    ('data.num_classes', 7, 'must be 5, the class count of the consep class table'),
     ('diffusion.model.num_classes', 4, 'config.diffusion.model.num_classes=4: must equal'),
     ('data.class_names', 'a,b', 'config.data.class_names'),
     ('diffusion.train.batch_size', 0, 'config.diffusion.train.batch_size=0'),
@@ -147,9 +156,10 @@ def test_tile_subsets_name_known_tiles_once(tmp_path, monkeypatch):
 # A bad value for every field `config_checks.RULES` checks (right type, wrong value: ConfigDict
 # already rejects a wrong type). The fields without a rule are the ones below.
 BAD = {
-    'seed': -1, 'stages': 'build_data,smaple', 'data.name': 'pannuke', 'data.labels': 'raw',
+    'seed': -1, 'stages': 'build_data,smaple', 'data.name': 'lizard', 'data.labels': 'raw',
     'data.num_classes': 1, 'data.class_names': 'a,,b,c,d', 'data.crop_size': 0,
-    'data.num_workers': -1, 'data.prefetch': 0, 'mesh.data': 0, 'mesh.num_processes': 0,
+    'data.num_workers': -1, 'data.prefetch': 0, 'data.conic.test_fraction': 1.0,
+    'data.conic.split_seed': -1, 'data.pannuke.train_folds': '1,4', 'data.pannuke.test_folds': '', 'mesh.data': 0, 'mesh.num_processes': 0,
     'mesh.process_id': -2, 'mesh.initialization_timeout': 0, 'mesh.heartbeat_timeout': -5,
     'diffusion.model.image_size': 0, 'diffusion.model.num_channels': 0,
     'diffusion.model.num_res_blocks': 0, 'diffusion.model.channel_mult': '1,x',
@@ -191,7 +201,8 @@ BAD = {
     'data.train_tiles': 'train_1,train_99', 'data.test_tiles': 'test_1,test_1',
 }
 FREE = {  # Booleans, paths (checked where a selected stage reads them), free text.
-    'name', 'compilation_cache', 'data.data_dir', 'data.manual_dir', 'mesh.shard_opt_state',
+    'name', 'compilation_cache', 'data.data_dir', 'data.manual_dir', 'data.conic.exclude',  # CoNIC's cohorts: checked by its builder.
+    'mesh.shard_opt_state',
     'mesh.distributed', 'mesh.coordinator_address', 'diffusion.model.learn_sigma',
     'diffusion.model.no_instance', 'diffusion.model.remat', 'diffusion.model.resblock_updown',
     'diffusion.model.use_scale_shift_norm', 'sample.official_truncation', 'sample.params_path',

@@ -1,7 +1,8 @@
 """Shared TFDS builder for nuclei tile datasets: features, splits and the raw-folder reader.
 
 Features per tile (datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `inst_map` int32 [H, W]
-(ids 1..N contiguous), `type_map` int32 [H, W] (merged classes), `name` (text). Splits `train`, `test`.
+(ids 1..N contiguous), `type_map` int32 [H, W] (merged classes), `name` (text). Splits `train`,
+`test`.
 """
 
 import numpy as np
@@ -12,8 +13,10 @@ from tfds_builders import raw_folders
 VERSION = tfds.core.Version('1.0.0')
 
 
-def tile_features() -> tfds.features.FeaturesDict:
+def tile_features(**extra) -> tfds.features.FeaturesDict:
+  """The features above, plus `extra` ({name: feature}, e.g. PanNuke's `tissue`)."""
   return tfds.features.FeaturesDict({
+      **extra,
       'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, encoding_format='png'),
       'inst_map': tfds.features.Tensor(shape=(None, None), dtype=np.int32,
                                        encoding=tfds.features.Encoding.ZLIB),
@@ -49,6 +52,7 @@ class RawFolderBuilder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(root, split) for split in ('train', 'test')}
 
   def _generate_examples(self, root, split):
-    for tile in raw_folders.iter_split(root, split, self.DATASET, self.builder_config.name):
+    scheme = raw_folders.dataset_scheme(self.DATASET, self.builder_config.name)
+    for tile in raw_folders.iter_split(root, split, scheme):
       yield tile.name, {'image': tile.image, 'inst_map': tile.inst_map,
                         'type_map': tile.type_map, 'name': tile.name}

@@ -11,31 +11,43 @@ import ml_collections
 import numpy as np
 
 from diffmix_jax import config_checks
+from diffmix_jax.data import datasets
 from diffmix_jax import workdir as wdir
 
 NUM_AUGS = 6  # 0 none; 1, 2, 3 rotate by 90 deg * k; 4 flip left-right; 5 flip up-down (sdm.md §4.6).
 
 
-def open_source(dataset: str, data_dir: str, labels: str, split: str):
+def _builder(dataset: str, data_dir: str, labels: str, **options):
+  """The built dataset's builder; FileNotFoundError when it is not built in `data_dir`."""
+  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
+  builder = registry.create_builder(dataset, data_dir, labels, **options)
+  if not pathlib.Path(builder.data_dir, 'dataset_info.json').exists():
+    raise FileNotFoundError(
+        f'{dataset} ({builder.builder_config.name}) is not built in {data_dir}: run the build_data '
+        f'stage or python -m diffmix_jax.build_data --dataset {dataset} --data_dir {data_dir} ...')
+  return builder
+
+
+def open_source(dataset: str, data_dir: str, labels: str, split: str, **options):
   """Random-access source of built tiles: `src[i]` is a dict of decoded NumPy arrays.
 
   Args:
-    dataset: 'consep', 'glysac' or 'demo_nuclei'.
+    dataset: a builder name (tfds_builders/registry.py).
     data_dir: TFDS data_dir the dataset was built into (`build_data`).
     labels: label scheme the dataset was built with ('original' or 'merged').
     split: 'train' or 'test'.
+    **options: the builder options it was built with (datasets.builder_options).
 
   Returns:
     A `tfds.data_source`-style sequence; items have `image` uint8 [H, W, 3], `inst_map` and
-    `type_map` int32 [H, W], `name` bytes.
+    `type_map` int32 [H, W], `name` bytes (PanNuke also `tissue` bytes).
   """
-  from tfds_builders import registry  # pylint: disable=g-import-not-at-top
-  builder = registry.create_builder(dataset, data_dir, labels)
-  if not pathlib.Path(builder.data_dir, 'dataset_info.json').exists():
-    raise FileNotFoundError(
-        f'{dataset} ({labels} labels) is not built in {data_dir}: run the build_data stage or '
-        f'python -m diffmix_jax.build_data --dataset {dataset} --data_dir {data_dir} ...')
-  return builder.as_data_source(split=split)
+  return _builder(dataset, data_dir, labels, **options).as_data_source(split=split)
+
+
+def dataset_metadata(dataset: str, data_dir: str, labels: str, **options) -> dict:
+  """The built dataset's metadata (the class table and split record of builders that keep them)."""
+  return dict(_builder(dataset, data_dir, labels, **options).info.metadata or {})
 
 
 class _Subset:
@@ -55,7 +67,8 @@ def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   """`open_source` for the configured dataset (data_dir defaults to `<workdir>/tfds`), restricted
   to `config.data.<split>_tiles` when that is set (the builder's order kept)."""
   data_dir = wdir.tfds_dir(config, workdir)
-  source = open_source(config.data.name, data_dir, config.data.labels, split)
+  source = open_source(config.data.name, data_dir, config.data.labels, split,
+                       **datasets.builder_options(config))
   wanted = set(config_checks.tile_names(config, split))
   if not wanted:
     return source
@@ -64,16 +77,22 @@ def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   return _Subset(source, [i for i, n in enumerate(names) if n in wanted])
 
 
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _tile_name(ex: dict) -> str:
-  name = ex['name']
-  return name.decode() if isinstance(name, bytes) else str(name)
+  return _text(ex['name'])
 
 
 def _tile(ex: dict) -> dict:
-  return {'name': _tile_name(ex),
+  tile = {'name': _tile_name(ex),
           'image': np.asarray(ex['image'], np.uint8),
           'inst_map': np.asarray(ex['inst_map'], np.int32),
           'type_map': np.asarray(ex['type_map'], np.int32)}
+  if 'tissue' in ex:  # PanNuke: scored per tissue by `evaluate`.
+    tile['tissue'] = _text(ex['tissue'])
+  return tile
 
 
 def load_split(config: ml_collections.ConfigDict, workdir: str, split: str) -> list[dict]:

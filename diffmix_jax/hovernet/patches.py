@@ -137,6 +137,13 @@ class PatchSet:
   def __init__(self, tiles: list[dict], window: int, step: int):
     self.images, self.labels, self.offsets = [], [], []
     for i, t in enumerate(tiles):
+      h, w = np.shape(t['image'])[:2]
+      if min(h, w) + 2 * ((window - step) // 2) < window:
+        raise ValueError(f'tile {t.get("name", i)}: {h}x{w} px, mirror-padded by (window - step) '
+                         f'/ 2 = {(window - step) // 2} px a side, is smaller than '
+                         f'config.hovernet.train.patch_window={window}; lower '
+                         f'config.hovernet.train.patch_step (step {window - min(h, w)} gives one '
+                         'window per tile) or use larger tiles')
       self.images.append(hovernet_targets.mirror_pad(np.asarray(t['image'], np.uint8), window, step))
       self.labels.append(hovernet_targets.mirror_pad(
           np.stack([t['inst_map'], t['type_map']], axis=-1).astype(np.int32), window, step))

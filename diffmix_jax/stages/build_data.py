@@ -14,20 +14,24 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from diffmix_jax import config_checks
 from diffmix_jax.core import fields
+from diffmix_jax.data import datasets
 from diffmix_jax.data import input_pipeline
 from diffmix_jax import workdir as wdir
+from tfds_builders import class_tables
 
 
-def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'original') -> dict:
+def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'original',
+          **options) -> dict:
   """Builds (or reuses) the dataset and returns its summary.
 
   Args:
-    dataset: 'consep', 'glysac' or 'demo_nuclei'.
+    dataset: a builder name (tfds_builders/registry.py).
     data_dir: TFDS data_dir to write to.
-    manual_dir: folder with {Train,Test}/{Images,Labels} (unused for demo_nuclei).
-    labels: 'original' or 'merged': which class ids the label files hold.
+    manual_dir: the folder the builder reads (datasets.folder_layout; unused for demo_nuclei).
+    labels: CoNSeP/GLySAC: 'original' or 'merged', which class ids the label files hold.
+    **options: builder options (conic: exclude, test_fraction, split_seed; pannuke: train_folds,
+      test_folds).
 
   Returns:
     The summary of `summarize`.
@@ -38,24 +42,26 @@ def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'orig
     labels = 'merged'  # Generated directly in merged ids.
   else:
     if not manual_dir:
-      raise ValueError(f'--manual_dir is required for {dataset}: the folder holding Train/ and Test/')
+      raise ValueError(f'--manual_dir is required for {dataset}: '
+                       f'{datasets.folder_layout(dataset)}')
     if not pathlib.Path(manual_dir).is_dir():
-      raise FileNotFoundError(f'manual_dir {manual_dir} does not exist; expected the folder holding '
-                              'Train/ and Test/')
-  builder = registry.create_builder(dataset, data_dir, labels)
+      raise FileNotFoundError(f'manual_dir {manual_dir} does not exist; expected '
+                              f'{datasets.folder_layout(dataset)}')
+  builder = registry.create_builder(dataset, data_dir, labels, **options)
   # TFDS writes into a temporary folder and renames it when complete, so a killed build is redone.
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir or None, try_download_gcs=False))
-  return summarize(dataset, data_dir, labels)
+  return summarize(dataset, data_dir, labels, **options)
 
 
-def summarize(dataset: str, data_dir: str, labels: str) -> dict:
-  """Tiles per split and nuclei per merged class per split, read back from the built dataset."""
+def summarize(dataset: str, data_dir: str, labels: str, **options) -> dict:
+  """Tiles per split and nuclei per class per split, read back from the built dataset, with the
+  dataset's class table (`classes`) and, where the builder drew it, its split record (`split`)."""
   out = {'dataset': dataset, 'labels': labels, 'data_dir': str(data_dir), 'splits': {}}
   for split in ('train', 'test'):
-    src = input_pipeline.open_source(dataset, data_dir, labels, split)
+    src = input_pipeline.open_source(dataset, data_dir, labels, split, **options)
     counts, empty = {}, 0
     for i in range(len(src)):
       ex = src[i]
@@ -65,7 +71,11 @@ def summarize(dataset: str, data_dir: str, labels: str) -> dict:
         counts[str(c)] = counts.get(str(c), 0) + n
     out['splits'][split] = {'tiles': len(src), 'empty_tiles': empty,
                             'nuclei': int(sum(counts.values())),
-                            'nuclei_per_class': dict(sorted(counts.items()))}
+                            'nuclei_per_class': dict(sorted(counts.items(), key=lambda kv: int(kv[0])))}
+  metadata = input_pipeline.dataset_metadata(dataset, data_dir, labels, **options)
+  out['classes'] = metadata.get('classes') or class_tables.FIXED[dataset].to_json()
+  if 'split' in metadata:
+    out['split'] = metadata['split']
   return out
 
 
@@ -97,20 +107,37 @@ SPLIT_NOTES = {
 
 
 def format_summary(summary: dict, class_names=None) -> str:
-  """A readable table of `summarize`'s output (and the dataset's SPLIT_NOTES)."""
-  lines = [f"{summary['dataset']} ({summary['labels']} labels) in {summary['data_dir']}"]
-  classes = sorted({int(c) for s in summary['splits'].values() for c in s['nuclei_per_class']})
-  head = ['split', 'tiles', 'empty', 'nuclei'] + [
-      class_names[c] if class_names else f'class {c}' for c in classes]
-  rows = [head]
+  """A readable table of `summarize`'s output: nuclei per class of the dataset's class table (rare
+  classes starred, each class's share of the split's nuclei), then how the splits were drawn."""
+  table = summary.get('classes') or {}
+  names = list(class_names or table.get('names') or [])
+  rare = set(table.get('rare', ()))
+  counted = {int(c) for s in summary['splits'].values() for c in s['nuclei_per_class']}
+  classes = sorted(counted | set(range(1, len(names))))
+  label = lambda c: (names[c] if c < len(names) else f'class {c}') + ('*' if c in rare else '')
+  scheme = f" ({summary['labels']} labels)" if summary['dataset'] in ('consep', 'glysac') else ''
+  lines = [f"{summary['dataset']}{scheme} in {summary['data_dir']}"]
+  rows = [['split', 'tiles', 'empty', 'nuclei'] + [label(c) for c in classes]]
   for split, s in summary['splits'].items():
+    n = max(s['nuclei'], 1)
     rows.append([split, s['tiles'], s['empty_tiles'], s['nuclei']] + [
-        s['nuclei_per_class'].get(str(c), 0) for c in classes])
-  widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+        f"{s['nuclei_per_class'].get(str(c), 0)} ({100 * s['nuclei_per_class'].get(str(c), 0) / n:.1f}%)"
+        for c in classes])
+  widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
   for r in rows:
     lines.append('  '.join(str(v).rjust(w) for v, w in zip(r, widths)))
+  if rare:
+    lines.append('* rare (mix.balance.rare_classes of the class table); common: '
+                 + ', '.join(label(c) for c in table.get('common', ())))
   if summary['dataset'] in SPLIT_NOTES:
     lines.append(f"note: {SPLIT_NOTES[summary['dataset']]}")
+  split = summary.get('split')
+  if split and 'test_folds' in split:
+    lines.append(f"split: folds {split['train_folds']} train, {split['test_folds']} test")
+  elif split:
+    lines.append(f"split: {len(split['train'])} train / {len(split['test'])} test source images, "
+                 f"{split['test_fraction']:g} of each cohort's drawn for test with seed "
+                 f"{split['seed']}; left out: {', '.join(split['excluded']) or 'none'}")
   return '\n'.join(lines)
 
 
@@ -123,10 +150,10 @@ def manual_dir_for(config: ml_collections.ConfigDict) -> str:
   """`config.data.manual_dir`, or $DIFFMIX_CONSEP_DIR for CoNSeP when it is empty."""
   if config.data.name == 'demo_nuclei':
     return config.data.manual_dir
-  root = config_checks.manual_dir(config)
+  root = datasets.manual_dir(config)
   if not root:
-    raise ValueError(f'config.data.manual_dir is empty: set it to the {config.data.name} folder '
-                     'holding Train/ and Test/ (--config.data.manual_dir=DIR)')
+    raise ValueError(f'config.data.manual_dir is empty: set it to '
+                     f'{datasets.folder_layout(config.data.name)} (--config.data.manual_dir=DIR)')
   return root
 
 
@@ -137,8 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     logging.info('build_data: already done (%s)', out.path)
     return
   summary = build(config.data.name, data_dir_for(config, workdir), manual_dir_for(config),
-                  config.data.labels)
-  names = fields.names(config.data.class_names)
-  logging.info('build_data summary:\n%s', format_summary(summary, names))
+                  config.data.labels, **datasets.builder_options(config))
+  print(f'build_data summary:\n{format_summary(summary, fields.names(config.data.class_names))}')
   out.write_text(wdir.SUMMARY, json.dumps(summary, indent=2))
   out.mark_done()

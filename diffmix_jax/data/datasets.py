@@ -1,0 +1,116 @@
+"""What `config.data` says about the dataset, read without TFDS or JAX (datasets.md).
+
+The builder options of `data.conic` / `data.pannuke`, and the dataset's class table: fixed for the
+published sets, `<manual_dir>/classes.json` for a `nuclei_folder` (or, once built, the copy in
+`<workdir>/build_data/summary.json`). `resolve_classes` fills the class fields a config leaves to
+the table (0 or '') and checks the rest against it, before any stage runs.
+"""
+
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from diffmix_jax.core import fields
+from diffmix_jax import workdir as wdir
+from tfds_builders import class_tables
+
+# Class fields and the value that means "read it from the dataset's class table".
+AUTO_FIELDS = {'data.num_classes': 0, 'data.class_names': '', 'diffusion.model.num_classes': 0,
+               'hovernet.model.nr_types': 0, 'mix.balance.rare_classes': '',
+               'mix.balance.common_classes': ''}
+
+
+# The folder each builder reads (`data.manual_dir`), for errors and help.
+_FOLDERS = {'conic': 'the folder holding images.npy, labels.npy and patch_info.csv',
+            'pannuke': "the folder holding 'Fold 1/', 'Fold 2/' and 'Fold 3/'",
+            'nuclei_folder': 'the folder holding classes.json, Train/ and Test/'}
+
+
+def folder_layout(name: str) -> str:
+  """What `data.manual_dir` must hold for dataset `name`."""
+  return _FOLDERS.get(name, 'the folder holding Train/ and Test/')
+
+
+def builder_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Keyword options of `registry.create_builder` for `config.data.name` ({} for most datasets)."""
+  d = config.data
+  if d.name == 'conic':
+    return {'exclude': tuple(fields.names(d.conic.exclude)),
+            'test_fraction': float(d.conic.test_fraction), 'split_seed': int(d.conic.split_seed)}
+  if d.name == 'pannuke':
+    return {'train_folds': tuple(fields.ints(d.pannuke.train_folds)),
+            'test_folds': tuple(fields.ints(d.pannuke.test_folds))}
+  return {}
+
+
+def manual_dir(config: ml_collections.ConfigDict) -> str:
+  """The raw dataset folder: `data.manual_dir`, else $DIFFMIX_CONSEP_DIR for CoNSeP ('' if neither)."""
+  return config.data.manual_dir or (os.environ.get('DIFFMIX_CONSEP_DIR', '')
+                                    if config.data.name == 'consep' else '')
+
+
+def class_table(config: ml_collections.ConfigDict, workdir: str = ''
+                ) -> class_tables.ClassTable | None:
+  """The class table of the configured dataset, or None when a nuclei_folder's table is out of
+  reach (no built summary in `workdir` and no `classes.json` in the manual_dir).
+
+  Raises:
+    class_tables.ClassTableError: a malformed classes.json (named).
+  """
+  name = config.data.name
+  if name in class_tables.FIXED:
+    return class_tables.FIXED[name]
+  summary = os.path.join(workdir, wdir.BUILD_DATA, wdir.SUMMARY) if workdir else ''
+  if summary and os.path.exists(summary):  # Written with the build; its copy of classes.json.
+    with open(summary) as f:
+      built = json.load(f).get('classes')
+    if built:
+      return class_tables.parse(built, summary)
+  root = manual_dir(config)
+  if root and os.path.isdir(root):
+    return class_tables.read(root)
+  return None
+
+
+def _get(c: ml_collections.ConfigDict, field: str) -> Any:
+  for part in field.split('.'):
+    c = c[part]
+  return c
+
+
+def _set(c: ml_collections.ConfigDict, field: str, value: Any) -> None:
+  *path, last = field.split('.')
+  for part in path:
+    c = c[part]
+  c[last] = value
+
+
+def resolve_classes(config: ml_collections.ConfigDict, workdir: str = '') -> None:
+  """Fills the class fields left to the dataset's class table (AUTO_FIELDS) and checks the class
+  count against the table, in place.
+
+  Raises:
+    ValueError: a field left to a table that is out of reach, or a class count the table does not
+      have (naming the field, the table and its classes).
+  """
+  table = class_table(config, workdir)
+  auto = [f for f, v in AUTO_FIELDS.items() if _get(config, f) == v]
+  if table is None:
+    if auto:
+      raise ValueError(f'config.{auto[0]}={AUTO_FIELDS[auto[0]]!r} reads the class table of '
+                       f'{config.data.name}, which is out of reach: set config.data.manual_dir to '
+                       f'the folder holding {class_tables.CLASSES_FILE} (or build the dataset first)')
+    return
+  values = {'data.num_classes': table.num_classes, 'data.class_names': ','.join(table.names),
+            'diffusion.model.num_classes': table.num_classes,
+            'hovernet.model.nr_types': table.num_classes,
+            'mix.balance.rare_classes': ','.join(map(str, table.rare)),
+            'mix.balance.common_classes': ','.join(map(str, table.common))}
+  for field in auto:
+    _set(config, field, values[field])
+  if config.data.num_classes != table.num_classes:
+    raise ValueError(f'config.data.num_classes={config.data.num_classes}: must be '
+                     f'{table.num_classes}, the class count of the {config.data.name} class table '
+                     f'({", ".join(table.names)}), or 0 to read it from the table')

@@ -1,0 +1,1 @@
+"""TFDS builder for a user's nuclei folder with a class table."""
