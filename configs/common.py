@@ -193,6 +193,14 @@ def _eval() -> ml_collections.ConfigDict:
   return ev
 
 
+def set_classes(c: ml_collections.ConfigDict, table) -> None:
+  """Sets every class field of config `c` from a `tfds_builders.class_tables.ClassTable`."""
+  c.data.num_classes = c.diffusion.model.num_classes = c.hovernet.model.nr_types = table.num_classes
+  c.data.class_names = ','.join(table.names)
+  c.mix.balance.rare_classes = ','.join(map(str, table.rare))
+  c.mix.balance.common_classes = ','.join(map(str, table.common))
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns the full default config (CoNSeP-like values, paper settings)."""
   c = ml_collections.ConfigDict()

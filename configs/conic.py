@@ -13,19 +13,9 @@ Rare classes (balancing donors): neutrophil and eosinophil, the two smallest of 
 counts (build_data prints them); common: epithelial, lymphocyte, plasma, connective.
 """
 
-from configs import common
 from configs import patches256
 from tfds_builders import class_tables
 
 
 def get_config():
-  c = common.base_config()
-  c.name = 'conic'
-  c.data.name = 'conic'
-  t = class_tables.CONIC
-  c.data.num_classes = c.diffusion.model.num_classes = c.hovernet.model.nr_types = t.num_classes
-  c.data.class_names = ','.join(t.names)
-  c.mix.balance.rare_classes = ','.join(map(str, t.rare))
-  c.mix.balance.common_classes = ','.join(map(str, t.common))
-  patches256.set_patch_geometry(c)
-  return c
+  return patches256.patch_dataset_config('conic', class_tables.CONIC)

@@ -12,19 +12,9 @@ Rare class (balancing donor): dead cells, by far the smallest of PanNuke's class
 prints them); common: neoplastic, inflammatory, connective, epithelial.
 """
 
-from configs import common
 from configs import patches256
 from tfds_builders import class_tables
 
 
 def get_config():
-  c = common.base_config()
-  c.name = 'pannuke'
-  c.data.name = 'pannuke'
-  t = class_tables.PANNUKE
-  c.data.num_classes = c.diffusion.model.num_classes = c.hovernet.model.nr_types = t.num_classes
-  c.data.class_names = ','.join(t.names)
-  c.mix.balance.rare_classes = ','.join(map(str, t.rare))
-  c.mix.balance.common_classes = ','.join(map(str, t.common))
-  patches256.set_patch_geometry(c)
-  return c
+  return patches256.patch_dataset_config('pannuke', class_tables.PANNUKE)
