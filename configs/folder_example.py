@@ -6,7 +6,8 @@
 
 The class count, names, rare and common classes are left to the folder's classes.json (the 0 and ''
 below): `main` reads the table before any stage runs (from the built dataset's summary once built)
-and fills them; a value set here must agree with it. Everything else is the paper's recipe for
+and fills them; a class count set here must agree with it, names, rare and common classes set here
+replace the table's. Everything else is the paper's recipe for
 1000^2 tiles at 40x (configs/consep.py); for tiles of 256 px take the geometry of configs/conic.py
 (configs/patches256.py). The tiles may have any size >= the patch sizes.
 """

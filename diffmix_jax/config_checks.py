@@ -354,6 +354,9 @@ def check(c: ml_collections.ConfigDict, workdir: str = '') -> list[str]:
   Raises:
     ValueError: naming the first bad field, its value and the expected form.
   """
+  problem = RULES['data.name'](c.data.name, c)  # Before its class table is looked up.
+  if problem:
+    _fail('data.name', c.data.name, problem)
   datasets.resolve_classes(c, workdir)  # Class fields left to the dataset's table (0 or '').
   for field, rule in RULES.items():
     problem = rule(_get(c, field), c)

@@ -60,7 +60,9 @@ def main(argv) -> None:
   """absl entry point (flags defined in the __main__ block)."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  datasets.resolve_classes(f.config)  # Class counts a config leaves to its dataset's table.
   print(f'wrote {convert(f.model, f.config, f.checkpoint, f.out)}')
 
 

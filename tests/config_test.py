@@ -27,7 +27,8 @@ def test_configs_load_and_validate(name, tmp_path):
   (tmp_path / 'build_data').mkdir()  # A workdir whose dataset is built: no manual_dir needed.
   (tmp_path / 'build_data' / 'DONE').write_text('{}')
   classes = {'names': ['background', 'tumour', 'immune', 'stroma'], 'rare': [2], 'common': [1, 3]}
-  (tmp_path / 'build_data' / 'summary.json').write_text(json.dumps({'classes': classes}))
+  (tmp_path / 'build_data' / 'summary.json').write_text(
+      json.dumps({'dataset': 'nuclei_folder', 'classes': classes}))
   assert config_checks.check(c, str(tmp_path)) == [s.strip() for s in c.stages.split(',')]
   if name == 'folder_example':  # Its class fields are read from the built dataset's table.
     assert (c.data.num_classes, c.hovernet.model.nr_types, c.mix.balance.common_classes) == (

@@ -59,9 +59,9 @@ def _ids(value, key: str, path, top: int) -> tuple[int, ...]:
                                             for v in value):
     raise ClassTableError(f'{path}: "{key}" must be a list of class ids; got {value!r}')
   bad = [v for v in value if not 1 <= v <= top]
-  if bad or len(set(value)) != len(value):
-    raise ClassTableError(f'{path}: "{key}" must hold distinct class ids in 1..{top} (0 is '
-                          f'background); got {value}')
+  if not value or bad or len(set(value)) != len(value):
+    raise ClassTableError(f'{path}: "{key}" must hold at least one, distinct class ids in '
+                          f'1..{top} (0 is background); got {value}')
   return tuple(value)
 
 

@@ -300,9 +300,8 @@ def clean_maps(inst: np.ndarray, types: np.ndarray, scheme: Scheme, name: str, s
   warnings = []
   ids = np.unique(inst[inst > 0])
   if ids.size and (ids[0] != 1 or ids[-1] != ids.size):
-    lut = np.zeros(inst.max() + 1, np.int32)
-    lut[ids] = np.arange(1, ids.size + 1, dtype=np.int32)
-    inst = lut[inst]
+    values, dense = np.unique(inst, return_inverse=True)  # Memory by pixels, not by the top id.
+    inst = (dense.reshape(inst.shape) + (0 if values[0] == 0 else 1)).astype(np.int32)
     if note_renumbering:
       warnings.append(f'{name}: instance ids were not 1..N; renumbered {ids.size} instances')
   types, mixed = _majority_types(inst, types)

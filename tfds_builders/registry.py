@@ -4,14 +4,14 @@ from tfds_builders.conic import conic
 from tfds_builders.consep.consep import Consep
 from tfds_builders.demo_nuclei.demo_nuclei import DemoNuclei
 from tfds_builders.glysac.glysac import Glysac
-from tfds_builders.nuclei_folder.nuclei_folder import NucleiFolder
+from tfds_builders.nuclei_folder import nuclei_folder
 from tfds_builders.pannuke import pannuke
 
 BUILDERS = {'consep': Consep, 'glysac': Glysac, 'demo_nuclei': DemoNuclei, 'conic': conic.Conic,
-            'pannuke': pannuke.Pannuke, 'nuclei_folder': NucleiFolder}
+            'pannuke': pannuke.Pannuke, 'nuclei_folder': nuclei_folder.NucleiFolder}
 # Builder options by dataset (keyword arguments of create_builder).
 OPTIONS = {'conic': ('exclude', 'test_fraction', 'split_seed'),
-           'pannuke': ('train_folds', 'test_folds')}
+           'pannuke': ('train_folds', 'test_folds'), 'nuclei_folder': ('folder',)}
 
 
 def create_builder(dataset: str, data_dir: str, labels: str = 'original', **options):
@@ -23,7 +23,8 @@ def create_builder(dataset: str, data_dir: str, labels: str = 'original', **opti
     labels: for consep and glysac, the ids the label files hold ('original' | 'merged'); the others
       have one scheme (the demo set's merged ids, the fixed CoNIC/PanNuke ids, classes.json).
     **options: the dataset's OPTIONS (conic: exclude, test_fraction, split_seed; pannuke:
-      train_folds, test_folds); each builder config's name spells them.
+      train_folds, test_folds; nuclei_folder: folder, required); each builder config's name
+      spells them.
   """
   if dataset not in BUILDERS:
     raise ValueError(f'unknown dataset {dataset!r}; expected one of {sorted(BUILDERS)}')
@@ -34,6 +35,10 @@ def create_builder(dataset: str, data_dir: str, labels: str = 'original', **opti
     config = conic.config_for(**options)
   elif dataset == 'pannuke':
     config = pannuke.config_for(**options)
+  elif dataset == 'nuclei_folder':
+    if not options.get('folder'):
+      raise ValueError('nuclei_folder needs its folder (the manual_dir it was built from)')
+    config = nuclei_folder.config_for(options['folder'])
   elif dataset in ('consep', 'glysac'):
     if labels not in ('original', 'merged'):
       raise ValueError(f'label scheme must be original or merged; got {labels!r}')

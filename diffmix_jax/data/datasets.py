@@ -42,6 +42,11 @@ def builder_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if d.name == 'pannuke':
     return {'train_folds': tuple(fields.ints(d.pannuke.train_folds)),
             'test_folds': tuple(fields.ints(d.pannuke.test_folds))}
+  if d.name == 'nuclei_folder':  # Each folder has its own build, named by its path.
+    if not d.manual_dir:
+      raise ValueError('config.data.manual_dir is empty: a nuclei_folder dataset is found by its '
+                       'folder (the one holding classes.json, Train/ and Test/)')
+    return {'folder': os.path.abspath(d.manual_dir)}
   return {}
 
 
@@ -62,16 +67,22 @@ def class_table(config: ml_collections.ConfigDict, workdir: str = ''
   name = config.data.name
   if name in class_tables.FIXED:
     return class_tables.FIXED[name]
+  built = None
   summary = os.path.join(workdir, wdir.BUILD_DATA, wdir.SUMMARY) if workdir else ''
-  if summary and os.path.exists(summary):  # Written with the build; its copy of classes.json.
+  if summary and os.path.exists(summary):  # Written with the build: its copy of classes.json.
     with open(summary) as f:
-      built = json.load(f).get('classes')
-    if built:
-      return class_tables.parse(built, summary)
+      record = json.load(f)
+    if record.get('dataset') == name and record.get('classes'):
+      built = class_tables.parse(record['classes'], summary)
   root = manual_dir(config)
-  if root and os.path.isdir(root):
-    return class_tables.read(root)
-  return None
+  if root and os.path.isfile(os.path.join(root, class_tables.CLASSES_FILE)):
+    table = class_tables.read(root)
+    if built is not None and built != table:
+      raise ValueError(f'{os.path.join(root, class_tables.CLASSES_FILE)} differs from the table '
+                       f'this workdir was built with ({summary}); restore it, or start a new '
+                       'workdir to rebuild')
+    return table
+  return built
 
 
 def _get(c: ml_collections.ConfigDict, field: str) -> Any:
@@ -89,7 +100,8 @@ def _set(c: ml_collections.ConfigDict, field: str, value: Any) -> None:
 
 def resolve_classes(config: ml_collections.ConfigDict, workdir: str = '') -> None:
   """Fills the class fields left to the dataset's class table (AUTO_FIELDS) and checks the class
-  count against the table, in place.
+  count against the table, in place. Names, rare and common classes set in the config are kept:
+  the table's are defaults (the relations of config_checks then check them against the count).
 
   Raises:
     ValueError: a field left to a table that is out of reach, or a class count the table does not

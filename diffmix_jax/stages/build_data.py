@@ -31,7 +31,7 @@ def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'orig
     manual_dir: the folder the builder reads (datasets.folder_layout; unused for demo_nuclei).
     labels: CoNSeP/GLySAC: 'original' or 'merged', which class ids the label files hold.
     **options: builder options (conic: exclude, test_fraction, split_seed; pannuke: train_folds,
-      test_folds).
+      test_folds; nuclei_folder: folder, default manual_dir).
 
   Returns:
     The summary of `summarize`.
@@ -47,12 +47,16 @@ def build(dataset: str, data_dir: str, manual_dir: str = '', labels: str = 'orig
     if not pathlib.Path(manual_dir).is_dir():
       raise FileNotFoundError(f'manual_dir {manual_dir} does not exist; expected '
                               f'{datasets.folder_layout(dataset)}')
+  if dataset == 'nuclei_folder':
+    options.setdefault('folder', str(pathlib.Path(manual_dir).resolve()))
   builder = registry.create_builder(dataset, data_dir, labels, **options)
   # TFDS writes into a temporary folder and renames it when complete, so a killed build is redone.
   builder.download_and_prepare(
       file_format='array_record',
       download_config=tfds.download.DownloadConfig(
           manual_dir=manual_dir or None, try_download_gcs=False))
+  if dataset == 'nuclei_folder':
+    registry.create_builder(dataset, data_dir, **options).check_current()  # Not a stale build.
   return summarize(dataset, data_dir, labels, **options)
 
 

@@ -2,6 +2,7 @@
 own layout (small N): counts, ids, splits, metadata, and the errors that name file and field."""
 
 import json
+import pathlib
 
 import numpy as np
 from PIL import Image
@@ -15,6 +16,7 @@ from diffmix_jax.stages import build_data
 from tfds_builders import class_tables
 from tfds_builders import raw_folders
 from tfds_builders.conic import conic
+from tfds_builders.pannuke import pannuke
 
 # A few square nuclei per 32-px patch: (y, x, side, class).
 NUCLEI = ((2, 2, 6, 1), (2, 14, 7, 2), (14, 3, 8, 3), (16, 18, 9, 2))
@@ -234,3 +236,62 @@ def test_nuclei_folder_bad_input_names_file_and_field(tmp_path, case, match):
     np.save(raw / 'Train' / 'Labels' / 'a_2.npy', np.zeros((32, 40), np.int32))
   with pytest.raises(ValueError, match=match):
     build_data.build('nuclei_folder', str(tmp_path / 'tfds'), str(raw))
+
+
+def test_conic_split_streams_per_cohort_and_empty_split_is_an_error():
+  rows = [f'{c}_{i}-0000' for c in ('consep', 'crag', 'dpath') for i in range(1, 11)]
+  kept = conic.split_sources(rows, 0.2, 0)
+  without = conic.split_sources(rows, 0.2, 0, ('consep',))
+  # Leaving consep out leaves the other cohorts' draws as they were.
+  assert [s for s in kept['test'] if not s.startswith('consep')] == without['test']
+  assert len(without['test']) == 4 and not set(without['test']) & set(without['train'])
+  with pytest.raises(raw_folders.DatasetError, match=r"test split would be empty: source images "
+                     r"per cohort \{'a': 1, 'b': 1\}"):
+    conic.split_sources(['a_1-0000', 'b_1-0000', 'b_1-0001'], 0.2, 0)
+  with pytest.raises(raw_folders.DatasetError, match=r"row 1 is 'consep1'"):
+    conic.read_rows(_text_file('consep1\nconsep_1-0000\n'))
+
+
+def _text_file(text):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(tempfile.mkdtemp()) / 'patch_info.csv'
+  path.write_text(text)
+  return path
+
+
+def test_pannuke_relabel_takes_any_ids_without_overflow():
+  masks = np.zeros((1, 8, 8, 6))
+  masks[0, :2, :2, 3] = 2**31 - 10  # Ids near the int32 limit in two channels.
+  masks[0, 4:, 4:, 4] = 2**31 - 2
+  masks[0, :2, 4:, 4] = 20
+  inst, types, overlap = pannuke.patch_maps(masks, 0, 'masks.npy patch 0')
+  assert overlap == 0 and sorted(np.unique(inst).tolist()) == [0, 1, 2, 3]
+  assert types[0, 0] == 4 and types[5, 5] == 5 and types[0, 5] == 5
+
+
+def test_nuclei_folders_build_apart_and_a_changed_folder_is_not_reused(tmp_path):
+  tiles = {split: [(f'{split}_1', '.png', 'npy', (1, 2, 3, 4))] for split in ('train', 'test')}
+  write_folder(tmp_path / 'one', FOLDER_CLASSES, tiles)
+  write_folder(tmp_path / 'two', dict(FOLDER_CLASSES, names=['background', 'a', 'b', 'c', 'd'],
+                                      rare=[4], common=[1, 2, 3]), tiles)
+  one = build_data.build('nuclei_folder', str(tmp_path / 'tfds'), str(tmp_path / 'one'))
+  two = build_data.build('nuclei_folder', str(tmp_path / 'tfds'), str(tmp_path / 'two'))
+  assert one['classes']['names'][1] == 'tumour' and two['classes']['names'][1] == 'a'
+  (tmp_path / 'one' / 'classes.json').write_text(json.dumps(dict(FOLDER_CLASSES, rare=[3],
+                                                                 common=[1, 2])))
+  with pytest.raises(raw_folders.DatasetError, match=r'made before its files or classes\.json '
+                     r'changed; delete that folder'):
+    build_data.build('nuclei_folder', str(tmp_path / 'tfds'), str(tmp_path / 'one'))
+  # A workdir built from the old table refuses the edited one as a run starts.
+  config = importlib_config('folder_example')
+  config.data.manual_dir = str(tmp_path / 'one')
+  (tmp_path / 'w' / 'build_data').mkdir(parents=True)
+  (tmp_path / 'w' / 'build_data' / 'summary.json').write_text(json.dumps(one))
+  with pytest.raises(ValueError, match=r'classes\.json differs from the table this workdir was '
+                     r'built with'):
+    config_checks.check(config, str(tmp_path / 'w'))
+  config.data.name = 'CoNSeP'  # The name is checked before any table is looked up.
+  with pytest.raises(ValueError, match=r"config\.data\.name='CoNSeP': expected one of"):
+    config_checks.check(config, str(tmp_path / 'w'))
+  with pytest.raises(class_tables.ClassTableError, match=r'"rare" must hold at least one'):
+    class_tables.parse(dict(FOLDER_CLASSES, rare=[]))

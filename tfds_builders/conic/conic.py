@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import pathlib
 import re
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -55,8 +56,8 @@ def read_rows(path: pathlib.Path) -> list[str]:
     lines = [ln.strip().strip('"') for ln in path.read_text().splitlines()]
   except (OSError, UnicodeDecodeError) as e:
     raise raw_folders.DatasetError(f'cannot read {path}: {e}') from e
-  if lines and not _ROW.match(lines[0]):
-    lines = lines[1:]  # The header.
+  if lines and re.fullmatch(r'[A-Za-z_ ]+', lines[0]):
+    lines = lines[1:]  # The header (a word such as patch_info).
   rows = [ln for ln in lines if ln]
   for i, row in enumerate(rows):
     if not _ROW.match(row):
@@ -69,10 +70,15 @@ def read_rows(path: pathlib.Path) -> list[str]:
 
 def split_sources(rows: list[str], test_fraction: float, seed: int, exclude=()) -> dict:
   """Draws the test source images: per cohort, round(test_fraction * images), at least one and
-  never all when the cohort has two or more.
+  never all when the cohort has two or more. Each cohort draws from its own stream (seed, cohort),
+  so leaving a cohort out does not change the others' split.
 
   Returns:
     {'train': [source], 'test': [source], 'excluded': [cohort]} (sources in natural order).
+
+  Raises:
+    raw_folders.DatasetError: an unknown cohort to leave out, or a split left empty (the images per
+      cohort are named).
   """
   sources = sorted({_ROW.match(r).group(1) + '_' + _ROW.match(r).group(2) for r in rows},
                    key=raw_folders.natural_key)
@@ -81,18 +87,24 @@ def split_sources(rows: list[str], test_fraction: float, seed: int, exclude=()) 
   if unknown:
     raise raw_folders.DatasetError(f'cohort(s) {unknown} to leave out are not in patch_info.csv; '
                                    f'its cohorts are {cohorts}')
-  rng = np.random.default_rng(seed)
   out = {'train': [], 'test': [], 'excluded': sorted(exclude)}
+  per_cohort = {}
   for cohort in cohorts:
     mine = [s for s in sources if s.split('_', 1)[0] == cohort]
+    per_cohort[cohort] = len(mine)
     if cohort in exclude:
       continue
+    rng = np.random.default_rng([seed, zlib.crc32(cohort.encode())])
     n_test = min(max(int(round(test_fraction * len(mine))), 1), len(mine) - 1) if len(
         mine) > 1 else 0
     test = set(rng.permutation(len(mine))[:n_test].tolist())
     for i, s in enumerate(mine):
       out['test' if i in test else 'train'].append(s)
   for split in ('train', 'test'):
+    if not out[split]:
+      raise raw_folders.DatasetError(
+          f'the {split} split would be empty: source images per cohort {per_cohort}, left out '
+          f'{sorted(exclude) or "none"}; a cohort gives test images only when it has two or more')
     out[split].sort(key=raw_folders.natural_key)
   return out
 
@@ -154,7 +166,8 @@ class Conic(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, rows, indices):
     images, labels, _ = open_arrays(root)
-    scheme = raw_folders.Scheme(None, class_tables.CONIC.num_classes - 1, 'CoNIC class ids')
+    scheme = raw_folders.Scheme(None, class_tables.CONIC.num_classes - 1,
+                                'CoNIC class ids (channel 1)')
     for i in indices:
       where = f'{root / FILES[1]} patch {i} ({rows[i]})'
       inst, types, warnings = raw_folders.clean_maps(

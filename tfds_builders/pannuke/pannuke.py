@@ -102,11 +102,13 @@ def patch_maps(masks: np.ndarray, i: int, where: str) -> tuple[np.ndarray, np.nd
   overlap, offset = 0, 0
   for c in range(NUM_CLASS_CHANNELS):
     ids = raw_folders.integer_ids(m[..., c], f'channel {c} (instance ids)', where)
+    values, dense = np.unique(ids, return_inverse=True)  # Ids 1..n of this channel, any values.
+    dense = dense.reshape(ids.shape) + (0 if values[0] == 0 else 1)
     free = (ids > 0) & (inst == 0)
     overlap += int(np.count_nonzero((ids > 0) & (inst > 0)))
-    inst[free] = ids[free] + offset
+    inst[free] = dense[free] + offset
     types[free] = c + 1
-    offset += int(ids.max(initial=0))
+    offset += int(np.count_nonzero(values))
   return inst, types, overlap
 
 
