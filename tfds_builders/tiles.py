@@ -26,6 +26,14 @@ def tile_features(**extra) -> tfds.features.FeaturesDict:
   })
 
 
+def info_with_metadata(builder, **extra) -> tfds.core.DatasetInfo:
+  """The DatasetInfo of a builder that keeps its class table (and split record) in
+  `info.metadata`: the tile features plus `extra`, tile-name order kept."""
+  return builder.dataset_info_from_configs(features=tile_features(**extra), supervised_keys=None,
+                                           disable_shuffling=True,
+                                           metadata=tfds.core.MetadataDict())
+
+
 class RawFolderBuilder(tfds.core.GeneratorBasedBuilder):
   """Base for datasets read from a user folder `{Train,Test}/{Images,Labels}` (manual_dir).
 

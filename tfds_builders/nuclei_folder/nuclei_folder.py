@@ -62,9 +62,7 @@ class NucleiFolder(tfds.core.GeneratorBasedBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=tiles.tile_features(), supervised_keys=None,
-                                          disable_shuffling=True,
-                                          metadata=tfds.core.MetadataDict())
+    return tiles.info_with_metadata(self)
 
   def _split_generators(self, dl_manager):
     root = pathlib.Path(dl_manager.manual_dir)
