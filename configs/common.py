@@ -131,6 +131,10 @@ def _sample() -> ml_collections.ConfigDict:
   sp.guidance = 1.5  # Classifier-free guidance scale s (guidance only when s > 1).
   sp.patch_size = 256  # Side of a synthesised patch.
   sp.grid_stride = 76  # Stride of the patch grid over a tile (10x10 per 1000^2 tile).
+  # Balancing patches: 'grid' (official: every grid patch) | 'cover' (only the few patches that
+  # hold every replaced nucleus whole, picked from positions every cover_stride px).
+  sp.balance_patches = 'grid'
+  sp.cover_stride = 8
   sp.batch_size = 8  # Patches per device batch (cond+uncond run as 2x this).
   sp.shard_size = 64  # Patches per resumable output shard.
   return sp

@@ -195,6 +195,8 @@ RULES: dict[str, Rule] = {
     'sample.guidance': number(0.0),
     'sample.patch_size': positive_int(),
     'sample.grid_stride': positive_int(),
+    'sample.balance_patches': choice('grid', 'cover'),
+    'sample.cover_stride': positive_int(),
     'sample.batch_size': positive_int(),
     'sample.shard_size': positive_int(),
     'hovernet.model.mode': choice(*geometry.MODES),

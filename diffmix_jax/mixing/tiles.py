@@ -137,3 +137,49 @@ def grid_offsets(height: int, width: int, patch_size: int, stride: int) -> np.nd
   rs = np.arange(0, height - patch_size + 1, stride)
   cs = np.arange(0, width - patch_size + 1, stride)
   return np.stack(np.meshgrid(rs, cs, indexing='ij'), -1).reshape(-1, 2).astype(np.int32)
+
+
+def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int,
+                     stride: int) -> tuple[np.ndarray, np.ndarray]:
+  """Few patches that together hold every box whole: a greedy set cover over a candidate grid.
+
+  Candidates are range(0, L - patch + 1, stride) per axis plus the last position L - patch, so a
+  box at the far edge can be held. Each pick takes the candidate holding the most boxes not yet
+  held; ties go to the candidate whose held boxes lie closest to its centre (sum of squared
+  distances), then to the first in row-major order.
+
+  Args:
+    boxes: int [N, 4] (row0, col0, row1, col1), exclusive ends.
+    height, width: tile size.
+    patch_size: patch side.
+    stride: candidate step in px.
+
+  Returns:
+    offsets int32 [P, 2] (row, col) of the picked patches in row-major order, and held bool [N]
+    (False for a box larger than the patch or a tile smaller than it).
+  """
+  boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+  held = np.zeros(len(boxes), bool)
+  if height < patch_size or width < patch_size or not len(boxes):
+    return np.zeros((0, 2), np.int32), held
+  axes = [np.unique(np.append(np.arange(0, n - patch_size + 1, stride), n - patch_size))
+          for n in (height, width)]
+  cand = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 2)  # [C, 2]
+  r, c = cand[:, None, 0], cand[:, None, 1]
+  fits = ((r <= boxes[:, 0]) & (r + patch_size >= boxes[:, 2]) &
+          (c <= boxes[:, 1]) & (c + patch_size >= boxes[:, 3]))  # [C, N]
+  centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
+  dist = ((centre[None, :, 0] - r - patch_size / 2) ** 2 +
+          (centre[None, :, 1] - c - patch_size / 2) ** 2)  # [C, N]
+  picked = []
+  while True:
+    open_ = fits & ~held
+    counts = open_.sum(1)
+    if counts.max() == 0:
+      break
+    best = np.flatnonzero(counts == counts.max())
+    k = best[np.argmin(np.where(open_[best], dist[best], 0.0).sum(1))]
+    picked.append(k)
+    held |= fits[k]
+  order = np.sort(np.array(picked, np.int64))
+  return cand[order].astype(np.int32).reshape(-1, 2), held

@@ -2,7 +2,9 @@
 
 Work items are the patches of the mixed label maps (diffmix_method.md §4.1): for each kind
 ('balance', then 'enlarge'), each training tile in name order and each patch of the grid
-range(0, L - S + 1, stride) per axis. Item g is rendered from x_0 = the real image crop at the same
+range(0, L - S + 1, stride) per axis. With `sample.balance_patches = 'cover'` the balancing patches are
+instead the few that hold every replaced nucleus whole (a greedy cover over positions every
+`sample.cover_stride` px), so a coarse grid cannot miss the rare nuclei balancing placed. Item g is rendered from x_0 = the real image crop at the same
 offsets (sdm.md §4.7), the condition of the mixed label patch, and noise fold_in(seed key, g), with the
 partial-noise DDIM + classifier-free guidance of samplers.py. Items are grouped in shards of
 `config.sample.shard_size`; each shard is one file written atomically, so a killed run restarts at the
@@ -39,13 +41,35 @@ from tfds_builders import raw_folders
 
 def work_items(config: ml_collections.ConfigDict, workdir: str, tiles: dict) -> list[tuple]:
   """All (kind, tile name, patch index, row, col) items in their global order."""
-  items = []
+  items, missed = [], 0
+  size, stride = config.sample.patch_size, config.sample.grid_stride
   for kind in mixed_files.KINDS:
     for name in sorted(mixed_files.mixed_names(workdir, kind), key=raw_folders.natural_key):
       h, w = tiles[name]['image'].shape[:2]
-      offsets = mixing_tiles.grid_offsets(h, w, config.sample.patch_size, config.sample.grid_stride)
+      if kind == 'balance' and config.sample.balance_patches == 'cover':
+        offsets, held = replaced_cover(workdir, name, size, config.sample.cover_stride)
+        missed += int(np.count_nonzero(~held))
+      else:
+        offsets = mixing_tiles.grid_offsets(h, w, size, stride)
       items += [(kind, name, p, int(r), int(c)) for p, (r, c) in enumerate(offsets)]
+  if missed:
+    logging.warning('sample: %d replaced nuclei are larger than sample.patch_size=%d px: no '
+                    'balancing patch holds them whole', missed, size)
   return items
+
+
+def replaced_cover(workdir: str, name: str, size: int, stride: int):
+  """Balancing patches of tile `name` that hold every replaced nucleus whole (`covering_offsets`).
+
+  Returns:
+    offsets int32 [P, 2] (row, col) and held bool [R] over the replaced nuclei still in the map.
+  """
+  d = mixed_files.load_mixed(workdir, 'balance', name)
+  prov = d['provenance']
+  ids = prov['target_id'][prov['present'] > 0]
+  _, _, boxes = mixing_tiles.id_tables(d['inst_map'])
+  h, w = d['inst_map'].shape
+  return mixing_tiles.covering_offsets(boxes[ids], h, w, size, stride)
 
 
 def _renumber(inst: np.ndarray) -> np.ndarray:

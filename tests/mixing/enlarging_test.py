@@ -26,6 +26,26 @@ def test_grid():
   assert len(mixing_tiles.grid_offsets(200, 300, 256, 76)) == 0
 
 
+def test_covering_offsets_hand_case():
+  """Balancing's 'cover' patches (sample.balance_patches): 40-px patches on a 100-px tile."""
+  boxes = [(5, 5, 15, 15),  # A: only patch (0, 0) holds it.
+           (25, 25, 35, 35),  # B: held by (0, 0) and by (20, 20).
+           (90, 90, 98, 98),  # C: at the far corner, held only by the added last position 60.
+           (10, 50, 20, 95),  # D: 45 px wide, larger than a patch.
+           (42, 42, 52, 52)]  # E: held by (20, 20), (20, 40), (40, 20), (40, 40).
+  off, held = mixing_tiles.covering_offsets(np.array(boxes), 100, 100, 40, 20)
+  # First pick: (0, 0) and (20, 20) both hold two boxes; (20, 20)'s lie closer to its centre
+  # (200 + 98 against 200 + 200), so it goes first; then (0, 0) for A and (60, 60) for C.
+  assert off.tolist() == [[0, 0], [20, 20], [60, 60]] and off.dtype == np.int32
+  assert held.tolist() == [True, True, True, False, True]
+  for (r0, c0, r1, c1), h in zip(boxes, held):
+    assert h == any(r <= r0 and r + 40 >= r1 and c <= c0 and c + 40 >= c1 for r, c in off)
+  off, held = mixing_tiles.covering_offsets(np.array(boxes), 30, 100, 40, 20)
+  assert off.shape == (0, 2) and not held.any()
+  off, held = mixing_tiles.covering_offsets(np.zeros((0, 4)), 100, 100, 40, 20)
+  assert off.shape == (0, 2) and held.shape == (0,)
+
+
 def _check_patch(tile, res, p, params):
   """§8 item 7 for patch p of an EnlargeResult."""
   s, fm = params.patch_size, params.frame_margin

@@ -50,6 +50,32 @@ def test_exports_pass_evaluate_checks_and_agree_with_mixed_labels(sampled):
 
 
 @pytest.mark.slow
+def test_cover_patches_hold_every_replaced_nucleus(sampled):
+  """sample.balance_patches='cover': the balancing items hold every replaced nucleus whole, and
+  the enlarging items stay the grid's."""
+  workdir, config = sampled, tiny.get_config()
+  tiles = {t['name']: t for t in input_pipeline.load_split(config, str(workdir), 'train')}
+  grid_items = sample.work_items(config, str(workdir), tiles)
+  config.sample.balance_patches, config.sample.patch_size, config.sample.cover_stride = 'cover', 48, 8
+  items = sample.work_items(config, str(workdir), tiles)
+  assert [i for i in items if i[0] == 'enlarge'] == [i for i in grid_items if i[0] == 'enlarge']
+  replaced = 0
+  for name in mixed_files.mixed_names(workdir, 'balance'):
+    mixed = mixed_files.load_mixed(workdir, 'balance', name)
+    prov, inst = mixed['provenance'], mixed['inst_map']
+    mine = [(r, c) for kind, n, _, r, c in items if kind == 'balance' and n == name]
+    for i in prov['target_id'][prov['present'] > 0]:
+      rows, cols = np.nonzero(inst == i)
+      replaced += 1
+      assert any(r <= rows.min() and rows.max() < r + 48 and c <= cols.min() and cols.max() < c + 48
+                 for r, c in mine), (name, i)
+    # Every picked patch holds a replaced nucleus.
+    for r, c in mine:
+      assert np.isin(inst[r:r + 48, c:c + 48], prov['target_id']).any()
+  assert replaced > 0
+
+
+@pytest.mark.slow
 def test_synthetic_set_reads_back_like_real_tiles(sampled):
   workdir, config = sampled, tiny.get_config()
   synth = synthetic_io.open_source(workdir)
