@@ -94,7 +94,8 @@ def get_config():
   # the same real batches): the 256 synthetic 48-px patches are packed 25 per 256-px window (11
   # windows), so the diffmix run sees each window ~15 times in its 160 synthetic rows.
   h.synthetic_ratio = 0.5
-  # Class-balanced TP cross-entropy (median-frequency weights from the real train tiles): with the
+  # Class-balanced TP cross-entropy (median-frequency weights from the pixel shares of the run's
+  # real and synthetic rows, in their batch ratio): with the
   # official unweighted mean the tiny network labels every nucleus epithelial for its whole budget
   # (F_c 0 / 0 / 0.41 / 0 on the test split, 2026-12-03); weighted, it starts to separate the
   # classes (0.02 / 0.30 / 0.79 / 0.12) at some cost in segmentation (Dice 0.953 -> 0.874).

@@ -12,23 +12,27 @@ MIN_HV_PIXELS = 30  # Instances with fewer pixels inside the output crop get HV 
 TP_CLASS_WEIGHTINGS = ('none', 'median_frequency')  # config.hovernet.train.tp_class_weighting
 
 
-def tp_class_weights(type_maps, nr_types: int, weighting: str) -> np.ndarray | None:
-  """Per-class weights of the TP cross-entropy, from the pixel counts of the training type maps.
+def tp_class_weights(sets, nr_types: int, weighting: str) -> np.ndarray | None:
+  """Per-class weights of the TP cross-entropy, from the pixel shares of the training data.
 
   The official loss averages the TP cross-entropy over pixels, so ~90 % of its weight is background
   and a short run learns types in order of pixel share (on the demo, 150 steps learn background and
   epithelial only). 'median_frequency' weights class c by median_k(f_k) / f_c, f_c its pixel share
-  in the training tiles (median-frequency balancing, Eigen & Fergus 2015); the weighted loss is
-  sum(w_y * CE) / sum(w_y), so equal weights give the official mean.
+  in what the run trains on (median-frequency balancing, Eigen & Fergus 2015); the weighted loss is
+  sum(w_y * CE) / sum(w_y), so equal weights give the official mean. A run that mixes sets (real
+  windows and synthetic ones) takes f = sum_k r_k f_k / sum_k r_k, f_k the pixel shares of set k and
+  r_k the rows it gives the batches: weights from the real tiles alone would over-weight a class
+  the synthetic rows are rich in (the demo's rare class, 1.6 % of the real nuclei).
 
   Args:
-    type_maps: iterable of int [H, W] type maps with ids in [0, nr_types).
+    sets: [(type_maps, rows)]: an iterable of int [H, W] type maps with ids in [0, nr_types) and
+      the rows (> 0) of each batch, or of the whole run, drawn from them.
     nr_types: number of type classes including background.
     weighting: one of TP_CLASS_WEIGHTINGS.
 
   Returns:
     None for 'none' (the official unweighted loss), else float32 [nr_types]; a class absent from
-    the maps gets weight 1.
+    every set gets weight 1.
 
   Raises:
     ValueError: for an unknown weighting or a type id outside [0, nr_types).
@@ -38,15 +42,19 @@ def tp_class_weights(type_maps, nr_types: int, weighting: str) -> np.ndarray | N
                      f'{TP_CLASS_WEIGHTINGS}')
   if weighting == 'none':
     return None
-  counts = np.zeros(nr_types, np.int64)
-  for i, t in enumerate(type_maps):
-    t = np.asarray(t)
-    if t.size and (t.min() < 0 or t.max() >= nr_types):
-      raise ValueError(f'training type map {i}: ids {t.min()}..{t.max()} outside [0, {nr_types}) '
-                       '(config.hovernet.model.nr_types)')
-    counts += np.bincount(t.ravel(), minlength=nr_types)
-  present = counts > 0
-  freq = counts / max(counts.sum(), 1)
+  freq = np.zeros(nr_types, np.float64)
+  for type_maps, rows in sets:
+    counts = np.zeros(nr_types, np.int64)
+    for i, t in enumerate(type_maps):
+      t = np.asarray(t)
+      if t.size and (t.min() < 0 or t.max() >= nr_types):
+        raise ValueError(f'training type map {i}: ids {t.min()}..{t.max()} outside [0, '
+                         f'{nr_types}) (config.hovernet.model.nr_types)')
+      counts += np.bincount(t.ravel(), minlength=nr_types)
+    if counts.sum():
+      freq += rows * counts / counts.sum()
+  present = freq > 0
+  freq = freq / max(freq.sum(), 1e-12)
   weights = np.ones(nr_types, np.float64)
   weights[present] = np.median(freq[present]) / freq[present]
   return weights.astype(np.float32)

@@ -82,13 +82,16 @@ def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, me
   if synthetic:
     logging.info('hovernet_train %s: %d synthetic items of kind %s, %s per batch', arm,
                  len(synthetic), '+'.join(arms.ARMS[arm]), syn)
+  steps = (epochs[0] * spe[0], epochs[1] * spe[1])
+  # Pixel shares of the rows the run trains on: real and synthetic windows in their batch ratio.
+  rows = [(sum(n * b for n, b in zip(steps, batches)), [t['type_map'] for t in tiles]),
+          (sum(n * s for n, s in zip(steps, syn)), [q['type_map'] for q in synthetic])]
   tp_weights = (hovernet_targets.tp_class_weights(
-      [t['type_map'] for t in tiles], config.hovernet.model.nr_types, tc.tp_class_weighting)
+      [(maps, r) for r, maps in rows if r], config.hovernet.model.nr_types, tc.tp_class_weighting)
                 if config.hovernet.model.nr_types else None)
-  if tp_weights is not None:  # From the real tiles only: every run weights its loss alike.
+  if tp_weights is not None:
     logging.info('hovernet_train %s: TP cross-entropy class weights %s', arm, np.round(tp_weights, 4))
-  return RunData(real, synthetic, val_tiles, batches, tuple(syn), tuple(spe),
-                 (epochs[0] * spe[0], epochs[1] * spe[1]), tp_weights)
+  return RunData(real, synthetic, val_tiles, batches, tuple(syn), tuple(spe), steps, tp_weights)
 
 
 def _initial_state(trainer: hovernet_training.Trainer, manager, config, run: str, seed: int

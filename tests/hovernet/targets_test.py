@@ -167,11 +167,16 @@ def test_real_consep_tile_patches_and_targets(consep_dir):
 def test_median_frequency_tp_class_weights_by_hand():
   # Pixel counts 6, 1, 3, 0 of classes 0..3 over two maps: shares .6, .1, .3; median .3.
   maps = [np.array([[0, 0, 0], [0, 2, 2]]), np.array([[0, 0, 1, 2]])]
-  got = hovernet_targets.tp_class_weights(maps, 4, 'median_frequency')
+  got = hovernet_targets.tp_class_weights([(maps, 2)], 4, 'median_frequency')
   np.testing.assert_allclose(got, [0.5, 3.0, 1.0, 1.0], rtol=1e-6)  # Absent class 3: weight 1.
   assert got.dtype == np.float32
-  assert hovernet_targets.tp_class_weights(maps, 4, 'none') is None
+  # A second set (shares .25, 0, 0, .75) giving 1 row to the first's 2: f = (2 f_1 + f_2) / 3 =
+  # (.48333, .06667, .2, .25), median .225.
+  got = hovernet_targets.tp_class_weights([(maps, 2), ([np.array([[0, 3], [3, 3]])], 1)], 4,
+                                          'median_frequency')
+  np.testing.assert_allclose(got, [0.225 / (1.45 / 3), 3.375, 1.125, 0.9], rtol=1e-6)
+  assert hovernet_targets.tp_class_weights([(maps, 1)], 4, 'none') is None
   with pytest.raises(ValueError, match='tp_class_weighting'):
-    hovernet_targets.tp_class_weights(maps, 4, 'inverse')
+    hovernet_targets.tp_class_weights([(maps, 1)], 4, 'inverse')
   with pytest.raises(ValueError, match=r'training type map 1: ids 0\.\.4 outside \[0, 4\)'):
-    hovernet_targets.tp_class_weights([maps[0], np.array([[0, 4]])], 4, 'median_frequency')
+    hovernet_targets.tp_class_weights([([maps[0], np.array([[0, 4]])], 1)], 4, 'median_frequency')
