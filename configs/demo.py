@@ -4,23 +4,24 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 13:18-13:25 UTC, fresh clone,
-cold compilation cache): 6 min 53 s with the install (build 6 s, SDM 102 s, mixing 1 s, synthesis
-53 s, HoVer-Net 223 s for both runs, evaluate 16 s); the same command again returns in 4 s (every
-stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a rerun after a
-kill compiles less.
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 20:25-20:32 UTC, fresh clone of
+63afd63, cold compilation cache): 6 min 32 s with the install (build 5 s, SDM 101 s, mixing 1 s,
+synthesis 47 s, HoVer-Net 213 s for both runs, evaluate 14 s); the same command again returns in
+3.4 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
+rerun after a kill compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
     step 150. The synthetic images (report's synthetic_samples.png) paint nuclei of the mixed
-    label's classes where it has them (dark elongated spindle, large pale epithelial) on a smooth
-    pink background; the real stroma's fibres are mostly lost at this training length.
-  - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 256 synthetic patches.
+    label's classes where it has them (irregular rare nuclei, dark elongated spindle, large pale
+    epithelial) on a smooth pink background; the real stroma's fibres are mostly lost.
+  - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 226 synthetic patches (98
+    balancing patches holding the 154 replaced nuclei, 128 enlarging).
   - HoVer-Net (tiny, 160 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
-    (2026-12-04, 8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline
-    Dice 0.958, AJI 0.639, PQ 0.631, F_d 0.833, acc 0.791, F_c 0 / 0.62 / 0.87 / 0.49 (other,
-    inflammatory, epithelial, spindle); diffmix Dice 0.916, PQ 0.465, F_d 0.682, F_c 0 / 0.27 /
-    0.64 / 0.41. The rare class is not classified in this budget, and one seed's figures move by
-    up to ~0.2 with floating-point rounding alone: README gives the 3-seed study.
+    (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.958, PQ
+    0.631, F_d 0.833, F_c 0 / 0.62 / 0.87 / 0.49 (other, inflammatory, epithelial, spindle);
+    diffmix Dice 0.923, PQ 0.554, F_d 0.764, F_c 0 / 0.33 / 0.63 / 0.46. One seed's figures move
+    by up to ~0.3 between seeds: README gives the 3-seed study, where the balancing synthetics
+    teach the rare class in two seeds of three and DiffMix as a whole does not.
 """
 
 from configs import common
@@ -91,8 +92,8 @@ def get_config():
   h.lr_step_epochs = 8
   h.augment = False
   # One synthetic row beside the 2 real tiles of each batch (every arm trains the same 160 steps on
-  # the same real batches): the 256 synthetic 48-px patches are packed 25 per 256-px window (11
-  # windows), so the diffmix run sees each window ~15 times in its 160 synthetic rows.
+  # the same real batches): the 226 synthetic 48-px patches are packed 25 per 256-px window (10
+  # windows), so the diffmix run sees each window ~16 times in its 160 synthetic rows.
   h.synthetic_ratio = 0.5
   # Class-balanced TP cross-entropy (median-frequency weights from the pixel shares of the run's
   # real and synthetic rows, in their batch ratio): with the
@@ -107,8 +108,8 @@ def get_config():
   h.checkpoint_every_epochs = 5
   h.val_tiles = 0  # Validation every epoch would cost ~10 % of the budget; evaluate runs at the end.
   c.eval.batch_size = 8
-  # The baseline model on all 256 synthetic patches (one 256-px window each) costs 266 s on 2 cores
-  # (measured 2026-12-03), a third of the demo again: on for GPU configs and the tests, off here;
-  # --config.eval.synthetic_fidelity=True adds it (report: synthetic_fidelity.png).
+  # The baseline model on every synthetic patch (one 256-px window each) costs ~1 s a patch on 2
+  # cores (266 s for the 256 of 2026-12-03), half the demo again: on for GPU configs, the tests and
+  # demo_study, off here; --config.eval.synthetic_fidelity=True adds it (synthetic_fidelity.png).
   c.eval.synthetic_fidelity = False
   return c

@@ -13,9 +13,9 @@ An existing demo workdir can be reused: its SDM, mixing and synthetic set are ke
 runs (baseline, diffmix) too, and only the ten new runs are trained, then evaluate and report
 rebuilt. The seeds were fixed before any arm was looked at; README reports every arm.
 
-Measured 2026-12-04 on the project's 2-core CPU (commit 2ab6e2c) on a finished demo workdir: the ten
-new runs and their scoring took 41 min 19 s with other jobs on the machine (28 min 38 s the day
-before on a quieter one); with the demo's 7 min, 35-48 min from a fresh clone.
+Measured 2026-12-04 on the project's 2-core CPU (commit 73abb0c) on a finished demo workdir: eleven
+runs (all but the seed-0 baseline) and their scoring with synthetic fidelity in 22 min 5 s; with
+the demo's 6 1/2 min, about 29 min from a fresh clone.
 """
 
 from configs import demo
