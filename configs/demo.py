@@ -48,9 +48,8 @@ def get_config():
   t.batch_size = 4
   t.phase1_steps = 150
   t.phase2_steps = 30
-  # A 2 M-parameter model learns far faster than lr 1e-4 allows in 180 steps, and the EMA must
-  # forget the random initialisation within them: after 180 steps 0.9999 keeps 98 % of it (pure
-  # noise), 0.99 still 16 % (grainy samples), 0.95 1e-4.
+  # A 2 M-parameter model learns faster than lr 1e-4 allows; the EMA must forget the random init
+  # in 180 steps: 0.9999 keeps 98 % of it (noise), 0.99 16 %, 0.95 1e-4.
   t.phase1_lr = 1e-3
   t.phase2_lr = 2e-4
   t.ema_rate = 0.95
@@ -58,16 +57,11 @@ def get_config():
   t.sample_every_steps = 0  # The report's synthetic_samples.png shows the sampler's output.
   c.sample.patch_size = 48
   c.sample.grid_stride = 208  # Enlarging: 2x2 patches per 256-px tile (128 patches).
-  # Balancing: the grid's four corners held 1 of the 175 rare nuclei balancing places (it puts them
-  # >= 30 px from the edges), so the synthetic set taught no rare class (issue 17, README); a grid
-  # that covers the tiles (stride 52) renders 800 balancing patches. Instead render the ~100
-  # patches that hold every replaced nucleus whole.
+  # Balancing: the 98 patches holding every replaced nucleus whole (the corner grid held 1 of 175).
   c.sample.balance_patches = 'cover'
-  c.sample.timestep_respacing = 'ddim8'  # 55 %: 4 guided steps from t = 375 (ddim10's 6 from t = 500
-  # looked no better).
+  c.sample.timestep_respacing = 'ddim8'  # 55 %: 4 guided steps from t = 375 (ddim10's: no better).
   c.sample.batch_size = 16
-  # Enlarging on 48-px patches: a frame and shifts scaled from the 256-px recipe (32 px, -15..14).
-  c.mix.enlarge.frame_margin = 6
+  c.mix.enlarge.frame_margin = 6  # Frame and shifts scaled from 256 px (32 px, -15..14) to 48 px.
   c.mix.enlarge.shift_low = -3
   c.mix.enlarge.shift_high = 3
   c.hovernet.model.mode = 'fast'
@@ -108,8 +102,8 @@ def get_config():
   h.checkpoint_every_epochs = 5
   h.val_tiles = 0  # Validation every epoch would cost ~10 % of the budget; evaluate runs at the end.
   c.eval.batch_size = 8
-  # The baseline model on every synthetic patch (one 256-px window each) costs ~1 s a patch on 2
-  # cores (266 s for the 256 of 2026-12-03), half the demo again: on for GPU configs, the tests and
+  # The baseline model on every synthetic patch (one 256-px window each) cost 266 s for 256 patches
+  # on 2 cores (2026-12-03), more than half the demo again: on for GPU configs, the tests and
   # demo_study, off here; --config.eval.synthetic_fidelity=True adds it (synthetic_fidelity.png).
   c.eval.synthetic_fidelity = False
   return c

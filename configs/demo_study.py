@@ -11,11 +11,13 @@ mean ± s.d. per arm and the paired differences arm - baseline with their 95 % t
 
 An existing demo workdir can be reused: its SDM, mixing and synthetic set are kept, its two seed-0
 runs (baseline, diffmix) too, and only the ten new runs are trained, then evaluate and report
-rebuilt. The seeds were fixed before any arm was looked at; README reports every arm.
+rebuilt (a demo workdir from before the covering balancing patches is refused by `sample`). The
+seeds were fixed before any arm was looked at; README reports every arm.
 
 Measured 2026-12-04 on the project's 2-core CPU (commit 73abb0c) on a finished demo workdir: eleven
-runs (all but the seed-0 baseline) and their scoring with synthetic fidelity in 22 min 5 s; with
-the demo's 6 1/2 min, about 29 min from a fresh clone.
+runs (all but the seed-0 baseline: its diffmix run had been trained with the earlier TP weights
+and was deleted) and their scoring with synthetic fidelity in 22 min 5 s; with the demo's 6 1/2
+min, about 29 min from a fresh clone.
 """
 
 from configs import demo

@@ -34,6 +34,7 @@ def get_config():
   t.sample_every_steps = 6
   c.sample.patch_size = 16
   c.sample.grid_stride = 256  # One patch per tile: 64 items (balancing + enlarging).
+  c.sample.balance_patches = 'grid'  # The demo's 'cover': few 16-px patches hold a whole nucleus.
   c.sample.timestep_respacing = 'ddim10'
   c.sample.batch_size = 2  # Per device: 16 patches per render call on 8 test devices.
   c.sample.shard_size = 8  # 8 shards: the kill test stops the stage part-way.

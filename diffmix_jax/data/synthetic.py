@@ -69,7 +69,7 @@ class SyntheticNuclei(tfds.core.GeneratorBasedBuilder):
     features.update({
         'source_tile': tfds.features.Text(),  # Real training tile the patch was cut from.
         'kind': tfds.features.Text(),  # Mixing record: 'balance' or 'enlarge'.
-        'patch': tfds.features.Scalar(dtype=np.int32),  # Index on the tile's patch grid.
+        'patch': tfds.features.Scalar(dtype=np.int32),  # Index among the tile's patches of its kind.
         'offset': tfds.features.Tensor(shape=(2,), dtype=np.int32),  # (row, col) on the tile.
     })
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features),
@@ -106,7 +106,8 @@ def open_source(workdir: os.PathLike, split: str = 'train'):
 
 def export_consep(workdir: os.PathLike, num_shards: int) -> pathlib.Path:
   """Writes `consep_format/{Images,Labels}` (PNG + .mat with inst_map, type_map, inst_type,
-  inst_centroid) and `manifest.json` (each patch's kind, source tile, grid index and offset), each
+  inst_centroid) and `manifest.json` (each patch's kind, source tile, index among
+  the tile's patches of that kind, and offset), each
   file atomically, the manifest last."""
   import json  # pylint: disable=g-import-not-at-top
   out = wdir.synthetic_export_dir(workdir)

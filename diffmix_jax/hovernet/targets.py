@@ -18,10 +18,11 @@ def tp_class_weights(sets, nr_types: int, weighting: str) -> np.ndarray | None:
   The official loss averages the TP cross-entropy over pixels, so ~90 % of its weight is background
   and a short run learns types in order of pixel share (on the demo, 150 steps learn background and
   epithelial only). 'median_frequency' weights class c by median_k(f_k) / f_c, f_c its pixel share
-  in what the run trains on (median-frequency balancing, Eigen & Fergus 2015); the weighted loss is
-  sum(w_y * CE) / sum(w_y), so equal weights give the official mean. A run that mixes sets (real
+  in (approximately) what the run trains on (median-frequency balancing, Eigen & Fergus 2015); the
+  weighted loss is sum(w_y * CE) / sum(w_y), so equal weights give the official mean. A run that mixes sets (real
   windows and synthetic ones) takes f = sum_k r_k f_k / sum_k r_k, f_k the pixel shares of set k and
-  r_k the rows it gives the batches: weights from the real tiles alone would over-weight a class
+  r_k the rows it gives the batches (shares of whole tiles and patches, not of the windows and the
+  output crop the loss sees): weights from the real tiles alone would over-weight a class
   the synthetic rows are rich in (the demo's rare class, 1.6 % of the real nuclei).
 
   Args:
@@ -44,6 +45,8 @@ def tp_class_weights(sets, nr_types: int, weighting: str) -> np.ndarray | None:
     return None
   freq = np.zeros(nr_types, np.float64)
   for type_maps, rows in sets:
+    if not rows > 0:
+      raise ValueError(f'tp_class_weights: rows must be > 0; got {rows}')
     counts = np.zeros(nr_types, np.int64)
     for i, t in enumerate(type_maps):
       t = np.asarray(t)

@@ -141,22 +141,23 @@ def grid_offsets(height: int, width: int, patch_size: int, stride: int) -> np.nd
 
 def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int,
                      stride: int) -> tuple[np.ndarray, np.ndarray]:
-  """Few patches that together hold every box whole: a greedy set cover over a candidate grid.
+  """Few patches that together hold every box whole: a greedy set cover over candidate positions.
 
-  Candidates are range(0, L - patch + 1, stride) per axis plus the last position L - patch, so a
-  box at the far edge can be held. Each pick takes the candidate holding the most boxes not yet
-  held; ties go to the candidate whose held boxes lie closest to its centre (sum of squared
+  Candidates are the grid range(0, L - patch + 1, stride) per axis with the last position L - patch
+  added, and for each box the patch centred on it (clipped to the tile), so every box no larger
+  than the patch can be held. Each pick takes the candidate holding the most boxes not yet held;
+  ties go to the candidate whose newly held boxes lie closest to its centre (sum of squared
   distances), then to the first in row-major order.
 
   Args:
     boxes: int [N, 4] (row0, col0, row1, col1), exclusive ends.
     height, width: tile size.
     patch_size: patch side.
-    stride: candidate step in px.
+    stride: grid step of the candidates in px.
 
   Returns:
     offsets int32 [P, 2] (row, col) of the picked patches in row-major order, and held bool [N]
-    (False for a box larger than the patch or a tile smaller than it).
+    (False exactly for a box larger than the patch, or every box when the tile is smaller).
   """
   boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
   held = np.zeros(len(boxes), bool)
@@ -164,7 +165,11 @@ def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int
     return np.zeros((0, 2), np.int32), held
   axes = [np.unique(np.append(np.arange(0, n - patch_size + 1, stride), n - patch_size))
           for n in (height, width)]
-  cand = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 2)  # [C, 2]
+  grid = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 2)
+  extent = boxes[:, 2:] - boxes[:, :2]
+  centred = np.clip(boxes[:, :2] - (patch_size - extent) // 2, 0,
+                    np.array([height, width]) - patch_size)
+  cand = np.unique(np.concatenate([grid, centred]), axis=0)  # [C, 2], row-major order.
   r, c = cand[:, None, 0], cand[:, None, 1]
   fits = ((r <= boxes[:, 0]) & (r + patch_size >= boxes[:, 2]) &
           (c <= boxes[:, 1]) & (c + patch_size >= boxes[:, 3]))  # [C, N]

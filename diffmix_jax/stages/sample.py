@@ -2,13 +2,15 @@
 
 Work items are the patches of the mixed label maps (diffmix_method.md §4.1): for each kind
 ('balance', then 'enlarge'), each training tile in name order and each patch of the grid
-range(0, L - S + 1, stride) per axis. With `sample.balance_patches = 'cover'` the balancing patches are
-instead the few that hold every replaced nucleus whole (a greedy cover over positions every
-`sample.cover_stride` px), so a coarse grid cannot miss the rare nuclei balancing placed. Item g is rendered from x_0 = the real image crop at the same
-offsets (sdm.md §4.7), the condition of the mixed label patch, and noise fold_in(seed key, g), with the
-partial-noise DDIM + classifier-free guidance of samplers.py. Items are grouped in shards of
-`config.sample.shard_size`; each shard is one file written atomically, so a killed run restarts at the
-first missing shard and no patch is missing or doubled. Every device of every host renders: each
+range(0, L - S + 1, stride) per axis. With `sample.balance_patches = 'cover'` the balancing
+patches are instead the few that hold every replaced nucleus whole (a greedy cover,
+`mixing.tiles.covering_offsets`), so a coarse grid cannot miss the rare nuclei balancing placed; the
+stage's DONE records these fields and a set or shards rendered for other patches are refused.
+Item g is rendered from x_0 = the real image crop at the same offsets (sdm.md §4.7), the condition
+of the mixed label patch, and noise fold_in(seed key, g), with the partial-noise DDIM +
+classifier-free guidance of samplers.py. Items are grouped in shards of `config.sample.shard_size`;
+each shard is one file written atomically, so a killed run restarts at the first missing shard and
+no patch is missing or doubled. Every device of every host renders: each
 global batch is sharded over the mesh; process 0 writes.
 
 Official sampler bugs fixed here (sdm.md §4.7, pitfall 21): the patch offsets, undefined in the
@@ -16,6 +18,7 @@ official loader, are the documented grid above; labels are merged once (by the d
 again on already merged mixed labels.
 """
 
+import json
 import time
 
 from absl import logging
@@ -72,6 +75,55 @@ def replaced_cover(workdir: str, name: str, size: int, stride: int):
   return mixing_tiles.covering_offsets(boxes[ids], h, w, size, stride)
 
 
+def patches_from(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that decide the work items (recorded in the stage's DONE)."""
+  sc = config.sample
+  rec = {'patch_size': int(sc.patch_size), 'grid_stride': int(sc.grid_stride),
+         'balance_patches': str(sc.balance_patches)}
+  if sc.balance_patches == 'cover':
+    rec['cover_stride'] = int(sc.cover_stride)
+  return rec
+
+
+_STALE = ('delete it and the runs trained on it (hovernet_<arm> of the arms with synthetic data, '
+          'eval/) to render the new patches, or set the config back')
+
+
+def _check_done_patches(config: ml_collections.ConfigDict, out: wdir.StageDir) -> None:
+  """A finished synthetic set must have been rendered for the configured patches.
+
+  Raises:
+    ValueError: naming the fields that differ (a set from before they were recorded counts as
+      balance_patches='grid').
+  """
+  done = json.loads((out.path / wdir.DONE).read_text() or '{}')
+  want = patches_from(config)
+  have = done.get('patches_from', {'balance_patches': 'grid'})
+  diff = {k: (have[k], v) for k, v in want.items() if k in have and have[k] != v}
+  if diff:
+    raise ValueError(f'sample: {out.path} was rendered for other patches ('
+                     + ', '.join(f'config.sample.{k}: {a!r} there, {b!r} now'
+                                 for k, (a, b) in diff.items()) + f'): {_STALE}')
+
+
+def _check_shards(workdir: str, items: list[tuple], shard_size: int) -> None:
+  """Shards left by a killed run must hold the items this run would render in their place.
+
+  Raises:
+    ValueError: naming the first shard whose items differ, or one beyond the last item.
+  """
+  folder = synthetic_io.shard_path(workdir, 0).parent
+  for path in sorted(folder.glob('shard_*.npz')) if folder.is_dir() else []:
+    k = int(path.stem.split('_')[-1])
+    chunk = items[k * shard_size:(k + 1) * shard_size]
+    with np.load(path) as z:
+      got = [(str(a), str(b), int(p), int(o[0]), int(o[1]))
+             for a, b, p, o in zip(z['kind'], z['tile'], z['patch'], z['offset'])]
+    if got != list(chunk):
+      raise ValueError(f'sample: shard {path} holds other patches than this config renders there '
+                       f'(first: {got[:1]}, expected {chunk[:1]}): {_STALE}')
+
+
 def _renumber(inst: np.ndarray) -> np.ndarray:
   """Instance ids of a patch renumbered 1..N in order of first id."""
   ids = np.unique(inst[inst > 0])
@@ -117,6 +169,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Renders every missing shard, then exports the synthetic set; no-op when done."""
   out = wdir.StageDir(workdir, wdir.SYNTHETIC)
   if out.done():
+    _check_done_patches(config, out)
     logging.info('sample: already done (%s)', out.path)
     return
   sc, size = config.sample, config.sample.patch_size
@@ -125,6 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   tiles = {t['name']: t for t in input_pipeline.load_split(config, workdir, 'train')}
   items = work_items(config, workdir, tiles)
   num_shards = -(-len(items) // sc.shard_size)
+  _check_shards(workdir, items, sc.shard_size)
   todo = [k for k in range(num_shards) if not synthetic_io.shard_path(workdir, k).exists()]
   logging.info('sample: %d patches in %d shards, %d shards to render', len(items), num_shards,
                len(todo))
@@ -184,7 +238,7 @@ def _finish(config, workdir: str, out: wdir.StageDir, num_shards: int, tiles: di
   writer = train_lib.create_writer(out.tensorboard)
   writer.write_images(0, {'label_original_synthetic_contours': grid[None]})
   writer.flush()
-  out.mark_done({'shards': num_shards})
+  out.mark_done({'shards': num_shards, 'patches_from': patches_from(config)})
   logging.info('sample: wrote %s', out.path)
 
 

@@ -178,5 +178,7 @@ def test_median_frequency_tp_class_weights_by_hand():
   assert hovernet_targets.tp_class_weights([(maps, 1)], 4, 'none') is None
   with pytest.raises(ValueError, match='tp_class_weighting'):
     hovernet_targets.tp_class_weights([(maps, 1)], 4, 'inverse')
+  with pytest.raises(ValueError, match='rows must be > 0; got 0'):
+    hovernet_targets.tp_class_weights([(maps, 0)], 4, 'median_frequency')
   with pytest.raises(ValueError, match=r'training type map 1: ids 0\.\.4 outside \[0, 4\)'):
     hovernet_targets.tp_class_weights([([maps[0], np.array([[0, 4]])], 1)], 4, 'median_frequency')

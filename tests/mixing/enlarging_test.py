@@ -27,23 +27,30 @@ def test_grid():
 
 
 def test_covering_offsets_hand_case():
-  """Balancing's 'cover' patches (sample.balance_patches): 40-px patches on a 100-px tile."""
+  """Balancing's 'cover' patches (sample.balance_patches): 40-px patches on a 105-px tile, grid
+  positions 0, 20, 40, 60 and the last, 65."""
   boxes = [(5, 5, 15, 15),  # A: only patch (0, 0) holds it.
-           (25, 25, 35, 35),  # B: held by (0, 0) and by (20, 20).
-           (90, 90, 98, 98),  # C: at the far corner, held only by the added last position 60.
+           (25, 25, 35, 35),  # B: held by (0, 0), (20, 20) and (22, 0).
+           (97, 97, 103, 103),  # C: at the far corner; only a row/col of 65 (the last) holds it.
            (10, 50, 20, 95),  # D: 45 px wide, larger than a patch.
-           (42, 42, 52, 52)]  # E: held by (20, 20), (20, 40), (40, 20), (40, 40).
-  off, held = mixing_tiles.covering_offsets(np.array(boxes), 100, 100, 40, 20)
-  # First pick: (0, 0) and (20, 20) both hold two boxes; (20, 20)'s lie closer to its centre
-  # (200 + 98 against 200 + 200), so it goes first; then (0, 0) for A and (60, 60) for C.
-  assert off.tolist() == [[0, 0], [20, 20], [60, 60]] and off.dtype == np.int32
-  assert held.tolist() == [True, True, True, False, True]
+           (42, 42, 52, 52),  # E: held by (20, 20), (20, 40), (40, 20), (40, 40), (27, 27).
+           (23, 3, 61, 13)]  # F: 38 px tall; rows 21..23 hold it, no grid row: its own (22, 0).
+  off, held = mixing_tiles.covering_offsets(np.array(boxes), 105, 105, 40, 20)
+  # Pick 1: (0, 0) [A, B], (20, 20) [B, E] and (22, 0) [F, B] hold two each; (20, 20)'s lie
+  # closest to its centre (200 + 98 against 400 and 144 + 244). Then one each: F by (22, 0) (144),
+  # A by (0, 0) (200), C by (65, 65) (450).
+  assert off.tolist() == [[0, 0], [20, 20], [22, 0], [65, 65]] and off.dtype == np.int32
+  assert held.tolist() == [True, True, True, False, True, True]
   for (r0, c0, r1, c1), h in zip(boxes, held):
     assert h == any(r <= r0 and r + 40 >= r1 and c <= c0 and c + 40 >= c1 for r, c in off)
-  off, held = mixing_tiles.covering_offsets(np.array(boxes), 30, 100, 40, 20)
+  off, held = mixing_tiles.covering_offsets(np.array(boxes), 30, 105, 40, 20)
   assert off.shape == (0, 2) and not held.any()
   off, held = mixing_tiles.covering_offsets(np.zeros((0, 4)), 100, 100, 40, 20)
   assert off.shape == (0, 2) and held.shape == (0,)
+  # A 44-px box in a 48-px patch is held for any candidate stride.
+  for stride in (1, 8, 48, 500):
+    off, held = mixing_tiles.covering_offsets(np.array([[3, 50, 47, 60]]), 100, 100, 48, stride)
+    assert held.all() and len(off) == 1
 
 
 def _check_patch(tile, res, p, params):

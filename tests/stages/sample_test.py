@@ -55,8 +55,9 @@ def test_cover_patches_hold_every_replaced_nucleus(sampled):
   the enlarging items stay the grid's."""
   workdir, config = sampled, tiny.get_config()
   tiles = {t['name']: t for t in input_pipeline.load_split(config, str(workdir), 'train')}
+  config.sample.patch_size, config.sample.grid_stride = 48, 104  # Enlarging: 3x3 per tile.
   grid_items = sample.work_items(config, str(workdir), tiles)
-  config.sample.balance_patches, config.sample.patch_size, config.sample.cover_stride = 'cover', 48, 8
+  config.sample.balance_patches, config.sample.cover_stride = 'cover', 8
   items = sample.work_items(config, str(workdir), tiles)
   assert [i for i in items if i[0] == 'enlarge'] == [i for i in grid_items if i[0] == 'enlarge']
   replaced = 0
@@ -73,6 +74,26 @@ def test_cover_patches_hold_every_replaced_nucleus(sampled):
     for r, c in mine:
       assert np.isin(inst[r:r + 48, c:c + 48], prov['target_id']).any()
   assert replaced > 0
+
+
+@pytest.mark.slow
+def test_a_set_rendered_for_other_patches_is_refused(sampled):
+  """A finished set, or a killed run's shards, from another patch config is an error, not reused."""
+  workdir, config = sampled, tiny.get_config()
+  sample.run(config, str(workdir))  # Finished, same config: a no-op.
+  config.sample.balance_patches = 'cover'
+  with pytest.raises(ValueError, match=r"config.sample.balance_patches: 'grid' there, 'cover' now"):
+    sample.run(config, str(workdir))
+  config = tiny.get_config()
+  tiles = {t['name']: t for t in input_pipeline.load_split(config, str(workdir), 'train')}
+  items = sample.work_items(config, str(workdir), tiles)
+  size = config.sample.shard_size
+  sample._check_shards(str(workdir), items, size)  # pylint: disable=protected-access
+  moved = items[:size + 3] + [items[size + 3][:3] + (1, 1)] + items[size + 4:]
+  with pytest.raises(ValueError, match=r'shard_00001.npz holds other patches'):
+    sample._check_shards(str(workdir), moved, size)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match=r'shard_00007.npz holds other patches'):
+    sample._check_shards(str(workdir), items[:-8], size)  # pylint: disable=protected-access
 
 
 @pytest.mark.slow
