@@ -144,10 +144,10 @@ def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int
   """Few patches that together hold every box whole: a greedy set cover over candidate positions.
 
   Candidates are the grid range(0, L - patch + 1, stride) per axis with the last position L - patch
-  added, and for each box the patch centred on it (clipped to the tile), so every box no larger
-  than the patch can be held. Each pick takes the candidate holding the most boxes not yet held;
-  ties go to the candidate whose newly held boxes lie closest to its centre (sum of squared
-  distances), then to the first in row-major order.
+  added, and for each box that no grid patch holds, the patch centred on it (clipped to the tile),
+  so every box no larger than the patch can be held. Each pick takes the candidate holding the most
+  boxes not yet held; ties go to the candidate whose newly held boxes lie closest to its centre
+  (sum of squared distances), then to the first in row-major order.
 
   Args:
     boxes: int [N, 4] (row0, col0, row1, col1), exclusive ends.
@@ -169,10 +169,10 @@ def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int
   extent = boxes[:, 2:] - boxes[:, :2]
   centred = np.clip(boxes[:, :2] - (patch_size - extent) // 2, 0,
                     np.array([height, width]) - patch_size)
-  cand = np.unique(np.concatenate([grid, centred]), axis=0)  # [C, 2], row-major order.
+  unheld = ~_holds(grid, boxes, patch_size).any(0)
+  cand = np.unique(np.concatenate([grid, centred[unheld]]), axis=0)  # [C, 2], row-major order.
+  fits = _holds(cand, boxes, patch_size)  # [C, N]
   r, c = cand[:, None, 0], cand[:, None, 1]
-  fits = ((r <= boxes[:, 0]) & (r + patch_size >= boxes[:, 2]) &
-          (c <= boxes[:, 1]) & (c + patch_size >= boxes[:, 3]))  # [C, N]
   centre = (boxes[:, :2] + boxes[:, 2:]) / 2.0
   dist = ((centre[None, :, 0] - r - patch_size / 2) ** 2 +
           (centre[None, :, 1] - c - patch_size / 2) ** 2)  # [C, N]
@@ -188,3 +188,10 @@ def covering_offsets(boxes: np.ndarray, height: int, width: int, patch_size: int
     held |= fits[k]
   order = np.sort(np.array(picked, np.int64))
   return cand[order].astype(np.int32).reshape(-1, 2), held
+
+
+def _holds(offsets: np.ndarray, boxes: np.ndarray, patch_size: int) -> np.ndarray:
+  """bool [C, N]: patch c at offsets [C, 2] holds box n of boxes [N, 4] (exclusive ends) whole."""
+  r, c = offsets[:, None, 0], offsets[:, None, 1]
+  return ((r <= boxes[:, 0]) & (r + patch_size >= boxes[:, 2]) &
+          (c <= boxes[:, 1]) & (c + patch_size >= boxes[:, 3]))

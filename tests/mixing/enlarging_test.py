@@ -33,8 +33,8 @@ def test_covering_offsets_hand_case():
            (25, 25, 35, 35),  # B: held by (0, 0), (20, 20) and (22, 0).
            (97, 97, 103, 103),  # C: at the far corner; only a row/col of 65 (the last) holds it.
            (10, 50, 20, 95),  # D: 45 px wide, larger than a patch.
-           (42, 42, 52, 52),  # E: held by (20, 20), (20, 40), (40, 20), (40, 40), (27, 27).
-           (23, 3, 61, 13)]  # F: 38 px tall; rows 21..23 hold it, no grid row: its own (22, 0).
+           (42, 42, 52, 52),  # E: held by (20, 20), (20, 40), (40, 20), (40, 40).
+           (23, 3, 61, 13)]  # F: 38 px tall; rows 21..23 hold it, no grid row: the centred (22, 0).
   off, held = mixing_tiles.covering_offsets(np.array(boxes), 105, 105, 40, 20)
   # Pick 1: (0, 0) [A, B], (20, 20) [B, E] and (22, 0) [F, B] hold two each; (20, 20)'s lie
   # closest to its centre (200 + 98 against 400 and 144 + 244). Then one each: F by (22, 0) (144),
