@@ -4,9 +4,9 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 20:25-20:32 UTC, fresh clone of
-63afd63, cold compilation cache): 6 min 32 s with the install (build 5 s, SDM 101 s, mixing 1 s,
-synthesis 47 s, HoVer-Net 213 s for both runs, evaluate 14 s); the same command again returns in
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 21:32-21:38 UTC, fresh clone of
+91a50c8, cold compilation cache): 6 min 18 s with the install (build 5 s, SDM 95 s, mixing 1 s,
+synthesis 47 s, HoVer-Net 204 s for both runs, evaluate 15 s); the same command again returns in
 3.4 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
 rerun after a kill compiles less.
 What to expect:
