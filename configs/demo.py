@@ -4,10 +4,10 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 21:32-21:38 UTC, fresh clone of
-91a50c8, cold compilation cache): 6 min 18 s with the install (build 5 s, SDM 95 s, mixing 1 s,
-synthesis 47 s, HoVer-Net 204 s for both runs, evaluate 15 s); the same command again returns in
-3.4 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 22:36-22:45 UTC, fresh clone of
+abee6e2, cold compilation cache): 8 min 36 s with the install (build 5 s, SDM 94 s, mixing 1 s,
+synthesis 47 s, HoVer-Net 342 s for both runs, evaluate 15 s); the same command again returns in
+3.3 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
 rerun after a kill compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
@@ -16,12 +16,12 @@ What to expect:
     epithelial) on a smooth pink background; the real stroma's fibres are mostly lost.
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 226 synthetic patches (98
     balancing patches holding the 154 replaced nuclei, 128 enlarging).
-  - HoVer-Net (tiny, 160 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
+  - HoVer-Net (tiny, 320 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
     (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.958, PQ
-    0.631, F_d 0.833, F_c 0 / 0.62 / 0.87 / 0.49 (other, inflammatory, epithelial, spindle);
-    diffmix Dice 0.923, PQ 0.554, F_d 0.764, F_c 0 / 0.33 / 0.63 / 0.46. One seed's figures move
-    by up to ~0.3 between seeds: README gives the 3-seed study, where the balancing synthetics
-    teach the rare class in two seeds of three and DiffMix as a whole does not.
+    0.629, F_d 0.799, F_c 0.73 / 0.61 / 0.96 / 0.67 (other, inflammatory, epithelial, spindle);
+    diffmix Dice 0.966, PQ 0.642, F_d 0.824, F_c 0.85 / 0.49 / 0.96 / 0.68. One seed's figures
+    move by up to ~0.7 between seeds (the baseline's rare F_c is 0 in seed 1): README gives the
+    3-seed study.
 """
 
 from configs import common

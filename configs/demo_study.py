@@ -14,10 +14,9 @@ runs (baseline, diffmix) too, and only the ten new runs are trained, then evalua
 rebuilt (a demo workdir from before the covering balancing patches is refused by `sample`). The
 seeds were fixed before any arm was looked at; README reports every arm.
 
-Measured 2026-12-04 on the project's 2-core CPU (commit 73abb0c) on a finished demo workdir: eleven
-runs (all but the seed-0 baseline: its diffmix run had been trained with the earlier TP weights
-and was deleted) and their scoring with synthetic fidelity in 22 min 5 s; with the demo's 6 1/2
-min, about 29 min from a fresh clone.
+Measured 2026-12-04 on the project's 2-core CPU at the demo's 320 HoVer-Net steps: the twelve runs
+and their scoring (without synthetic fidelity) in 36 min 13 s; on a finished demo workdir about 40
+min from a fresh clone, demo included.
 """
 
 from configs import demo
