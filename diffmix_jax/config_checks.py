@@ -18,6 +18,7 @@ from diffmix_jax import workdir as wdir
 from diffmix_jax.core import arms
 from diffmix_jax.data import datasets
 from diffmix_jax.hovernet import geometry
+from diffmix_jax.metrics import postprocess
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
 from diffmix_jax.core import fields
@@ -228,6 +229,7 @@ RULES: dict[str, Rule] = {
     'eval.match_radius': number(0.0, lo_open=True),
     'eval.f_c_weights': comma_numbers(0, n=4, integer=False),
     'eval.batch_size': positive_int(),
+    'eval.postprocess': raises(lambda c: postprocess.params_from(c.eval.postprocess)),
 }
 
 

@@ -12,8 +12,8 @@ converted on the fly (`--checkpoint`, the `[torch]` extra). Per tile the officia
 reads this folder as predictions), `json/<name>.json` (per nucleus bbox, centroid, contour, type,
 type_prob), `overlay/<name>.png` (contours coloured by class) and `qupath/<name>.geojson` (one
 detection per nucleus, QuPath's GeoJSON import). Each file is written atomically; a tile whose
-outputs exist and were written by the same model (`fingerprint/<name>.txt`: weights and model
-config) is skipped on a rerun; another model redoes it. An unreadable or unsupported image is
+outputs exist and were written by the same model (`fingerprint/<name>.txt`: weights, model config
+and post-processing) is skipped on a rerun; another model redoes it. An unreadable or unsupported image is
 reported by name, the others are still processed, and the exit status is 1.
 """
 
@@ -44,11 +44,15 @@ class Model:
   variables: Any  # {'params', 'batch_stats'}
   model_config: dict  # The `config.hovernet.model` fields that rebuild the module.
   class_names: list[str] | None  # Names by type id (0 = background), when the source has them.
+  # `metrics.postprocess.Params`: a workdir's `config.eval.postprocess`, else the official values.
+  postprocess: Any = None
 
   def fingerprint(self) -> str:
-    """SHA-256 over the model config and every weight (in tree order)."""
+    """SHA-256 over the model config, the post-processing and every weight (in tree order)."""
     import jax  # pylint: disable=g-import-not-at-top
-    h = hashlib.sha256(json.dumps(self.model_config, sort_keys=True).encode())
+    from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
+    params = (self.postprocess or postprocess.OFFICIAL)._asdict()
+    h = hashlib.sha256(json.dumps([self.model_config, params], sort_keys=True).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(self.variables)[0]:
       h.update(jax.tree_util.keystr(path).encode())
       h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -92,10 +96,14 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     if not path.exists():
       raise FileNotFoundError(f'{path}: missing; --workdir must be a workdir of '
                               '`python -m diffmix_jax.main` (it writes config.json)')
+    from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
     config = json.loads(path.read_text())
-    return from_files(config['hovernet']['model'],
-                      wdir.hovernet_variables_path(workdir, run or 'baseline'),
-                      config_fields.names(config['data']['class_names']))
+    model = from_files(config['hovernet']['model'],
+                       wdir.hovernet_variables_path(workdir, run or 'baseline'),
+                       config_fields.names(config['data']['class_names']))
+    if 'postprocess' in config['eval']:  # Workdirs from before the field: the official values.
+      model.postprocess = postprocess.params_from(config['eval']['postprocess'])
+    return model
   if model_dir:
     cfg_path = pathlib.Path(model_dir) / convert_torch.HOVERNET_CONFIG
     if not cfg_path.exists():
@@ -256,7 +264,8 @@ def predict_folder(model: Model, images: str, out: str, table, batch_size: int =
       logging.error('predict: %s', e)
       continue
     pred_map = hovernet_infer.predict_tile(predict, model.module, image)
-    inst_map, info = postprocess.process(pred_map, model.module.nr_types)
+    inst_map, info = postprocess.process(pred_map, model.module.nr_types,
+                                         model.postprocess or postprocess.OFFICIAL)
     _write_tile(root, path.stem, image, inst_map, info, table, fingerprint)
     progress(k + 1)
   return errors

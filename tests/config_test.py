@@ -199,6 +199,9 @@ BAD = {
     'hovernet.train.checkpoint_every_epochs': 0, 'hovernet.train.keep_checkpoints': 0,
     'hovernet.train.val_tiles': -1, 'hovernet.train.val_every_epochs': 0,
     'eval.match_radius': 0, 'eval.f_c_weights': '2,2,1', 'eval.batch_size': 0,
+    'eval.postprocess.np_threshold': 1.0, 'eval.postprocess.edge_threshold': 0.0,
+    'eval.postprocess.min_area': 0, 'eval.postprocess.sobel_ksize': 10,
+    'eval.postprocess.marker_open': 4,
     # Checked by name against the split (config_checks.check_tile_names).
     'data.train_tiles': 'train_1,train_99', 'data.test_tiles': 'test_1,test_1',
 }

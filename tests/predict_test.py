@@ -17,11 +17,13 @@ import numpy as np
 import pytest
 from scipy import io as sio
 
+from configs import common
 from configs import tiny
 from diffmix_jax.core import checkpoint
 from diffmix_jax import workdir as wdir
 from diffmix_jax import convert_torch
 from diffmix_jax.data import demo as demo_data
+from diffmix_jax.metrics import postprocess
 from diffmix_jax.metrics import records
 from diffmix_jax import predict
 from diffmix_jax.hovernet import model as hovernet
@@ -48,6 +50,7 @@ def sources(tmp_path_factory):
   variables = _variables(module)
   config = tiny.get_config()
   config.hovernet.model.update(FIELDS)
+  config.eval.postprocess = common.base_config().eval.postprocess  # As a converted model has.
   (root / 'work' / 'hovernet_baseline').mkdir(parents=True)
   (root / 'work' / 'config.json').write_text(config.to_json_best_effort())
   (root / 'work' / 'hovernet_baseline' / wdir.HOVERNET_VARIABLES).write_bytes(
@@ -147,6 +150,18 @@ def test_sources_agree_rerun_skips_and_another_model_redoes(sources):
   _run({'model_dir': str(other)}, sources / 'images', b)
   after = stamp()
   assert all(after[p] != before[p] for p in before if p.parent.name == 'fingerprint')
+  # A workdir's own post-processing values (configs/demo.py halves the kernels) come with its model
+  # and change the fingerprint: outputs of other values are redone.
+  work = predict.load_model(workdir=str(sources / 'work'))
+  assert work.postprocess == postprocess.OFFICIAL
+  halved = sources / 'work_halved'
+  shutil.copytree(sources / 'work', halved)
+  config = json.loads((halved / 'config.json').read_text())
+  config['eval']['postprocess'].update(sobel_ksize=11, marker_open=3, min_area=5)
+  (halved / 'config.json').write_text(json.dumps(config))
+  model = predict.load_model(workdir=str(halved))
+  assert model.postprocess == postprocess.Params(sobel_ksize=11, marker_open=3, min_area=5)
+  assert model.fingerprint() != work.fingerprint()
 
 
 def test_bad_files_are_named_and_the_rest_predicted(sources, tmp_path):

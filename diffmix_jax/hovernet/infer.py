@@ -138,8 +138,10 @@ def predict_tile(predict: Callable[[np.ndarray], np.ndarray], module: hovernet.H
   return stitch(outputs, image.shape[:2])
 
 
-def predict_record(predict, module: hovernet.HoVerNet, image: np.ndarray) -> dict[str, np.ndarray]:
-  """One tile through inference and post-processing (once per stitched tile) to a `.mat` record.
+def predict_record(predict, module: hovernet.HoVerNet, image: np.ndarray,
+                   params: postprocess.Params = postprocess.OFFICIAL) -> dict[str, np.ndarray]:
+  """One tile through inference and post-processing (once per stitched tile, with `params`) to a
+  `.mat` record.
 
   Returns:
     `postprocess.to_record` dict: `inst_map` [H, W] int32, `inst_uid`, `inst_type` [N] int32,
@@ -148,7 +150,7 @@ def predict_record(predict, module: hovernet.HoVerNet, image: np.ndarray) -> dic
   if not module.nr_types:
     raise ValueError('evaluation needs a HoVerNet with a TP branch (config.hovernet.model.nr_types)')
   pred_map = predict_tile(predict, module, image)
-  inst_map, info = postprocess.process(pred_map, module.nr_types)
+  inst_map, info = postprocess.process(pred_map, module.nr_types, params)
   return postprocess.to_record(inst_map, info)
 
 

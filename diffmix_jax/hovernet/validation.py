@@ -16,6 +16,7 @@ import numpy as np
 from scipy import io as sio
 
 from diffmix_jax.core import fields
+from diffmix_jax.metrics import postprocess
 from diffmix_jax.metrics import records as mat_records
 from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.data import input_pipeline
@@ -68,7 +69,7 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config,
     tiles: `name`, `image` uint8 [H, W, 3], `inst_map`, `type_map` int32 [H, W]; the same list in
       every process.
     batch_size: patches per jitted call (a multiple of the local devices).
-    eval_config: `config.eval` (match radius, F_c weights).
+    eval_config: `config.eval` (match radius, F_c weights, post-processing).
     folder: where processes leave their records for process 0 (multi-process only).
     step: the training step (names the barrier).
 
@@ -79,8 +80,9 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config,
   predict = hovernet_infer.create_predictor(module, variables, batch_size)
   mine = input_pipeline.eval_indices(len(tiles), jax.process_index(), jax.process_count())
   records, picture = {}, None
+  params = postprocess.params_from(eval_config.postprocess)
   for i in mine:
-    records[i] = hovernet_infer.predict_record(predict, module, tiles[i]['image'])
+    records[i] = hovernet_infer.predict_record(predict, module, tiles[i]['image'], params)
     if i == 0:  # Process 0 always holds tile 0.
       picture = overlay(tiles[0], records[0])
   preds = _gather(records, len(tiles), pathlib.Path(folder), step)

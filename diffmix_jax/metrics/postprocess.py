@@ -6,7 +6,7 @@ ellipse opening and the contour test are the official ones (hovernet.md "Pitfall
 must run on the whole stitched tile: the min-max normalisations are global.
 """
 
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 import cv2
 import numpy as np
@@ -15,11 +15,42 @@ from skimage import segmentation
 
 from tfds_builders import instances
 
-# hovernet.md §4.1: thresholds and area cut-offs.
-NP_THRESHOLD = 0.5  # Step 1: foreground is np >= 0.5.
-EDGE_THRESHOLD = 0.4  # Step 8: marker interior is E < 0.4.
-MIN_AREA = 10  # Steps 2 and 8: components with fewer than 10 px are removed (strictly less).
-SOBEL_KSIZE = 21  # Step 4.
+
+class Params(NamedTuple):
+  """Thresholds and sizes of the post-processing; the defaults are the official ones (hovernet.md
+  §4.1), set for 40x CoNSeP nuclei (median areas 80-347 px). `config.eval.postprocess` holds them."""
+  np_threshold: float = 0.5  # Step 1: foreground is np >= np_threshold.
+  edge_threshold: float = 0.4  # Step 8: marker interior is E < edge_threshold.
+  min_area: int = 10  # Steps 2 and 8: components with fewer px are removed (strictly less).
+  sobel_ksize: int = 21  # Step 4: odd, 1-31 (OpenCV's limit).
+  marker_open: int = 5  # Step 8: the markers' elliptic opening kernel, odd px (1: no opening).
+
+
+OFFICIAL = Params()
+
+
+def params_from(fields: Mapping[str, Any]) -> Params:
+  """`Params` from `config.eval.postprocess` (a ConfigDict or its JSON dict), checked.
+
+  Raises:
+    ValueError: naming the field, on a missing or unknown field or a value out of range.
+  """
+  names = set(Params._fields)
+  if set(fields.keys()) != names:
+    raise ValueError(f'config.eval.postprocess: expected the fields {sorted(names)}; got '
+                     f'{sorted(fields.keys())}')
+  p = Params(**{k: fields[k] for k in Params._fields})
+  for name in ('np_threshold', 'edge_threshold'):
+    if not 0 < getattr(p, name) < 1:
+      raise ValueError(f'config.eval.postprocess.{name}: expected a value in (0, 1); got '
+                       f'{getattr(p, name)!r}')
+  for name, low, high in (('min_area', 1, 10**6), ('sobel_ksize', 1, 31), ('marker_open', 1, 99)):
+    v = getattr(p, name)
+    if not isinstance(v, int) or not low <= v <= high or (name != 'min_area' and v % 2 == 0):
+      odd = '' if name == 'min_area' else 'odd '
+      raise ValueError(f'config.eval.postprocess.{name}: expected an {odd}integer in [{low}, {high}]; '
+                       f'got {v!r}')
+  return p
 
 
 def remove_small_objects(label_map: np.ndarray, min_size: int) -> np.ndarray:
@@ -50,56 +81,60 @@ def _minmax(x: np.ndarray) -> np.ndarray:
   return cv2.normalize(x, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
 
 
-def sobel_edges(h: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def sobel_edges(h: np.ndarray, v: np.ndarray,
+                ksize: int = OFFICIAL.sobel_ksize) -> tuple[np.ndarray, np.ndarray]:
   """Edge maps of the HV channels (hovernet.md §4.1 steps 3-5).
 
   h and v are min-max normalised to [0, 1] over the whole tile, differentiated with the separable,
-  unnormalised ksize-21 Sobel (derivative along x for h, along y for v; reflect-101 borders), and each
+  unnormalised Sobel of size `ksize` (derivative along x for h, along y for v; reflect-101 borders), and each
   result becomes 1 - min-max(result).
 
   Args:
     h: [H, W] float horizontal (x) HV channel.
     v: [H, W] float vertical (y) HV channel.
+    ksize: the Sobel kernel size (official 21).
 
   Returns:
     (sh, sv): [H, W] float32 each, in [0, 1]; low where the HV map changes fast (nucleus borders).
   """
   h01 = _minmax(np.asarray(h, np.float32))
   v01 = _minmax(np.asarray(v, np.float32))
-  sh = cv2.Sobel(h01, cv2.CV_64F, 1, 0, ksize=SOBEL_KSIZE, borderType=cv2.BORDER_REFLECT_101)
-  sv = cv2.Sobel(v01, cv2.CV_64F, 0, 1, ksize=SOBEL_KSIZE, borderType=cv2.BORDER_REFLECT_101)
+  sh = cv2.Sobel(h01, cv2.CV_64F, 1, 0, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
+  sv = cv2.Sobel(v01, cv2.CV_64F, 0, 1, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
   return 1 - _minmax(sh), 1 - _minmax(sv)
 
 
-def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray) -> np.ndarray:
+def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
+                       params: Params = OFFICIAL) -> np.ndarray:
   """Marker-controlled watershed on the NP and HV maps (hovernet.md §4.1 steps 1-9).
 
   Args:
     np_prob: [H, W] float nucleus probability, softmax(NP)[..., 1].
     h: [H, W] float raw HV channel 0 (x).
     v: [H, W] float raw HV channel 1 (y).
+    params: thresholds and sizes (official by default).
 
   Returns:
     [H, W] int32 instance map labelled with the marker ids (non-contiguous ids are possible; nuclei
     without a surviving marker are 0).
   """
   # Steps 1-2: foreground, 4-connected components, drop those < 10 px, binarise.
-  blb = (np.asarray(np_prob) >= NP_THRESHOLD).astype(np.int32)
-  blb = remove_small_objects(ndimage.label(blb)[0], MIN_AREA)
+  blb = (np.asarray(np_prob) >= params.np_threshold).astype(np.int32)
+  blb = remove_small_objects(ndimage.label(blb)[0], params.min_area)
   blb = (blb > 0).astype(np.int32)
   # Steps 3-6: edge maps, combined; background forced to 0 (float64 as in the official dtype flow).
-  sh, sv = sobel_edges(h, v)
+  sh, sv = sobel_edges(h, v, params.sobel_ksize)
   edge = np.maximum(sh, sv) - (1 - blb)
   edge[edge < 0] = 0
   # Step 7: energy = -Gaussian3x3((1 - E) * blb), sigma 0 -> weights [0.25, 0.5, 0.25], reflect-101.
   dist = (1.0 - edge) * blb
   dist = -cv2.GaussianBlur(dist, (3, 3), 0, borderType=cv2.BORDER_REFLECT_101)
   # Steps 8-9: markers, then watershed of the energy inside the foreground (4-connectivity).
-  inst_map = segmentation.watershed(dist, markers=markers(blb, edge), mask=blb.astype(bool))
+  inst_map = segmentation.watershed(dist, markers=markers(blb, edge, params), mask=blb.astype(bool))
   return inst_map.astype(np.int32)
 
 
-def markers(blb: np.ndarray, edge: np.ndarray) -> np.ndarray:
+def markers(blb: np.ndarray, edge: np.ndarray, params: Params = OFFICIAL) -> np.ndarray:
   """Watershed markers (hovernet.md §4.1 step 8).
 
   M = blb - (E >= 0.4) clipped at 0; holes filled; opened with the 5x5 ellipse (OpenCV borders: the
@@ -108,16 +143,18 @@ def markers(blb: np.ndarray, edge: np.ndarray) -> np.ndarray:
   Args:
     blb: [H, W] int 0/1 cleaned foreground.
     edge: [H, W] float combined edge map E (0 on background).
+    params: thresholds and sizes (official: 0.4, the 5x5 ellipse, 10 px).
 
   Returns:
     [H, W] int32 marker labels (ids may be non-contiguous).
   """
-  marker = np.asarray(blb, np.int32) - (np.asarray(edge) >= EDGE_THRESHOLD).astype(np.int32)
+  marker = np.asarray(blb, np.int32) - (np.asarray(edge) >= params.edge_threshold).astype(np.int32)
   marker[marker < 0] = 0
   marker = ndimage.binary_fill_holes(marker).astype(np.uint8)
-  kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+  k = params.marker_open
+  kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
   marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, kernel)
-  return remove_small_objects(ndimage.label(marker)[0], MIN_AREA).astype(np.int32)
+  return remove_small_objects(ndimage.label(marker)[0], params.min_area).astype(np.int32)
 
 
 def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[str, Any]]:
@@ -174,13 +211,15 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[
   return info
 
 
-def process(pred_map: np.ndarray, nr_types: int) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+def process(pred_map: np.ndarray, nr_types: int,
+            params: Params = OFFICIAL) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
   """Full post-processing of a stitched tile (hovernet.md §4).
 
   Args:
     pred_map: [H, W, 4] float32, channels [tp, np, h, v]: tp = argmax of softmax(TP) as a float,
       np = softmax(NP)[..., 1], h and v the raw HV channels (x, y).
     nr_types: number of type classes including background (5 for merged CoNSeP).
+    params: thresholds and sizes of `separate_instances` (official by default).
 
   Returns:
     (inst_map [H, W] int32, inst_info) with inst_info as in `instance_info`.
@@ -197,7 +236,7 @@ def process(pred_map: np.ndarray, nr_types: int) -> tuple[np.ndarray, dict[int, 
   tp = pred_map[..., 0]
   if np.any(tp != np.round(tp)) or np.any(tp < 0) or np.any(tp >= nr_types):
     raise ValueError(f'pred_map[..., 0] (tp) must hold integer type ids in [0, {nr_types})')
-  inst_map = separate_instances(pred_map[..., 1], pred_map[..., 2], pred_map[..., 3])
+  inst_map = separate_instances(pred_map[..., 1], pred_map[..., 2], pred_map[..., 3], params)
   return inst_map, instance_info(inst_map, tp.astype(np.int64))
 
 

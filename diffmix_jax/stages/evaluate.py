@@ -5,6 +5,7 @@ import json
 import os
 
 from diffmix_jax.core import fields
+from diffmix_jax.metrics import postprocess
 from diffmix_jax.metrics import records
 from diffmix_jax import workdir as wdir
 
@@ -27,6 +28,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
     save_tissues(tiles, tissue_json)
   variables = hovernet_infer.load_variables(wdir.hovernet_variables_path(workdir, run), module)
   predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
+  params = postprocess.params_from(config.eval.postprocess)
   mine = [tiles[i] for i in eval_indices_for(len(tiles))]
   progress = train_lib.create_progress(len(mine))
   for k, tile in enumerate(mine):
@@ -34,7 +36,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
       records.save_mat(true_dir / f'{tile["name"]}.mat',
                        records.label_record(tile['inst_map'], tile['type_map']))
       records.save_mat(pred_dir / f'{tile["name"]}.mat',
-                       hovernet_infer.predict_record(predict, module, tile['image']))
+                       hovernet_infer.predict_record(predict, module, tile['image'], params))
     progress(k + 1)
   if jax.process_count() > 1:
     sharding.barrier(f'evaluate {label} predicted')
@@ -71,6 +73,26 @@ def _synthetic_folder(config, workdir: str) -> str:
   return folder if os.path.isdir(os.path.join(folder, 'Images')) else ''
 
 
+def _forget_other_postprocessing(config, workdir: str, labels: list[str], out) -> None:
+  """Records post-processed with other `eval.postprocess` values than the config's are deleted
+  (with their metrics and DONE), so that every run is scored again; the values in use are kept in
+  `eval/postprocess.json` (a workdir from before it counts as the official values)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  want = postprocess.params_from(config.eval.postprocess)._asdict()
+  path = out.path / 'postprocess.json'
+  have = json.loads(path.read_text()) if path.exists() else postprocess.OFFICIAL._asdict()
+  if have != want:
+    logging.warning('evaluate: post-processing %s here, %s in the config: scoring every run again',
+                    have, want)
+    for label in labels:
+      shutil.rmtree(wdir.eval_record_dirs(workdir, label)[0], ignore_errors=True)
+      wdir.eval_json(workdir, label).unlink(missing_ok=True)
+    (out.path / wdir.DONE).unlink(missing_ok=True)
+  if have != want or not path.exists():
+    out.write_text('postprocess.json', json.dumps(want))
+
+
 def run(config, workdir: str) -> None:
   """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (hovernet.md §5, §7).
 
@@ -91,6 +113,11 @@ def run(config, workdir: str) -> None:
   names = [arms.run_name(a, s) for a, s in arms.runs(config)]
   synthetic = _synthetic_folder(config, workdir)
   wanted = names + ([wdir.SYNTHETIC_FIDELITY] if synthetic else [])
+  if jax.process_index() == 0:
+    _forget_other_postprocessing(config, workdir, names + [wdir.SYNTHETIC_FIDELITY], out)
+  if jax.process_count() > 1:
+    from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
+    sharding.barrier('evaluate postprocess checked')
   if out.done() and all(wdir.eval_json(workdir, n).exists() for n in wanted):
     logging.info('evaluate: already done (%s)', out.path)
     return

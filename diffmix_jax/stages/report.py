@@ -235,13 +235,15 @@ def _to_tensorboard(out: wdir.StageDir, metrics: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Stage entry: writes the report; a no-op when done for the same runs (delete report/ to redraw
-  it); runs added to the config since redraw it."""
+  """Stage entry: writes the report; a no-op when done for the same runs and post-processing (delete
+  report/ to redraw it); runs added to the config since, or other `eval.postprocess` values, redraw
+  it."""
   out = wdir.StageDir(workdir, wdir.REPORT)
-  names = [arms.run_name(a, s) for a, s in arms.runs(config)]
-  if out.done() and json.loads((out.path / wdir.DONE).read_text()).get('runs') == names:
+  info = {'runs': [arms.run_name(a, s) for a, s in arms.runs(config)],
+          'postprocess': config.eval.postprocess.to_dict()}
+  if out.done() and json.loads((out.path / wdir.DONE).read_text()) == info:
     logging.info('report: already done (%s)', out.path)
     return
   path = write_report(config, workdir)
-  out.mark_done({'runs': names})
+  out.mark_done(info)
   logging.info('report: %s', os.path.join(path, 'report.md'))

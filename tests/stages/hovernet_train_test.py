@@ -231,6 +231,13 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
   assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'DONE')] == stamps
+  # Other post-processing values: the run is scored again with them, and they are recorded.
+  assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 3
+  config.eval.postprocess.marker_open = 5
+  evaluate.run(config, workdir)
+  assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 5
+  assert os.path.getmtime(tmp_path / 'eval' / 'DONE') > stamps[1]
+  assert os.path.getmtime(tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat') > stamps[1]
 
   real_progress = hovernet_train.train_lib.create_progress
 
@@ -298,23 +305,19 @@ def test_tiled_inference_chain_scores_an_oracle_network():
 @pytest.mark.e2e
 def test_tiny_hovernet_overfits_a_tile_and_learns_every_type(tmp_path, monkeypatch):
   """After overfitting one demo tile that holds every class, `evaluate` on it finds the nuclei and
-  types them: Dice > 0.9, every paired nucleus's type right (acc >= 0.95), F_c >= 0.8 for the rare
-  "other", epithelial and spindle classes (issue 17 item 1).
+  types them: Dice > 0.9, every paired nucleus's type right (acc >= 0.95), F_c >= 0.8 for every
+  class (issue 17 item 1).
 
   Tile test_1 (10 other, 14 inflammatory, 9 epithelial, 19 spindle nuclei), the tiny network
   (width 16, zero-initialised output convs) at lr 1e-2, batch 2, no augmentation, 300 steps over
-  its 4 windows, the demo's class-balanced TP loss (median-frequency weights). Measured on the
-  2-core CPU (2026-12-04, 300 steps, in a plain one-device process before commit 1fa2c90): acc 1.0
-  on tiles test_0, test_1 and test_5; F_c (other / inflammatory / epithelial / spindle) 0.95 /
-  0.73 / 1.0 / 0.97 on test_1, 1.0 / 0.74 / 1.0 / 0.80 on test_0, 1.0 / 0.57 / 1.0 / 0.82 on
-  test_5. After 1fa2c90 (rounding only) on test_1: 45 of 52 nuclei, 0.95 / 0.78 / 1.0 / 0.97 in a
-  plain process; 41 of 52, Dice 0.986, 0.95 / 0.60 / 1.0 / 0.94 in this suite's process (8
-  simulated devices change XLA's float order). Inflammatory stays under the issue's 0.8 (0.79
-  after 600 steps on test_0) and moves most: its misses are small dark nuclei lying on epithelial
-  ones, which the watershed merges into the epithelial nucleus — detection, not the type branch
-  (its paired nuclei are all typed right); 600 steps cost ~4 min, more than the suite has, so
-  inflammatory is held to 0.5 only. With the official unweighted TP loss the same 300 steps type
-  22 % of the paired nuclei right (acc 0.216; every class but "other" F_c 0): this test fails on it.
+  its 4 windows, the demo's class-balanced TP loss (median-frequency weights) and post-processing
+  (kernels halved for its small nuclei). Measured in this suite's process (2-core CPU,
+  2026-12-04): 48 of 52 nuclei, Dice 1.00, F_c (other / inflammatory / epithelial / spindle) 0.95
+  / 0.88 / 1.0 / 1.0. With the official post-processing the same model found 41 of 52 (0.95 / 0.60
+  / 1.0 / 0.94): the official 5x5 opening erases the markers of small inflammatory nuclei lying on
+  epithelial ones, so the watershed merges them (detection, not the type branch: its paired nuclei
+  were all typed right). With the official unweighted TP loss the same 300 steps type 22 % of the
+  paired nuclei right (acc 0.216; every class but "other" F_c 0): this test fails on it.
   """
   config = _tiny_config(augment=False, phase1_epochs=0, phase2_epochs=OVERFIT_EPOCHS, lr=1e-2,
                         lr_step_epochs=10**6, log_every_steps=50, checkpoint_every_epochs=1000,
@@ -332,7 +335,7 @@ def test_tiny_hovernet_overfits_a_tile_and_learns_every_type(tmp_path, monkeypat
   assert metrics['dice'] > 0.9 and metrics['acc'] >= 0.95, metrics
   assert metrics['num_pred'] >= 0.6 * metrics['num_true'], metrics  # Separated nuclei, not blobs.
   f_c = {int(k): v for k, v in metrics['f_c'].items()}
-  assert min(f_c[1], f_c[3], f_c[4]) >= 0.8 and f_c[2] >= 0.5, f_c
+  assert min(f_c[c] for c in range(1, 5)) >= 0.8, f_c
 
 
 OVERFIT_EPOCHS = 150  # 300 steps of batch 2 over the tile's 4 windows.
