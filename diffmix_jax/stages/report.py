@@ -89,7 +89,7 @@ def f1_bars(metrics: dict, class_names: list[str]) -> bytes:
   ax.set_xticklabels([class_names[c] if c < len(class_names) else str(c) for c in classes])
   ax.set_ylabel('F1 (F_c), mean ± s.d. over seeds')
   ax.set_ylim(0, 1)
-  ax.legend()
+  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.12), ncol=4)  # Off the bars.
   ax.set_title('Per-class detection+classification F1 on the test split')
   return _figure_png(fig)
 
@@ -110,7 +110,7 @@ def fidelity_bars(fidelity: dict, class_names: list[str]) -> bytes:
   ax.set_xticks(np.arange(len(labels)) + 0.2)
   ax.set_xticklabels(labels, rotation=20)
   ax.set_ylim(0, 1)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.22), ncol=2)
   ax.set_title('Baseline model (real data only) on real test tiles vs synthetic patches')
   return _figure_png(fig)
 
