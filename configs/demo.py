@@ -4,10 +4,10 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 22:36-22:45 UTC, fresh clone of
-abee6e2, cold compilation cache): 8 min 36 s with the install (build 5 s, SDM 94 s, mixing 1 s,
-synthesis 47 s, HoVer-Net 342 s for both runs, evaluate 15 s); the same command again returns in
-3.3 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 23:44-23:53 UTC, fresh clone of
+fd30b83, cold compilation cache): 8 min 42 s with the install (build 5 s, SDM 95 s, mixing 1 s,
+synthesis 48 s, HoVer-Net 349 s for both runs, evaluate 15 s); the same command again returns in
+3.2 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
 rerun after a kill compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
@@ -17,9 +17,9 @@ What to expect:
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 226 synthetic patches (98
     balancing patches holding the 154 replaced nuclei, 128 enlarging).
   - HoVer-Net (tiny, 320 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
-    (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.958, PQ
-    0.629, F_d 0.799, F_c 0.73 / 0.61 / 0.96 / 0.67 (other, inflammatory, epithelial, spindle);
-    diffmix Dice 0.966, PQ 0.642, F_d 0.824, F_c 0.85 / 0.49 / 0.96 / 0.68. One seed's figures
+    (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.986, PQ
+    0.677, F_d 0.849, F_c 0.74 / 0.75 / 0.86 / 0.82 (other, inflammatory, epithelial, spindle);
+    diffmix Dice 0.976, PQ 0.706, F_d 0.891, F_c 0.81 / 0.59 / 0.93 / 0.68. One seed's figures
     move by up to ~0.7 between seeds (the baseline's rare F_c is 0 in seed 1): README gives the
     3-seed study.
 """
