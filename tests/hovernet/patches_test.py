@@ -86,8 +86,12 @@ def test_small_synthetic_patches_are_packed_with_distinct_instance_ids():
   np.testing.assert_array_equal(first['image'][64:128, 128:192], 7)  # Patch 6: value 7.
   assert set(np.unique(first['inst_map'][64:128, 128:192])) == {0, 19, 20, 21}
   assert len(np.unique(first['inst_map'])) == 16 * 3 + 1
-  np.testing.assert_array_equal(packed[1]['image'][64:], 0)  # 4 patches in the last: row 0.
-  assert packed[1]['image'][0, 64 * 3, 0] == 20 and packed[1]['inst_map'].max() == 4 * 3
+  # The last window: patches 16-19 in row 0, then patches 0-11 again (no black cells).
+  assert packed[1]['image'][0, 64 * 3, 0] == 20 and packed[1]['image'][64, 0, 0] == 1
+  assert packed[1]['image'][255, 255, 0] == 12 and packed[1]['image'].min() > 0
+  assert packed[1]['inst_map'].max() == 16 * 3 and len(np.unique(packed[1]['inst_map'])) == 49
+  tiny = hovernet_data.pack_patches(_synthetic(3, 64), 256)  # Fewer patches than cells: cycled.
+  assert len(tiny) == 1 and [tiny[0]['image'][0, 64 * c, 0] for c in range(4)] == [1, 2, 3, 1]
   same = _synthetic(3, 256)
   assert hovernet_data.pack_patches(same, 256) is same  # Window-sized patches stay as they are.
   mixed = _synthetic(2, 64) + _synthetic(1, 32)
