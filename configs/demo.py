@@ -4,10 +4,10 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-04 23:44-23:53 UTC, fresh clone of
-fd30b83, cold compilation cache): 8 min 42 s with the install (build 5 s, SDM 95 s, mixing 1 s,
-synthesis 48 s, HoVer-Net 349 s for both runs, evaluate 15 s); the same command again returns in
-3.2 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-05 01:01-01:10 UTC, fresh clone of
+981483b, cold compilation cache): 9 min 0 s with the install (build 5 s, SDM 95 s, mixing 1 s,
+synthesis 47 s, HoVer-Net 368 s for both runs, evaluate 14 s); the same command again returns in
+~3 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
 rerun after a kill compiles less.
 What to expect:
   - SDM (2.2 M parameters, 180 steps of 4 crops of 48 px): hybrid loss 0.60 at step 10, ~0.015 by
@@ -19,7 +19,7 @@ What to expect:
   - HoVer-Net (tiny, 320 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
     (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.986, PQ
     0.677, F_d 0.849, F_c 0.74 / 0.75 / 0.86 / 0.82 (other, inflammatory, epithelial, spindle);
-    diffmix Dice 0.976, PQ 0.706, F_d 0.891, F_c 0.81 / 0.59 / 0.93 / 0.68. One seed's figures
+    diffmix Dice 0.984, PQ 0.706, F_d 0.871, F_c 0.75 / 0.73 / 0.90 / 0.74. One seed's figures
     move by up to ~0.7 between seeds (the baseline's rare F_c is 0 in seed 1): README gives the
     3-seed study.
 """
