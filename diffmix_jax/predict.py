@@ -13,8 +13,8 @@ reads this folder as predictions), `json/<name>.json` (per nucleus bbox, centroi
 type_prob), `overlay/<name>.png` (contours coloured by class) and `qupath/<name>.geojson` (one
 detection per nucleus, QuPath's GeoJSON import). Each file is written atomically; a tile whose
 outputs exist and were written by the same model (`fingerprint/<name>.txt`: weights, model config
-and post-processing) is skipped on a rerun; another model redoes it. An unreadable or unsupported image is
-reported by name, the others are still processed, and the exit status is 1.
+and post-processing) is skipped on a rerun; another model redoes it. An unreadable or unsupported
+image is reported by name, the others are still processed, and the exit status is 1.
 """
 
 import dataclasses

@@ -86,8 +86,8 @@ def sobel_edges(h: np.ndarray, v: np.ndarray,
   """Edge maps of the HV channels (hovernet.md §4.1 steps 3-5).
 
   h and v are min-max normalised to [0, 1] over the whole tile, differentiated with the separable,
-  unnormalised Sobel of size `ksize` (derivative along x for h, along y for v; reflect-101 borders), and each
-  result becomes 1 - min-max(result).
+  unnormalised Sobel of size `ksize` (derivative along x for h, along y for v; reflect-101
+  borders), and each result becomes 1 - min-max(result).
 
   Args:
     h: [H, W] float horizontal (x) HV channel.
@@ -118,7 +118,7 @@ def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
     [H, W] int32 instance map labelled with the marker ids (non-contiguous ids are possible; nuclei
     without a surviving marker are 0).
   """
-  # Steps 1-2: foreground, 4-connected components, drop those < 10 px, binarise.
+  # Steps 1-2: foreground, 4-connected components, drop those < min_area px, binarise.
   blb = (np.asarray(np_prob) >= params.np_threshold).astype(np.int32)
   blb = remove_small_objects(ndimage.label(blb)[0], params.min_area)
   blb = (blb > 0).astype(np.int32)
