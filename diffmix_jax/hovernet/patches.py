@@ -135,6 +135,31 @@ def pack_patches(patches: list[dict], window: int) -> list[dict]:
   return out
 
 
+def synthetic_items(patches: list[dict], window: int, step: int) -> list[dict]:
+  """The synthetic rows a run draws from.
+
+  Patches of at least half the window join as they are (the DiffMix recipe adds its 256-px patches
+  to the training list whole, diffmix_method.md). Smaller ones are packed (`pack_patches`) and the
+  mosaics cut into mirror-mode windows as real tiles are (§6.3): a mosaic fed whole would have only
+  its centre under the network's output (fast mode: 164 of 256 px, so 9 of 25 demo patches in
+  full). Mosaics too small for a window at this step (step = window) stay whole.
+
+  Returns:
+    Items {`name`, `image` uint8 [S, S, 3], `inst_map`, `type_map` int32 [S, S]}.
+  """
+  packed = pack_patches(patches, window)
+  side = min(packed[0]['image'].shape[:2]) if packed else 0
+  if packed is patches or side + 2 * ((window - step) // 2) < window:
+    return packed
+  windows = PatchSet(packed, window, step)
+  out = []
+  for k, (i, r, c) in enumerate(windows.offsets):
+    image, inst, types = windows[k]
+    out.append({'name': f'{packed[i]["name"]}_{r}_{c}', 'image': image, 'inst_map': inst,
+                'type_map': types})
+  return out
+
+
 class PatchSet:
   """The real training items: mirror-mode windows of the tiles (§6.3), in tile then grid order."""
 

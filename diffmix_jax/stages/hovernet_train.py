@@ -55,8 +55,9 @@ def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, me
   tc = config.hovernet.train
   synthetic = []
   if arms.ARMS[arm]:
-    synthetic = hovernet_data.pack_patches(hovernet_data.read_synthetic(
-        wdir.synthetic_consep_dir(config, workdir), arms.ARMS[arm]), tc.patch_window)
+    patches = hovernet_data.read_synthetic(wdir.synthetic_consep_dir(config, workdir),
+                                           arms.ARMS[arm])
+    synthetic = hovernet_data.synthetic_items(patches, tc.patch_window, tc.patch_step)
   if tiles is None:
     tiles = input_pipeline.load_split(config, workdir, 'train')
   if val_tiles is None:

@@ -99,6 +99,36 @@ def test_small_synthetic_patches_are_packed_with_distinct_instance_ids():
     hovernet_data.pack_patches(mixed, 256)
 
 
+def test_packed_mosaics_are_cut_into_windows_whose_outputs_cover_every_patch():
+  """Window 256, step 164 (fast mode: output 164): each 256-px mosaic gives 4 mirror-mode windows
+  (official order: grid, bottom row, right column, corner);
+  window (r, c)'s central 164 px are mosaic rows r..r+163, cols c..c+163, and together they cover it."""
+  patches = _synthetic(20, 64)
+  mosaics = hovernet_data.pack_patches(patches, 256)
+  items = hovernet_data.synthetic_items(patches, 256, 164)
+  assert [p['name'] for p in items] == [f'packed_{k}_{r}_{c}' for k in (0, 1)
+                                        for r, c in ((0, 0), (92, 0), (0, 92), (92, 92))]
+  for k, mosaic in enumerate(mosaics):
+    covered = np.zeros((256, 256), bool)
+    for item in items[4 * k:4 * k + 4]:
+      r, c = (int(x) for x in item['name'].split('_')[2:])
+      assert item['image'].shape == (256, 256, 3) and item['type_map'].shape == (256, 256)
+      out = (slice(46, 210), slice(46, 210))
+      np.testing.assert_array_equal(item['image'][out], mosaic['image'][r:r + 164, c:c + 164])
+      np.testing.assert_array_equal(item['inst_map'][out], mosaic['inst_map'][r:r + 164, c:c + 164])
+      np.testing.assert_array_equal(item['type_map'][out], mosaic['type_map'][r:r + 164, c:c + 164])
+      covered[r:r + 164, c:c + 164] = True
+    assert covered.all()
+  # Mirror context, not black: the window's border reflects the mosaic.
+  np.testing.assert_array_equal(items[0]['image'][45, 46:110], mosaics[0]['image'][1, 0:64])
+  # A 240-px mosaic at step = window (no mirror margin) has no whole window: it stays as it is.
+  small = hovernet_data.synthetic_items(_synthetic(20, 48), 256, 256)
+  assert [p['name'] for p in small] == ['packed_0'] and small[0]['image'].shape == (240, 240, 3)
+  # Window-sized patches join untouched.
+  same = _synthetic(3, 256)
+  assert hovernet_data.synthetic_items(same, 256, 164) is same
+
+
 def test_synthetic_rows_per_batch_and_cycles():
   # ratio r: round(r * real rows); r < 0: ceil(items / steps per epoch), each seen once an epoch.
   assert hovernet_data.synthetic_per_batch(0.5, 2, 11, 16) == 1
