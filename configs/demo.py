@@ -4,9 +4,9 @@
 
 Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
 
-Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-05 01:01-01:10 UTC, fresh clone of
-981483b, cold compilation cache): 9 min 0 s with the install (build 5 s, SDM 95 s, mixing 1 s,
-synthesis 47 s, HoVer-Net 368 s for both runs, evaluate 14 s); the same command again returns in
+Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-05 02:29-02:38 UTC, fresh clone of
+f4ce928, cold compilation cache): 8 min 30 s with the install (build 5 s, SDM 93 s, mixing 1 s,
+synthesis 47 s, HoVer-Net 341 s for both runs, evaluate 14 s); the same command again returns in
 ~3 s (every stage says "already done"). XLA compilations are kept in <workdir>/jax_cache, so a
 rerun after a kill compiles less.
 What to expect:
@@ -17,10 +17,10 @@ What to expect:
   - Mixing: 154 of 689 targets replaced; class entropy 0.833 -> 0.941; 226 synthetic patches (98
     balancing patches holding the 154 replaced nuclei, 128 enlarging).
   - HoVer-Net (tiny, 320 steps of 2 real windows, + 1 synthetic row per step for diffmix), seed 0
-    (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.986, PQ
-    0.677, F_d 0.849, F_c 0.74 / 0.75 / 0.86 / 0.82 (other, inflammatory, epithelial, spindle);
-    diffmix Dice 0.984, PQ 0.706, F_d 0.871, F_c 0.75 / 0.73 / 0.90 / 0.74. One seed's figures
-    move by up to ~0.7 between seeds (the baseline's rare F_c is 0 in seed 1): README gives the
+    (8 test tiles, 456 nuclei, 77 rare: the test split is rare-enriched): baseline Dice 0.988, PQ
+    0.730, F_d 0.895, F_c 0.60 / 0.78 / 0.82 / 0.84 (other, inflammatory, epithelial, spindle);
+    diffmix Dice 0.988, PQ 0.742, F_d 0.891, F_c 0.84 / 0.75 / 0.95 / 0.82. One seed's figures
+    move by up to ~0.6 between seeds (the baseline's rare F_c is 0 in seed 2): README gives the
     3-seed study.
 """
 

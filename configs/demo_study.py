@@ -14,8 +14,8 @@ runs (baseline, diffmix) too, and only the ten new runs are trained, then evalua
 rebuilt (a demo workdir from before the covering balancing patches is refused by `sample`). The
 seeds were fixed before any arm was looked at; README reports every arm.
 
-Measured 2026-12-05 on the project's 2-core CPU (fresh clone of 981483b, after the demo on the same
-workdir): 32 min 46 s for the ten new runs, their scoring with synthetic fidelity and the report;
+Measured 2026-12-05 on the project's 2-core CPU (fresh clone of f4ce928, after the demo on the same
+workdir): 33 min 16 s for the ten new runs, their scoring with synthetic fidelity and the report;
 41 min 46 s from a fresh clone, demo included.
 """
 
