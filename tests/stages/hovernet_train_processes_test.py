@@ -6,7 +6,7 @@ Each run is `hovernet_train.train_run` on one demo train tile (4 windows at step
 process predicts two tiles and the other one: process 0 gathers the other's records through the
 run folder. Compared: the logged training scalars step by step to 1e-5 (the tolerance of the
 multi-process `main` test), the validation metrics of both epochs, and the final weights (all
-bit-identical when measured). Phase 1 does not run, so tiny's phase-1 batch of 8, more than the 4
+bit-identical when measured). Phase 1 does not run, so a phase-1 batch of 8, more than the 4
 windows, is no error.
 """
 
@@ -20,7 +20,7 @@ from flax import serialization
 import numpy as np
 import pytest
 
-from configs import tiny
+from hovernet_train_test import _tiny_config
 from tfds_builders.demo_nuclei import generate as demo_tiles
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -29,20 +29,10 @@ VAL = ('val_dice', 'val_aji', 'val_pq', 'val_f_d', 'val_acc')
 
 
 def setup():
-  """(config, train tiles, validation tiles) of every run."""
-  c = tiny.get_config()
-  c.mesh.data = 2
-  c.hovernet.model.width = 16
-  c.hovernet.model.encoder_units = '1,1,1,1'
-  h = c.hovernet.train
-  h.runs = 'baseline'
-  h.phase1_epochs, h.phase2_epochs = 0, 2
-  h.phase2_batch_size = 2
-  h.patch_step = 164
-  h.log_every_steps = 1
-  h.val_every_epochs = 1
-  h.loader_threads = 1
-  c.eval.batch_size = 2
+  """(config, train tiles, validation tiles) of every run: hovernet_train_test's tiny HoVer-Net,
+  phase 2 only, scalars every step, validation every epoch."""
+  c = _tiny_config(phase1_epochs=0, phase2_epochs=2, phase1_batch_size=8, log_every_steps=1,
+                   val_every_epochs=1, loader_threads=1)
   tile = lambda split, i: dict(zip(('image', 'inst_map', 'type_map'),
                                    demo_tiles.make_tile(0, split, i)), name=f'{split}_{i}')
   return c, [tile('train', 0)], [tile('test', i) for i in range(3)]
