@@ -68,13 +68,13 @@ def _training_data(config: ml_collections.ConfigDict, workdir: str, arm: str, me
   epochs = (tc.phase1_epochs, tc.phase2_epochs)
   spe, syn = [], []
   for b, field, e in zip(batches, ('phase1_batch_size', 'phase2_batch_size'), epochs):
+    if e and len(real) < b:  # A phase that does not run needs no batch that fits.
+      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(real)} real windows')
     spe.append(len(real) // b)
     syn.append(hovernet_data.synthetic_per_batch(tc.synthetic_ratio, b, len(synthetic), spe[-1])
                if synthetic and e else 0)
-    if not e:  # A phase that does not run needs no batch that fits.
+    if not e:
       continue
-    if len(real) < b:
-      raise ValueError(f'config.hovernet.train.{field}={b} exceeds the {len(real)} real windows')
     if synthetic and not syn[-1]:
       raise ValueError(f'config.hovernet.train.synthetic_ratio={tc.synthetic_ratio} gives no '
                        f'synthetic row beside the {b} real ones of hovernet.train.{field}: expected '

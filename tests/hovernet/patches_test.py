@@ -10,6 +10,7 @@ from scipy import io as sio
 
 from configs import tiny
 from diffmix_jax.core import arms
+from diffmix_jax.core import sharding
 from tfds_builders.demo_nuclei import generate as demo_tiles
 from diffmix_jax.hovernet import patches as hovernet_data
 from diffmix_jax.stages import hovernet_train
@@ -140,6 +141,20 @@ def test_synthetic_rows_per_batch_and_cycles():
   seq = np.concatenate([hovernet_data.cycle_indices(5, s, 2, (0, 0, 1, 1)) for s in range(5)])
   assert sorted(seq[:5]) == [0, 1, 2, 3, 4] and sorted(seq[5:]) == [0, 1, 2, 3, 4]
   assert seq[:5].tolist() != seq[5:].tolist()  # Reshuffled each cycle (fixed seed: known to differ).
+
+
+def test_only_a_phase_that_runs_needs_its_batch_to_fit_the_windows(tmp_path):
+  config = tiny.get_config()  # Phase 2 only, one 256-px window per tile.
+  config.mesh.data = 2
+  h = config.hovernet.train
+  h.phase1_batch_size, h.phase2_batch_size = 8, 2
+  mesh = sharding.create_mesh(config.mesh)
+  tiles = [_tile(0), _tile(1)]
+  data = hovernet_train._training_data(config, str(tmp_path), 'baseline', mesh, tiles, [])
+  assert data.phase_steps == (0, 1) and data.steps_per_epoch[1] == 1
+  h.phase2_batch_size = 4
+  with pytest.raises(ValueError, match=r'phase2_batch_size=4 exceeds the 2 real windows'):
+    hovernet_train._training_data(config, str(tmp_path), 'baseline', mesh, tiles, [])
 
 
 def _batches(synthetic, synthetic_batch, seed, steps=4):
