@@ -81,6 +81,31 @@ def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
   return dst
 
 
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 free right now (for a jax.distributed coordinator)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """tag -> step -> value of every scalar a CLU writer logged in `logdir` (images left out); a step
+  logged again after a resume keeps its last value."""
+  # pylint: disable=g-import-not-at-top
+  from tensorboard.backend.event_processing import event_accumulator
+  import numpy as np
+  import tensorflow as tf
+  acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={'tensors': 0})
+  acc.Reload()
+  out = {}
+  for tag in acc.Tags()['tensors']:
+    values = {e.step: tf.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
+    if all(np.ndim(v) == 0 for v in values.values()):
+      out[tag] = {step: float(v) for step, v in values.items()}
+  return out
+
+
 @pytest.fixture(scope='session')
 def sampled(tiny_trained, tmp_path_factory) -> pathlib.Path:
   """A copy of `tiny_trained` after an uninterrupted, in-process run of the sample stage."""

@@ -23,7 +23,6 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,8 @@ import pytest
 
 from configs import tiny
 from conftest import copy_workdir
+from conftest import free_port
+from conftest import tensorboard_scalars
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.stages import sample
 from diffmix_jax import workdir as wdir
@@ -95,12 +96,6 @@ def _fresh_workdir(reference: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start(n: int, workdir: pathlib.Path, tag: str, heartbeat: int = 30,
            stages: str = STAGES) -> list:
   """Starts n processes of `main` on `workdir`; output goes to `<workdir>.<tag>.<i>.log`.
@@ -109,7 +104,7 @@ def _start(n: int, workdir: pathlib.Path, tag: str, heartbeat: int = 30,
   that nobody reads would stall all of them.
   """
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={LOCAL_DEVICES}')
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(n):
     log = pathlib.Path(f'{workdir}.{tag}.{i}.log')
@@ -222,13 +217,7 @@ def _run(request, n):
 
 def _losses(workdir: pathlib.Path) -> dict[int, float]:
   """step -> loss from TensorBoard; a step logged again after a resume keeps its last value."""
-  # pylint: disable=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_accumulator
-  import tensorflow as tf
-  acc = event_accumulator.EventAccumulator(str(workdir / 'diffusion' / 'tb'),
-                                           size_guidance={'tensors': 0})
-  acc.Reload()
-  return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors('loss')}
+  return tensorboard_scalars(workdir / 'diffusion' / 'tb')['loss']
 
 
 @pytest.mark.parametrize('n', [2, 4])

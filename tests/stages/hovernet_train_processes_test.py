@@ -12,14 +12,16 @@ windows, is no error.
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 from flax import serialization
+import jax
 import numpy as np
 import pytest
 
+from conftest import free_port
+from conftest import tensorboard_scalars
 from hovernet_train_test import _tiny_config
 from tfds_builders.demo_nuclei import generate as demo_tiles
 
@@ -45,7 +47,7 @@ if sys.argv[1]:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
                              process_id=int(sys.argv[2]), initialization_timeout=120)
-sys.path.insert(0, sys.argv[4])
+sys.path[:0] = [sys.argv[4], sys.argv[5]]
 import hovernet_train_processes_test as t
 from diffmix_jax.stages import hovernet_train
 config, tiles, val_tiles = t.setup()
@@ -53,44 +55,24 @@ hovernet_train.train_run(config, sys.argv[3], 'baseline', 0, tiles=tiles, val_ti
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start(workdir: pathlib.Path, devices: int, address: str = '', process: int = 0):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
+  paths = [str(pathlib.Path(__file__).parent), str(ROOT / 'tests')]  # This module, conftest.
   return subprocess.Popen([sys.executable, '-c', WORKER, address, str(process), str(workdir),
-                           str(pathlib.Path(__file__).parent)], cwd=ROOT, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _scalars(run_dir: pathlib.Path) -> dict[str, dict[int, float]]:
-  """tag -> step -> value from the run's TensorBoard events."""
-  # pylint: disable=g-import-not-at-top
-  from tensorboard.backend.event_processing import event_accumulator
-  import tensorflow as tf
-  acc = event_accumulator.EventAccumulator(str(run_dir / 'tb'), size_guidance={'tensors': 0})
-  acc.Reload()
-  out = {}
-  for tag in acc.Tags()['tensors']:
-    values = {e.step: tf.make_ndarray(e.tensor_proto) for e in acc.Tensors(tag)}
-    if all(np.ndim(v) == 0 for v in values.values()):  # Not the validation overlay image.
-      out[tag] = {step: float(v) for step, v in values.items()}
-  return out
+                           *paths], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_two_processes_train_and_validate_as_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
-  address = f'127.0.0.1:{_free_port()}'
+  address = f'127.0.0.1:{free_port()}'
   procs = [_start(one, 2)] + [_start(two, 1, address, i) for i in range(2)]
   logs = [p.communicate(timeout=900)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0, 0], '\n\n'.join(log[-3000:] for log in logs)
-  want, got = _scalars(one / RUN), _scalars(two / RUN)
+  want, got = tensorboard_scalars(one / RUN / 'tb'), tensorboard_scalars(two / RUN / 'tb')
   for tag in ('loss', 'np_ce', 'np_dice', 'hv_mse', 'hv_msge', 'tp_ce', 'tp_dice'):
     assert sorted(want[tag]) == sorted(got[tag]) == [1, 2, 3, 4], tag
     np.testing.assert_allclose([got[tag][s] for s in range(1, 5)],
@@ -103,13 +85,7 @@ def test_two_processes_train_and_validate_as_one(tmp_path):
   assert sorted(p.name for p in (two / RUN / 'validation').iterdir()) == ['00001.mat']
   assert not (one / RUN / 'validation').exists()
   read = lambda d: serialization.msgpack_restore((d / RUN / 'variables.msgpack').read_bytes())
-  for a, b in zip(*(jax_leaves(read(d)) for d in (one, two))):
+  for a, b in zip(*(jax.tree.leaves(read(d)) for d in (one, two))):
     np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
   assert (two / RUN / 'DONE').exists()
 
-
-def jax_leaves(tree) -> list[np.ndarray]:
-  """The leaves of a nested dict in key order."""
-  if isinstance(tree, dict):
-    return [x for k in sorted(tree) for x in jax_leaves(tree[k])]
-  return [np.asarray(tree)]
