@@ -14,8 +14,8 @@ from diffmix_jax.core import arms
 from diffmix_jax import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'tiny', 'conic', 'pannuke',
-           'folder_example')
+CONFIGS = ('consep', 'glysac', 'consep_smoke', 'demo', 'demo_study', 'demo_power', 'tiny', 'conic',
+           'pannuke', 'folder_example')
 
 
 @pytest.mark.parametrize('name', CONFIGS)

@@ -3,11 +3,13 @@
 Input is `runs`, `{arm: {seed: evaluate JSON}}` (seeds as strings, as JSON keys are), the evaluate
 JSON holding the scalar metrics of METRICS and `f_c`, `{class id: F1}`. Seed s of every arm shares
 its HoVer-Net random streams, so arm - baseline at the same seed is a paired difference; its 95 %
-interval is mean ± t(0.975, n - 1) · sd / sqrt(n). With n = 1 a standard deviation and an interval
-do not exist: they are None (JSON null), never 0.
+interval is mean ± t(0.975, n - 1) · sd / sqrt(n), and its two-sided Wilcoxon signed-rank p is
+scipy's `stats.wilcoxon` with its defaults (zero differences dropped, exact for small n). With
+n = 1 a standard deviation, an interval and a p do not exist: they are None (JSON null), never 0.
 """
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -37,11 +39,22 @@ def _mean_sd(values: list[float]) -> dict:
           'sd': float(a.std(ddof=1)) if n > 1 else None, 'n': n}
 
 
+def wilcoxon_p(diffs: list[float]) -> float | None:
+  """Two-sided Wilcoxon signed-rank p of paired differences (scipy's defaults); None for n < 2 or
+  where scipy gives no number (NaN)."""
+  if len(diffs) < 2:
+    return None
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # All-zero differences: scipy divides by 0.
+    p = float(stats.wilcoxon(np.asarray(diffs, np.float64)).pvalue)
+  return None if math.isnan(p) else p
+
+
 def _paired(diffs: list[float]) -> dict:
-  """{mean_diff, sd_diff, ci95_low, ci95_high, n} of per-seed differences."""
+  """{mean_diff, sd_diff, ci95_low, ci95_high, wilcoxon_p, n} of per-seed differences."""
   m = _mean_sd(diffs)
   out = {'mean_diff': m['mean'], 'sd_diff': m['sd'], 'ci95_low': None, 'ci95_high': None,
-         'n': m['n']}
+         'wilcoxon_p': wilcoxon_p(diffs), 'n': m['n']}
   if m['n'] > 1:
     half = float(stats.t.ppf(0.975, m['n'] - 1)) * m['sd'] / math.sqrt(m['n'])
     out['ci95_low'], out['ci95_high'] = m['mean'] - half, m['mean'] + half
@@ -59,7 +72,7 @@ def summarize(runs: dict) -> dict:
 
 
 def paired(runs: dict, reference: str = REFERENCE) -> dict:
-  """`{arm: {metric: {mean_diff, sd_diff, ci95_low, ci95_high, n}, 'f_c': {class: {...}}}}`.
+  """`{arm: {metric: {mean_diff, sd_diff, ci95_low, ci95_high, wilcoxon_p, n}, 'f_c': {class: ...}}}`.
 
   Differences arm - reference at each seed both have; every arm but the reference; {} without a
   reference run. A class enters the F_c differences at the seeds where both runs score it.

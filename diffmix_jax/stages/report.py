@@ -115,6 +115,34 @@ def fidelity_bars(fidelity: dict, class_names: list[str]) -> bytes:
   return _figure_png(fig)
 
 
+def paired_dots(metrics: dict, class_names: list[str]) -> bytes:
+  """One panel per class (F_c): per seed a line from the baseline's value to each other arm's."""
+  runs = metrics['runs']
+  others = [r for r in RUNS if r in runs and r != run_stats.REFERENCE]
+  ref = runs[run_stats.REFERENCE]
+  classes = sorted({int(c) for per_seed in runs.values() for m in per_seed.values()
+                    for c in m['f_c'] if int(c) > 0})
+  fig, axes = plt.subplots(1, len(classes), figsize=(0.6 + 2.2 * len(classes), 3.0), sharey=True,
+                           squeeze=False)
+  colours = plt.get_cmap('tab10')
+  for ax, c in zip(axes[0], classes):
+    for k, seed in enumerate(sorted(ref, key=int)):
+      for x, arm in enumerate(others, start=1):
+        a, b = ref[seed]['f_c'].get(str(c)), runs[arm].get(seed, {}).get('f_c', {}).get(str(c))
+        if a is not None and b is not None:
+          ax.plot([0, x], [a, b], '-o', ms=3, lw=1, color=colours(k % 10),
+                  label=f's{seed}' if x == 1 else None)
+    ax.set_xticks(range(len(others) + 1))
+    ax.set_xticklabels([run_stats.REFERENCE] + others, rotation=20)
+    ax.set_title(f'F_c {class_names[c] if c < len(class_names) else c}')
+    ax.set_ylim(-0.03, 1.03)
+  axes[0][0].set_ylabel('F1 per seed')
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='lower center', bbox_to_anchor=(0.5, -0.12), ncol=10,
+             fontsize=8)
+  return _figure_png(fig)
+
+
 def metrics_table(metrics: dict, class_names: list[str]) -> str:
   """Markdown table: one row per run, columns Dice, AJI, AJI+, PQ, F_d, acc, F_c per class."""
   runs = [r for r in RUNS if r in metrics]
@@ -155,6 +183,12 @@ def summary_tables(metrics: dict, class_names: list[str]) -> str:
     for arm, m in paired.items():
       lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [diff(m[k]) for k in keys] + [
           diff(m['f_c'].get(str(c))) for c in classes]) + ' |')
+    p = lambda e: '—' if e is None or e.get('wilcoxon_p') is None else f"{e['wilcoxon_p']:.3g}"
+    head = ['Wilcoxon p (two-sided)', 'n'] + head[2:]
+    lines += ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for arm, m in paired.items():
+      lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [p(m[k]) for k in keys] + [
+          p(m['f_c'].get(str(c))) for c in classes]) + ' |')
   return '\n'.join(lines)
 
 
@@ -187,11 +221,16 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
         '![per-class F1](f1_per_class.png)', '',
         '## Over seeds', '',
         'Mean ± sample s.d. over the HoVer-Net seeds of each arm, then the paired difference '
-        'arm − baseline at equal seeds with its 95 % t interval (none for n = 1). HoVer-Net '
+        'arm − baseline at equal seeds with its 95 % t interval (none for n = 1), and the '
+        'two-sided Wilcoxon signed-rank p of the same differences. HoVer-Net '
         f"seeds {', '.join(map(str, metrics['hovernet_seeds']))}: they vary HoVer-Net's init, "
         'batch order and augmentation only; every arm reads the one SDM and the one mixing draw '
         'of this workdir, and arms of a seed train the same steps on the same real batches.', '',
         summary_tables(metrics, names), '']
+  if metrics['paired'] and len(metrics['hovernet_seeds']) > 1:
+    out.write_bytes('paired_seeds.png', paired_dots(metrics, names))
+    md += ['Each seed from the baseline to every other arm, per class:', '',
+           '![paired seeds](paired_seeds.png)', '']
   if 'synthetic_fidelity' in metrics:
     out.write_bytes('synthetic_fidelity.png', fidelity_bars(metrics['synthetic_fidelity'], names))
     md += ['## Synthetic fidelity', '',

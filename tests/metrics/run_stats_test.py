@@ -40,15 +40,29 @@ def test_paired_differences_and_t_interval():
   assert set(p) == {'diffmix'}
   d = p['diffmix']['dice']  # Differences 0.1, 0.2, 0.3.
   half = T_975_2 * 0.1 / math.sqrt(3)
+  # Wilcoxon, exact: 3 positive differences, P(T- = 0) = 1/8, two-sided 2/8.
   assert d == pytest.approx({'mean_diff': 0.2, 'sd_diff': 0.1, 'ci95_low': 0.2 - half,
-                             'ci95_high': 0.2 + half, 'n': 3}, rel=1e-9)
+                             'ci95_high': 0.2 + half, 'wilcoxon_p': 0.25, 'n': 3}, rel=1e-9)
   rare = p['diffmix']['f_c']['1']  # Differences 0.1, 0.3, 0.3.
   assert rare['mean_diff'] == pytest.approx(0.7 / 3)
   assert rare['sd_diff'] == pytest.approx(math.sqrt(((0.1 - 0.7 / 3) ** 2 + 2 * (0.3 - 0.7 / 3) ** 2)
                                                     / 2))
-  # Class 2 at the seeds both runs score it (0 and 2): differences 0 and 0, t(0.975, 1).
+  # Class 2 at the seeds both runs score it (0 and 2): differences 0 and 0, t(0.975, 1); no
+  # evidence either way, Wilcoxon p 1.
   assert p['diffmix']['f_c']['2'] == pytest.approx(
-      {'mean_diff': 0.0, 'sd_diff': 0.0, 'ci95_low': 0.0, 'ci95_high': 0.0, 'n': 2}, abs=1e-12)
+      {'mean_diff': 0.0, 'sd_diff': 0.0, 'ci95_low': 0.0, 'ci95_high': 0.0, 'wilcoxon_p': 1.0,
+       'n': 2}, abs=1e-12)
+
+
+def test_wilcoxon_p_is_the_exact_signed_rank_p():
+  # 8 differences, the smallest negative: T- = 1; of the 2^8 sign patterns T- <= 1 in 2 (no
+  # negative, or only rank 1), two-sided 4 / 256.
+  diffs = [-0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08]
+  assert run_stats.wilcoxon_p(diffs) == pytest.approx(4 / 256, rel=1e-12)
+  # Ranks 1-8, negatives at ranks 1, 2, 3 and 4: T- = 10, T+ = 26, P(T- <= 10) = 40 / 256 by
+  # counting subsets of {1..8} with sum <= 10; two-sided 80 / 256.
+  assert run_stats.wilcoxon_p([-1, -2, -3, -4, 5, 6, 7, 8]) == pytest.approx(80 / 256, rel=1e-12)
+  assert run_stats.wilcoxon_p([0.3]) is None
 
 
 def test_one_seed_gives_null_spread_and_no_interval():
@@ -56,7 +70,8 @@ def test_one_seed_gives_null_spread_and_no_interval():
   s, p = run_stats.summarize(runs), run_stats.paired(runs)
   assert s['baseline']['dice'] == {'mean': 0.5, 'sd': None, 'n': 1}
   assert p['diffmix']['dice'] == pytest.approx(
-      {'mean_diff': 0.1, 'sd_diff': None, 'ci95_low': None, 'ci95_high': None, 'n': 1})
+      {'mean_diff': 0.1, 'sd_diff': None, 'ci95_low': None, 'ci95_high': None,
+       'wilcoxon_p': None, 'n': 1})
   text = json.dumps({'summary': s, 'paired': p})
   assert '"sd": null' in text and '"ci95_low": null' in text and 'NaN' not in text
   assert run_stats.format_mean_sd(s['baseline']['dice']) == '0.500'

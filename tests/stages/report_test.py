@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from configs import tiny
@@ -92,7 +93,42 @@ def test_added_seed_and_arm_rebuild_the_report_with_spread(tmp_path):
 
 
 def test_missing_evaluation_names_the_file(tmp_path):
-  import pytest  # pylint: disable=g-import-not-at-top
   with pytest.raises(FileNotFoundError, match=r'eval/baseline\.json does not exist: run the '
                      'evaluate stage first'):
     report.run(tiny.get_config(), str(tmp_path))
+
+
+def test_power_study_arms_seeds_and_wilcoxon_p(tmp_path):
+  """configs/demo_power.py as fixed in advance; its analysis on a tiny 2-seed workdir."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from configs import demo_power  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top
+  power = demo_power.get_config()
+  assert arms.arms(power) == ['baseline', 'diffmix'] and arms.seeds(power) == list(range(8))
+  (tmp_path / 'eval').mkdir()
+  # Rare F_c per seed: baseline 0.25, 0.5; diffmix 0.5, 0.625 -> differences 0.25, 0.125.
+  scores = {'baseline': (0.8, 0.25), 'diffmix': (0.85, 0.5), 'baseline_s1': (0.9, 0.5),
+            'diffmix_s1': (0.875, 0.625)}
+  for name, (dice, rare) in scores.items():
+    (tmp_path / 'eval' / f'{name}.json').write_text(
+        json.dumps(_eval_json(dice, {'1': rare, '2': 0.5, '3': 0.75, '4': 0.625})))
+  config = tiny.get_config()
+  config.hovernet.train.runs = power.hovernet.train.runs
+  config.hovernet.train.seeds = '0,1'
+  report.run(config, str(tmp_path))
+  metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
+  assert set(metrics['runs']) == {'baseline', 'diffmix'} and metrics['hovernet_seeds'] == [0, 1]
+  paired = metrics['paired']['diffmix']
+  assert set(paired) == set(report.run_stats.METRICS) | {'f_c'}
+  assert set(paired['f_c']) == {'1', '2', '3', '4'}
+  keys = {'mean_diff', 'sd_diff', 'ci95_low', 'ci95_high', 'wilcoxon_p', 'n'}
+  for entry in [paired[k] for k in report.run_stats.METRICS] + list(paired['f_c'].values()):
+    assert set(entry) == keys and entry['n'] == 2
+  for key, diffs in (('1', [0.25, 0.125]),):
+    assert paired['f_c'][key]['wilcoxon_p'] == stats.wilcoxon(diffs).pvalue == 0.5
+  dice_diffs = [0.85 - 0.8, 0.875 - 0.9]  # One up, one down: signed ranks 2+ and 1-.
+  assert paired['dice']['wilcoxon_p'] == pytest.approx(stats.wilcoxon(dice_diffs).pvalue)
+  assert paired['dice']['wilcoxon_p'] == pytest.approx(1.0)
+  md = (tmp_path / 'report' / 'report.md').read_text()
+  assert '| Wilcoxon p (two-sided) | n |' in md and '| diffmix | 2 | 1 |' in md
+  assert (tmp_path / 'report' / 'paired_seeds.png').stat().st_size > 0
