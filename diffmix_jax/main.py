@@ -66,7 +66,11 @@ def main(argv):
     logging.info('=== stage %s ===', name)
     start = time.time()
     if name not in HOST_STAGES or jax.process_index() == 0:
-      run(config, workdir)
+      try:
+        run(config, workdir)
+      except checkpoint.CheckpointMismatch as e:  # A changed config over old checkpoints.
+        print(f'main: error: {name}: {e}', file=sys.stderr)
+        sys.exit(1)
     if jax.process_count() > 1:  # Host-only stages write files the other processes read next.
       sharding.barrier(f'stage {name} finished')
     seconds = time.time() - start

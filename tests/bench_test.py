@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_TIMEOUT
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Runs the bench with tensorflow, tensorflow_datasets and grain unimportable; every attempt to
@@ -37,7 +39,7 @@ def test_accelerator_smoke_writes_every_part_without_tf_tfds_or_grain(tmp_path):
   # TensorFlow's gfile on its own; the bench sets no cache, so neither does this run.
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
   res = subprocess.run([sys.executable, '-c', _BLOCKED_RUN, str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=HANG_TIMEOUT)
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'BLOCKED' not in res.stdout, res.stdout
   result = json.loads((tmp_path / 'accelerator.json').read_text())

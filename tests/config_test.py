@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from conftest import HANG_TIMEOUT
 from configs import common
 from diffmix_jax.core import arms
 from diffmix_jax import config_checks
@@ -33,8 +34,31 @@ def test_configs_load_and_validate(name, tmp_path):
   if name == 'folder_example':  # Its class fields are read from the built dataset's table.
     assert (c.data.num_classes, c.hovernet.model.nr_types, c.mix.balance.common_classes) == (
         4, 4, '1,3') and c.data.class_names == 'background,tumour,immune,stroma'
-  # Configs override values only: the field set is the base config's.
-  assert set(c.to_dict()) == set(common.base_config().to_dict())
+  # Configs override values only: every nested field of the base config, none added, each of the
+  # base's type (a typo such as `c.hovernet.train.lr_stepp = ...` in a config adds a leaf and fails).
+  assert _leaf_types(c.to_dict()) == _leaf_types(common.base_config().to_dict())
+
+
+def _leaf_types(tree: dict, prefix: str = '') -> dict[str, str]:
+  """{'a.b.c': type name} of every non-dict value of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_leaf_types(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = type(value).__name__
+  return out
+
+
+def test_leaf_types_see_a_nested_field_added_or_retyped():
+  base = common.base_config().to_dict()
+  assert len(_leaf_types(base)) > 100
+  added = common.base_config().to_dict()
+  added['hovernet']['train']['lr_stepp'] = 3
+  retyped = common.base_config().to_dict()
+  retyped['hovernet']['train']['lr'] = str(retyped['hovernet']['train']['lr'])
+  for other in (added, retyped):
+    assert _leaf_types(other) != _leaf_types(base)
 
 
 def test_official_sdm_flag_names_are_kept():
@@ -248,7 +272,7 @@ def test_a_bad_value_stops_main_before_any_stage(tmp_path):
   res = subprocess.run(
       [sys.executable, '-m', 'diffmix_jax.main', '--config', 'configs/demo.py', '--workdir',
        str(workdir), '--config.hovernet.train.runs=basline'], cwd=ROOT, capture_output=True,
-      text=True, timeout=120)
+      text=True, timeout=HANG_TIMEOUT)
   assert res.returncode != 0
   assert "main: error: config.hovernet.train.runs='basline'" in res.stderr and 'unknown: basline' in res.stderr
   assert not workdir.exists()  # Nothing ran: main makes the workdir after the checks.

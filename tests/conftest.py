@@ -106,6 +106,30 @@ def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
   return out
 
 
+def rescore_from_files(eval_run_dir: pathlib.Path) -> dict:
+  """What `evaluate` must have written for one run, recomputed here from its saved .mat files with
+  plain NumPy (not diffmix_jax.metrics): mean over images of the foreground Dice 2|T & P| / (|T| +
+  |P|), the instance counts of truth and prediction, and the number of images.
+
+  Args:
+    eval_run_dir: `<workdir>/eval/<run>`, holding `true/*.mat` and `pred/*.mat` (`inst_map`).
+  """
+  from scipy import io as sio  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  dices, n_true, n_pred = [], 0, 0
+  preds = sorted((eval_run_dir / 'pred').glob('*.mat'))
+  for pred_path in preds:
+    t = sio.loadmat(eval_run_dir / 'true' / pred_path.name)['inst_map']
+    p = sio.loadmat(pred_path)['inst_map']
+    both = np.count_nonzero((t > 0) & (p > 0))
+    total = np.count_nonzero(t > 0) + np.count_nonzero(p > 0)
+    dices.append(2 * both / total if total else 1.0)
+    n_true += len(np.unique(t[t > 0]))
+    n_pred += len(np.unique(p[p > 0]))
+  return {'dice': float(np.mean(dices)), 'num_true': n_true, 'num_pred': n_pred,
+          'num_images': len(preds)}
+
+
 @pytest.fixture(scope='session')
 def sampled(tiny_trained, tmp_path_factory) -> pathlib.Path:
   """A copy of `tiny_trained` after an uninterrupted, in-process run of the sample stage."""
@@ -124,24 +148,12 @@ def pytest_xdist_auto_num_workers(config) -> int:
   return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
-# Seconds a test's call may take unless it is marked `e2e` (DIFFMIX_TEST_TIME_LIMIT overrides).
-TIME_LIMIT = float(os.environ.get('DIFFMIX_TEST_TIME_LIMIT', '120'))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item, call):
-  """Fails a test whose call ran past TIME_LIMIT, unless it is a named end-to-end test (`e2e`).
-
-  Times are never asserted inside tests; this guard keeps a slow test from creeping into the
-  suite's 15-minute budget unnoticed (README, Tests).
-  """
-  report = yield
-  if (call.when == 'call' and report.passed and call.duration > TIME_LIMIT and
-      item.get_closest_marker('e2e') is None):
-    report.outcome = 'failed'
-    report.longrepr = (f'{item.nodeid} took {call.duration:.0f} s, over the {TIME_LIMIT:.0f} s '
-                       'limit of a unit test: make it cheaper, or mark it e2e and list it in README')
-  return report
+# Seconds after which a subprocess a test started is taken to hang (and the test fails): over 10x
+# the longest normal run (the CoNSeP smoke chain, ~5 min on 2 loaded cores), so only a real hang
+# reaches it. Every subprocess wait in tests/ uses it or a multiple; pyproject's `timeout` (the
+# pytest-timeout plugin) is the same bound for a test as a whole. Durations are reported
+# (`--durations` in pyproject's addopts), never judged: no verdict depends on wall-clock time.
+HANG_TIMEOUT = 3600
 
 
 def pytest_collection_modifyitems(config, items) -> None:

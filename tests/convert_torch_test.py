@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import HANG_TIMEOUT
 from configs import common
 from diffmix_jax import convert_torch
 from diffmix_jax.core import torch_files
@@ -150,7 +151,7 @@ def test_cli(small_checkpoint, tmp_path):
       [sys.executable, '-m', 'diffmix_jax.convert_torch', '--model', 'sdm', '--config',
        str(config_py), f'--config.diffusion.model.num_channels={SMALL_CHANNELS}',
        '--checkpoint', str(path), '--out', str(tmp_path / 'cli')],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert 'sdm_params.msgpack' in proc.stdout
   cfg = json.loads((tmp_path / 'cli' / 'sdm_model_config.json').read_text())

@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_TIMEOUT
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
 SCRIPTS = ['gpu.sh', 'tpu_vm.sh', 'multihost.sh']
@@ -71,7 +73,7 @@ def _env(path_first: pathlib.Path | None = None, **extra) -> dict:
   return env
 
 
-def _run(script: str, args, env=None, timeout=60) -> subprocess.CompletedProcess:
+def _run(script: str, args, env=None, timeout=HANG_TIMEOUT) -> subprocess.CompletedProcess:
   return subprocess.run(['bash', str(LAUNCH / script), *args], capture_output=True, text=True,
                         env=env if env is not None else _env(), timeout=timeout, cwd=ROOT)
 
@@ -372,7 +374,7 @@ def test_multihost_real_two_processes_over_localhost(tmp_path):
                               str(workdir), '--log-dir', str(log_dir), '--',
                               '--config.stages=', '--config.mesh.initialization_timeout=60',
                               '--config.mesh.heartbeat_timeout=20'],
-             env=_env(None, JAX_PLATFORMS='cpu'), timeout=180)
+             env=_env(None, JAX_PLATFORMS='cpu'), timeout=HANG_TIMEOUT)
   logs = {i: (log_dir / f'host{i}.log').read_text() for i in (0, 1)}
   assert res.returncode == 0, f'{res.stderr}\n{logs}'
   for i in (0, 1):
@@ -392,7 +394,7 @@ def test_readme_commands_are_valid(trap):
   for block in blocks:
     dry = re.sub(r'(launch/\w+\.sh)(?=\s)', r'\1 --dry-run', block)
     res = subprocess.run(['bash', '-euc', dry], capture_output=True, text=True, env=_env(trap[0]),
-                         cwd=ROOT, timeout=60)
+                         cwd=ROOT, timeout=HANG_TIMEOUT)
     assert res.returncode == 0, f'{block}\n{res.stderr}'
     assert 'diffmix_jax.main' in res.stdout
   assert not trap[1].exists()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import io as sio
 
+from conftest import HANG_TIMEOUT
 from configs import common
 from configs import tiny
 from diffmix_jax.core import checkpoint
@@ -99,7 +100,12 @@ def test_outputs_agree_with_each_other_and_evaluate_reads_them(sources):
       assert (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1) == (rmin, cmin, rmax, cmax)
       np.testing.assert_allclose(n['centroid'], [cols.mean(), rows.mean()], atol=1e-6)
       np.testing.assert_allclose(mat['inst_centroid'][row], n['centroid'])
-      assert mat['inst_type'][row, 0] == n['type'] and 0 < n['type_prob'] <= 1
+      assert mat['inst_type'][row, 0] == n['type']
+      # type_prob is the share of this nucleus's own pixels voting for its type: k / (area + 1e-6)
+      # for a whole number 1 <= k <= area (the nucleus's area, counted here from inst_map).
+      area = rows.size
+      votes = n['type_prob'] * (area + 1e-6)
+      assert abs(votes - round(votes)) < 1e-6 and 1 <= round(votes) <= area, (uid, area, votes)
       ring = f['geometry']['coordinates'][0]
       assert ring[0] == ring[-1] and ring[:-1] == n['contour']
       assert f['properties']['objectType'] == 'detection'
@@ -178,7 +184,7 @@ def test_bad_files_are_named_and_the_rest_predicted(sources, tmp_path):
   done = subprocess.run(
       [sys.executable, '-m', 'diffmix_jax.predict', f'--model_dir={sources / "model"}',
        f'--images={images}', f'--out={out}', '--class_names=bg,a,b,c,d'],
-      capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=HANG_TIMEOUT)
   assert done.returncode == 1, done.stderr[-3000:]
   for name, why in (('gray.png', 'grayscale'), ('deep.png', 'uint16 pixels (16-bit)'),
                     ('broken.jpg', 'not a readable image')):

@@ -112,6 +112,17 @@ def state_shardings(abstract_state, mesh: Mesh, shard_opt_state: bool):
   return out.replace(ema=split(abstract_state.ema), opt_state=split(abstract_state.opt_state))
 
 
+def coordination_client():
+  """The coordination-service client `jax.distributed.initialize` started, or None without one.
+
+  JAX has no public accessor for it (jax.distributed offers initialize, is_initialized and shutdown
+  only), so this is the project's one use of a private JAX name; tests/core/sharding_test.py fails
+  when the name moves.
+  """
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  return distributed.global_state.client
+
+
 def barrier(name: str, timeout_s: float = 3600.0) -> None:
   """Waits until every process reaches `name` (a no-op with one process).
 
@@ -122,8 +133,7 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  client = distributed.global_state.client
+  client = coordination_client()
   if client is None:  # Not started through jax.distributed: fall back to a collective.
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)

@@ -189,8 +189,8 @@ def test_a_3px_opening_keeps_the_thirteen_pixel_blob():
 def test_demo_nuclei_are_separated_with_the_demo_postprocessing():
   """Exact NP/HV maps of 8 demo train tiles: the share of each class's nuclei recovered (a predicted
   instance with IoU > 0.5). The demo's nuclei are half CoNSeP's size; the official opening erases
-  the markers of many small ones (measured: 0.83 / 0.38 / 0.99 / 0.59 of other / inflammatory /
-  epithelial / spindle); configs/demo.py's halved kernels recover 1.0 / 0.83 / 1.0 / 0.94."""
+  the markers of many small ones (0.83 / 0.38 / 0.99 / 0.59 of other / inflammatory / epithelial /
+  spindle); configs/demo.py's halved kernels recover 1.0 / 0.83 / 1.0 / 0.94."""
   demo = importlib.import_module('configs.demo').get_config()
   shares = {}
   for name, params in (('official', postprocess.OFFICIAL),
@@ -210,8 +210,12 @@ def test_demo_nuclei_are_separated_with_the_demo_postprocessing():
         found[c] += (ious[t, 1:] > 0.5).any()
     assert total[1:].min() >= 6
     shares[name] = found[1:] / total[1:]
-  assert shares['official'][1] < 0.45 and shares['official'][3] < 0.65, shares
-  assert shares['demo'].min() >= 0.8, shares
+  # Measured (NumPy/OpenCV, the same on every machine): official 5/6, 39/103, 90/91, 67/113;
+  # demo 6/6, 86/103, 91/91, 106/113. Margin: 2 % of a class's nuclei either way (the official
+  # port is the reference: it must neither lose nor gain nuclei); the demo's kernels never do worse.
+  np.testing.assert_allclose(shares['official'], [5 / 6, 39 / 103, 90 / 91, 67 / 113], atol=0.02)
+  np.testing.assert_allclose(shares['demo'], [1.0, 86 / 103, 1.0, 106 / 113], atol=0.02)
+  assert np.all(shares['demo'] >= shares['official']), shares
 
 
 def test_two_touching_radius_10_discs_are_split():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import io as sio
 
+from conftest import HANG_TIMEOUT
 from diffmix_jax.metrics import records
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -85,7 +86,7 @@ def test_cli_writes_json_atomically_and_prints_a_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'diffmix_jax.evaluate', f'--true_dir={true_dir}',
        f'--pred_dir={pred_dir}', f'--out={out}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+      cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT, check=False)
   assert proc.returncode == 0, proc.stderr
   assert 'AJI+' in proc.stdout and 'img_b' in proc.stdout and 'F_d 0.8000' in proc.stdout
   metrics = json.loads(out.read_text())
@@ -98,7 +99,7 @@ def test_cli_writes_json_atomically_and_prints_a_table(tmp_path):
   proc = subprocess.run(
       [sys.executable, '-m', 'diffmix_jax.evaluate', f'--true_dir={true_dir}',
        f'--pred_dir={pred_dir}', f'--out={out}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+      cwd=ROOT, capture_output=True, text=True, timeout=HANG_TIMEOUT, check=False)
   assert proc.returncode == 2 and 'img_b.mat' in proc.stderr
 
 

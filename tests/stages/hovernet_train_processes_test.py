@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import HANG_TIMEOUT
 from conftest import free_port
 from conftest import tensorboard_scalars
 from hovernet_train_test import _tiny_config
@@ -70,7 +71,7 @@ def test_two_processes_train_and_validate_as_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   address = f'127.0.0.1:{free_port()}'
   procs = [_start(one, 2)] + [_start(two, 1, address, i) for i in range(2)]
-  logs = [p.communicate(timeout=900)[0] for p in procs]
+  logs = [p.communicate(timeout=HANG_TIMEOUT)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0, 0], '\n\n'.join(log[-3000:] for log in logs)
   want, got = tensorboard_scalars(one / RUN / 'tb'), tensorboard_scalars(two / RUN / 'tb')
   for tag in ('loss', 'np_ce', 'np_dice', 'hv_mse', 'hv_msge', 'tp_ce', 'tp_dice'):

@@ -1,7 +1,6 @@
 """Tests of HoVer-Net phase 1, the encoder file, the training and evaluate stages (hovernet.md §3)."""
 
 import json
-import os
 
 from flax import traverse_util
 import jax
@@ -12,6 +11,7 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from conftest import rescore_from_files
 from diffmix_jax import workdir as wdir
 from diffmix_jax.hovernet import torch_import as convert_hovernet
 from tfds_builders.demo_nuclei import generate as demo_tiles
@@ -216,7 +216,11 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   _synthetic_patches(tiles[0], tmp_path / 'synthetic' / 'consep_format', size=48)
   evaluate.run(config, workdir)
   metrics = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
-  assert 0.0 <= metrics['dice'] <= 1.0 and metrics['num_images'] == 1
+  want = rescore_from_files(tmp_path / 'eval' / 'baseline')  # NumPy, from the saved .mat files.
+  assert metrics['dice'] == pytest.approx(want['dice'], abs=1e-12)
+  assert [metrics[k] for k in ('num_images', 'num_true', 'num_pred')] == [
+      1, want['num_true'], want['num_pred']]
+  assert want['num_true'] == len(np.unique(tiles[0]['inst_map'])) - 1  # The whole tile, scored.
   # The baseline model on each synthetic patch (its own 48 px, padded as tiles are), own labels.
   fidelity = json.loads((tmp_path / 'eval' / 'synthetic_fidelity.json').read_text())
   assert fidelity['num_images'] == 2 and sorted(fidelity['per_image']) == ['syn_0', 'syn_1']
@@ -224,20 +228,23 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert fidelity['num_true'] == want
   assert (tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat').exists()
   assert (tmp_path / 'eval' / 'DONE').exists()
-  again = records.evaluate_dirs(tmp_path / 'eval' / 'baseline' / 'true',
-                                 tmp_path / 'eval' / 'baseline' / 'pred')
-  assert again['dice'] == metrics['dice']  # The CLI reads the stage's files and agrees.
-  stamps = [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'DONE')]
+  snapshot = lambda: {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  before = snapshot()
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
-  assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'DONE')] == stamps
-  # Other post-processing values: the run is scored again with them, and they are recorded.
+  assert snapshot() == before  # Both finished: the reruns write nothing.
+  # Other post-processing values: the run is scored again with them, and they are recorded. Planted
+  # stale bytes in the score and a prediction must be replaced by the rescoring.
   assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 3
+  for stale in (tmp_path / 'eval' / 'baseline.json',
+                tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat'):
+    stale.write_bytes(b'stale')
   config.eval.postprocess.marker_open = 5
   evaluate.run(config, workdir)
   assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 5
-  assert os.path.getmtime(tmp_path / 'eval' / 'DONE') > stamps[1]
-  assert os.path.getmtime(tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat') > stamps[1]
+  rescored = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
+  assert rescored['dice'] == pytest.approx(
+      rescore_from_files(tmp_path / 'eval' / 'baseline')['dice'], abs=1e-12)
 
   real_progress = hovernet_train.train_lib.create_progress
 
@@ -262,10 +269,11 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
 
   # A seed added to the finished workdir: only its run trains and is scored; seed 0 is kept.
   config.hovernet.train.seeds = '0,1'
-  stamps = [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'baseline.json')]
+  kept = [(p, p.stat().st_mtime_ns, p.read_bytes()) for p in (
+      out / 'DONE', out / wdir.HOVERNET_VARIABLES, tmp_path / 'eval' / 'baseline.json')]
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
-  assert [os.path.getmtime(p) for p in (out / 'DONE', tmp_path / 'eval' / 'baseline.json')] == stamps
+  assert [(p, p.stat().st_mtime_ns, p.read_bytes()) for p, _, _ in kept] == kept
   assert json.loads((tmp_path / 'hovernet_baseline_s1' / 'DONE').read_text())['seed'] == 1
   assert read(tmp_path) != (tmp_path / 'hovernet_baseline_s1' / wdir.HOVERNET_VARIABLES
                             ).read_bytes()  # Another init, batch order and augmentation.
@@ -277,7 +285,12 @@ class _Interrupt(Exception):
 
 
 def test_tiled_inference_chain_scores_an_oracle_network():
-  """Patches -> (oracle outputs from the truth) -> stitch -> post-processing -> metrics: Dice > 0.9."""
+  """Patches -> (oracle outputs from the truth) -> stitch -> post-processing -> metrics.
+
+  NumPy/OpenCV only, so the same on every machine. Measured (2026-12-06, demo test tile 0, official
+  post-processing): Dice 0.9956, 43 of 50 nuclei found (F_d 0.925; the official 5x5 opening loses
+  7 small ones), all 43 typed right (acc 1.0). Margins: Dice -0.005, two more nuclei lost; a window
+  stitched one pixel off costs more than that Dice (the 4 oracle windows must tile the output)."""
   tile = _tiles(1, 'test')[0]
   module = hovernet.HoVerNet(mode='fast', nr_types=5)
   size, out = module.patch_shapes
@@ -298,15 +311,17 @@ def test_tiled_inference_chain_scores_an_oracle_network():
   assert calls == [(4, size, size, 3)]
   metrics = records.evaluate_arrays(
       [(records.label_record(tile['inst_map'], tile['type_map']), record)])
-  assert metrics['dice'] > 0.9 and metrics['f_d'] > 0.8 and metrics['acc'] > 0.95, metrics
+  assert metrics['dice'] >= 0.99 and metrics['acc'] == 1.0, metrics
+  assert metrics['num_true'] == 50 and 41 <= metrics['num_pred'] <= 50, metrics
+  assert metrics['f_d'] >= 2 * 41 / (50 + 41), metrics  # No false positive: F_d 2 n / (50 + n).
 
 
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_tiny_hovernet_overfits_a_tile_and_learns_every_type(tmp_path, monkeypatch):
   """After overfitting one demo tile that holds every class, `evaluate` on it finds the nuclei and
-  types them: Dice > 0.9, every paired nucleus's type right (acc >= 0.95), F_c >= 0.8 for every
-  class (issue 17 item 1).
+  types them: at least 45 of 52 nuclei, Dice >= 0.95, every paired nucleus's type right (acc >=
+  0.95), F_c >= 0.8 for every class.
 
   Tile test_1 (10 other, 14 inflammatory, 9 epithelial, 19 spindle nuclei), the tiny network
   (width 16, zero-initialised output convs) at lr 1e-2, batch 2, no augmentation, 300 steps over
@@ -332,8 +347,10 @@ def test_tiny_hovernet_overfits_a_tile_and_learns_every_type(tmp_path, monkeypat
   hovernet_train.run(config, str(tmp_path))
   evaluate.run(config, str(tmp_path))
   metrics = json.loads((tmp_path / 'eval' / 'baseline.json').read_text())
-  assert metrics['dice'] > 0.9 and metrics['acc'] >= 0.95, metrics
-  assert metrics['num_pred'] >= 0.6 * metrics['num_true'], metrics  # Separated nuclei, not blobs.
+  # Measured 48 of 52 found, Dice 1.00, F_c >= 0.88 (docstring). Margins: 3 nuclei (45 of 52:
+  # separated nuclei, not blobs; the official opening's 41 fails), Dice 0.05, F_c 0.08.
+  assert metrics['num_true'] == 52 and metrics['num_pred'] >= 45, metrics
+  assert metrics['dice'] >= 0.95 and metrics['acc'] >= 0.95, metrics
   f_c = {int(k): v for k, v in metrics['f_c'].items()}
   assert min(f_c[c] for c in range(1, 5)) >= 0.8, f_c
 
