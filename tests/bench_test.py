@@ -4,13 +4,13 @@ path holds no TensorFlow, TFDS or grain (the lent GPU's image has none of them).
 import json
 import os
 import pathlib
-import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import HANG_TIMEOUT
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,7 @@ runpy.run_path('bench/accelerator.py', run_name='__main__')
 @pytest.mark.e2e
 def test_accelerator_smoke_writes_every_part_without_tf_tfds_or_grain(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                              os.environ.get('XLA_FLAGS', '')).strip())
+             XLA_FLAGS=xla_flags())
   # The suite's persistent compilation cache goes through etils.epath, which probes for
   # TensorFlow's gfile on its own; the bench sets no cache, so neither does this run.
   env.pop('JAX_COMPILATION_CACHE_DIR', None)

@@ -5,8 +5,11 @@ import pathlib
 import sys
 import tempfile
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Must happen before jax is imported anywhere. The suite checks behaviour, not speed, and most of its
+# CPU time is XLA compiling programs that then run a few steps: LLVM's optimisation off compiles
+# them in about half the time (README, Tests). `xla_flags` passes the same to subprocesses.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
+                      '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'diffmix_jax_test_jit_cache'))
@@ -79,6 +82,14 @@ def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(src, dst, ignore=lambda d, names: [n for n in names if n in skip])
   return dst
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """The suite's XLA_FLAGS for a subprocess with `devices` simulated CPU devices (None: XLA's one)."""
+  import re  # pylint: disable=g-import-not-at-top
+  rest = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  count = f'--xla_force_host_platform_device_count={devices} ' if devices else ''
+  return (count + rest.strip()).strip()
 
 
 def free_port() -> int:

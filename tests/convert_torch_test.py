@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import HANG_TIMEOUT
+from conftest import xla_flags
 from configs import common
 from diffmix_jax import convert_torch
 from diffmix_jax.core import torch_files
@@ -146,7 +147,7 @@ def test_cli(small_checkpoint, tmp_path):
   config_py = ROOT / 'configs' / 'consep.py'
   if not config_py.exists():
     pytest.skip(f'{config_py} not written yet')
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
   proc = subprocess.run(
       [sys.executable, '-m', 'diffmix_jax.convert_torch', '--model', 'sdm', '--config',
        str(config_py), f'--config.diffusion.model.num_channels={SMALL_CHANNELS}',

@@ -14,6 +14,7 @@ import pytest
 
 from configs import common
 from conftest import HANG_TIMEOUT
+from conftest import xla_flags
 from diffmix_jax import main
 from diffmix_jax import workdir as wdir
 
@@ -28,8 +29,7 @@ def run_main(*args, timeout=HANG_TIMEOUT, env=None):
 def _one_device_env() -> dict:
   """The environment without the suite's 8 simulated CPU devices: `main` as a user runs it."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                            env.get('XLA_FLAGS', '')).strip()
+  env['XLA_FLAGS'] = xla_flags()
   return env
 
 

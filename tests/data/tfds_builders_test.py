@@ -213,6 +213,13 @@ def test_demo_set_is_deterministic_and_imbalanced(tmp_path):
   # ~2 %); test 77 / 145 / 128 / 106, enriched in the rare class (>= 60 rare nuclei to measure its
   # F_c). The generator is seeded: these are its numbers on every machine.
   assert counts == {1: 21, 2: 484, 3: 361, 4: 463} and test == {1: 77, 2: 145, 3: 128, 4: 106}
+  assert 'test is enriched in the rare class' in build_data.format_summary(s1)
+  a = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'a'), 'merged', 'train')[5]
+  b = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'b'), 'merged', 'train')[5]
+  np.testing.assert_array_equal(a['image'], b['image'])
+  np.testing.assert_array_equal(a['inst_map'], b['inst_map'])
+  ids = np.unique(a['inst_map'])
+  np.testing.assert_array_equal(ids, np.arange(ids.size))  # 0 and ids 1..N contiguous.
 
 
 def _generated_counts(split: str, tiles: int) -> dict[int, int]:
@@ -225,13 +232,6 @@ def _generated_counts(split: str, tiles: int) -> dict[int, int]:
       c = int(np.bincount(types[inst == k]).argmax())
       counts[c] = counts.get(c, 0) + 1
   return dict(sorted(counts.items()))
-  assert 'test is enriched in the rare class' in build_data.format_summary(s1)
-  a = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'a'), 'merged', 'train')[5]
-  b = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'b'), 'merged', 'train')[5]
-  np.testing.assert_array_equal(a['image'], b['image'])
-  np.testing.assert_array_equal(a['inst_map'], b['inst_map'])
-  ids = np.unique(a['inst_map'])
-  np.testing.assert_array_equal(ids, np.arange(ids.size))  # 0 and ids 1..N contiguous.
 
 
 @pytest.mark.slow

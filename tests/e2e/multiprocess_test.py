@@ -36,6 +36,7 @@ import pytest
 from configs import tiny
 from conftest import copy_workdir
 from conftest import HANG_TIMEOUT
+from conftest import xla_flags
 from conftest import free_port
 from conftest import tensorboard_scalars
 from diffmix_jax.data import input_pipeline
@@ -104,7 +105,7 @@ def _start(n: int, workdir: pathlib.Path, tag: str, heartbeat: int = 30,
   Files, not pipes: the processes wait for each other in collectives, so one blocked on a full pipe
   that nobody reads would stall all of them.
   """
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={LOCAL_DEVICES}')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(LOCAL_DEVICES))
   port = free_port()
   procs = []
   for i in range(n):

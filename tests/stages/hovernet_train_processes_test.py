@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import HANG_TIMEOUT
+from conftest import xla_flags
 from conftest import free_port
 from conftest import tensorboard_scalars
 from hovernet_train_test import _tiny_config
@@ -57,7 +58,7 @@ hovernet_train.train_run(config, sys.argv[3], 'baseline', 0, tiles=tiles, val_ti
 
 
 def _start(workdir: pathlib.Path, devices: int, address: str = '', process: int = 0):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   paths = [str(pathlib.Path(__file__).parent), str(ROOT / 'tests')]  # This module, conftest.
   return subprocess.Popen([sys.executable, '-c', WORKER, address, str(process), str(workdir),
