@@ -18,6 +18,11 @@ after looking:
 The report adds a paired-dot plot (paired_seeds.png): per class, one line per seed from the
 baseline to diffmix. XLA's CPU float order differs between machines, so one seed's numbers differ
 across machines of the same kind; the question is the interval over seeds.
+
+Measured 2026-12-06 on the project's 2-core CPU (Intel Xeon; fresh clone of ac5e71b, the demo first,
+then this config on its workdir): 37 min 14 s for the 14 new runs, their scoring and the report;
+47 min 20 s in all. Primary: rare F_c +0.511 [+0.250, +0.773] (every seed higher, Wilcoxon
+p = 0.0078); Dice +0.009 [-0.003, +0.021], PQ +0.035 [+0.007, +0.063] (BENCHMARKS.md).
 """
 
 from configs import demo

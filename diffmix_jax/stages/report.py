@@ -133,7 +133,8 @@ def paired_dots(metrics: dict, class_names: list[str]) -> bytes:
           ax.plot([0, x], [a, b], '-o', ms=3, lw=1, color=colours(k % 10),
                   label=f's{seed}' if x == 1 else None)
     ax.set_xticks(range(len(others) + 1))
-    ax.set_xticklabels([run_stats.REFERENCE] + others, rotation=20)
+    ax.set_xticklabels([run_stats.REFERENCE] + others, fontsize=9)
+    ax.set_xlim(-0.35, len(others) + 0.35)
     ax.set_title(f'F_c {class_names[c] if c < len(class_names) else c}')
     ax.set_ylim(-0.03, 1.03)
   axes[0][0].set_ylabel('F1 per seed')
