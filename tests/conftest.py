@@ -184,3 +184,24 @@ def pytest_collection_modifyitems(config, items) -> None:
       return 3
     return 2 if shared & set(item.fixturenames) else 1
   items.sort(key=rank)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With $DIFFMIX_TEST_CPU_LOG set, appends each test's CPU seconds (setup, call and teardown, its
+  waited-for subprocesses included) to that file as JSON lines: where the suite's budget goes,
+  reported, never judged."""
+  path = os.environ.get('DIFFMIX_TEST_CPU_LOG')
+  if not path:
+    return (yield)
+  import json  # pylint: disable=g-import-not-at-top
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def cpu() -> float:
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+  start = cpu()
+  result = yield
+  with open(path, 'a') as f:
+    f.write(json.dumps({'test': item.nodeid, 'cpu_s': round(cpu() - start, 2)}) + '\n')
+  return result
