@@ -176,9 +176,12 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # Else JAX's own cache folder is used.
     cache = workdir / wdir.COMPILATION_CACHE
     assert cache.is_dir() and any(cache.iterdir()), 'no persistent compilation cache in the workdir'
-  # The rerun is a no-op: every stage says so and no file of the workdir changes (config.json and
-  # timings.json are rewritten with the same bytes; the compilation cache is JAX's).
-  snapshot = lambda: {p: p.read_bytes() for p in sorted(workdir.rglob('*'))
+  # The rerun is a no-op: every stage says so and no file of the workdir is written again (`main`
+  # itself rewrites config.json and timings.json, with the same bytes; the compilation cache is
+  # JAX's).
+  rewritten = {wdir.CONFIG, wdir.TIMINGS}
+  snapshot = lambda: {p: (0 if p.name in rewritten else p.stat().st_mtime_ns, p.read_bytes())
+                      for p in sorted(workdir.rglob('*'))
                       if p.is_file() and wdir.COMPILATION_CACHE not in p.parts}
   before = snapshot()
   again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir))

@@ -228,11 +228,12 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert fidelity['num_true'] == want
   assert (tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat').exists()
   assert (tmp_path / 'eval' / 'DONE').exists()
-  snapshot = lambda: {p: p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+  snapshot = lambda: {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob('*'))
+                      if p.is_file()}
   before = snapshot()
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
-  assert snapshot() == before  # Both finished: the reruns write nothing.
+  assert snapshot() == before  # Both finished: the reruns write nothing, not even the same bytes.
   # Other post-processing values: the run is scored again with them, and they are recorded. Planted
   # stale bytes in the score and a prediction must be replaced by the rescoring.
   assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 3
