@@ -117,6 +117,17 @@ def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, dict[int, float]]:
   return out
 
 
+def file_snapshot(folder: pathlib.Path, same_bytes_only=(), skip_dirs=()) -> dict:
+  """{path: (mtime_ns, bytes)} of every file under `folder`, to prove a rerun wrote nothing.
+
+  Files named in `same_bytes_only` may be rewritten with the same bytes (their mtime is left out);
+  folders named in `skip_dirs` are not read.
+  """
+  return {p: (0 if p.name in same_bytes_only else p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(folder.rglob('*'))
+          if p.is_file() and not set(skip_dirs) & set(p.parts)}
+
+
 def rescore_from_files(eval_run_dir: pathlib.Path) -> dict:
   """What `evaluate` must have written for one run, recomputed here from its saved .mat files with
   plain NumPy (not diffmix_jax.metrics): mean over images of the foreground Dice 2|T & P| / (|T| +

@@ -176,13 +176,15 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference_then_noop(
   if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # Else JAX's own cache folder is used.
     cache = workdir / wdir.COMPILATION_CACHE
     assert cache.is_dir() and any(cache.iterdir()), 'no persistent compilation cache in the workdir'
-  # The rerun is a no-op: every stage says so and no file of the workdir is written again (`main`
-  # itself rewrites config.json and timings.json, with the same bytes; the compilation cache is
-  # JAX's).
-  rewritten = {wdir.CONFIG, wdir.TIMINGS}
-  snapshot = lambda: {p: (0 if p.name in rewritten else p.stat().st_mtime_ns, p.read_bytes())
-                      for p in sorted(workdir.rglob('*'))
-                      if p.is_file() and wdir.COMPILATION_CACHE not in p.parts}
+  _assert_noop_rerun(workdir)
+
+
+def _assert_noop_rerun(workdir: pathlib.Path) -> None:
+  """`main` on a finished tiny workdir: every stage says "already done" and no file is written
+  again (`main` itself rewrites config.json and timings.json with the same bytes; the compilation
+  cache is JAX's)."""
+  from conftest import file_snapshot  # pylint: disable=g-import-not-at-top
+  snapshot = lambda: file_snapshot(workdir, (wdir.CONFIG, wdir.TIMINGS), (wdir.COMPILATION_CACHE,))
   before = snapshot()
   again = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir))
   assert again.returncode == 0, again.stderr[-3000:]

@@ -11,6 +11,7 @@ import pytest
 from scipy import io as sio
 
 from configs import tiny
+from conftest import file_snapshot
 from conftest import rescore_from_files
 from diffmix_jax import workdir as wdir
 from diffmix_jax.hovernet import torch_import as convert_hovernet
@@ -228,12 +229,10 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert fidelity['num_true'] == want
   assert (tmp_path / 'eval' / 'baseline' / 'pred' / 'train_0.mat').exists()
   assert (tmp_path / 'eval' / 'DONE').exists()
-  snapshot = lambda: {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob('*'))
-                      if p.is_file()}
-  before = snapshot()
+  before = file_snapshot(tmp_path)
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
-  assert snapshot() == before  # Both finished: the reruns write nothing, not even the same bytes.
+  assert file_snapshot(tmp_path) == before  # Both finished: the reruns write nothing at all.
   # Other post-processing values: the run is scored again with them, and they are recorded. Planted
   # stale bytes in the score and a prediction must be replaced by the rescoring.
   assert json.loads((tmp_path / 'eval' / 'postprocess.json').read_text())['marker_open'] == 3
@@ -270,11 +269,11 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
 
   # A seed added to the finished workdir: only its run trains and is scored; seed 0 is kept.
   config.hovernet.train.seeds = '0,1'
-  kept = [(p, p.stat().st_mtime_ns, p.read_bytes()) for p in (
-      out / 'DONE', out / wdir.HOVERNET_VARIABLES, tmp_path / 'eval' / 'baseline.json')]
+  kept = {k: v for k, v in file_snapshot(tmp_path).items()
+          if k in (out / 'DONE', out / wdir.HOVERNET_VARIABLES, tmp_path / 'eval' / 'baseline.json')}
   hovernet_train.run(config, workdir)
   evaluate.run(config, workdir)
-  assert [(p, p.stat().st_mtime_ns, p.read_bytes()) for p, _, _ in kept] == kept
+  assert {k: v for k, v in file_snapshot(tmp_path).items() if k in kept} == kept
   assert json.loads((tmp_path / 'hovernet_baseline_s1' / 'DONE').read_text())['seed'] == 1
   assert read(tmp_path) != (tmp_path / 'hovernet_baseline_s1' / wdir.HOVERNET_VARIABLES
                             ).read_bytes()  # Another init, batch order and augmentation.
