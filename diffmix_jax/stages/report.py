@@ -160,36 +160,35 @@ def metrics_table(metrics: dict, class_names: list[str]) -> str:
 
 
 def summary_tables(metrics: dict, class_names: list[str]) -> str:
-  """Markdown: mean ± s.d. over seeds per arm, then paired differences against baseline."""
+  """Markdown: mean ± s.d. over seeds per arm, then paired differences against baseline with their
+  95 % intervals, then the differences' Wilcoxon p."""
   summary, paired = metrics.get('summary', {}), metrics.get('paired', {})
   classes = sorted({int(c) for m in summary.values() for c in m['f_c'] if int(c) > 0})
   name = lambda c: class_names[c] if c < len(class_names) else str(c)
   keys = ('dice', 'aji', 'pq', 'f_d', 'acc')
-  head = ['arm', 'n'] + [k.upper() if k != 'f_d' else 'F_d' for k in keys] + [
-      f'F_c {name(c)}' for c in classes]
-  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-  for arm, m in summary.items():
-    lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [
-        run_stats.format_mean_sd(m[k]) for k in keys] + [
-            run_stats.format_mean_sd(m['f_c'].get(str(c))) for c in classes]) + ' |')
+  columns = [k.upper() if k != 'f_d' else 'F_d' for k in keys] + [f'F_c {name(c)}' for c in classes]
+
+  def table(title: str, entries: dict, fmt) -> list[str]:
+    head = [title, 'n'] + columns
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for arm, m in entries.items():
+      lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [fmt(m[k]) for k in keys] + [
+          fmt(m['f_c'].get(str(c))) for c in classes]) + ' |')
+    return lines
+
+  def diff(e):
+    if e is None or e['mean_diff'] is None:
+      return '—'
+    if e['ci95_low'] is None:
+      return f"{e['mean_diff']:+.3f}"
+    return f"{e['mean_diff']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}]"
+
+  p = lambda e: '—' if e is None or e.get('wilcoxon_p') is None else f"{e['wilcoxon_p']:.3g}"
+  lines = table('arm', summary, run_stats.format_mean_sd)
   if paired:
-    def diff(e):
-      if e is None or e['mean_diff'] is None:
-        return '—'
-      if e['ci95_low'] is None:
-        return f"{e['mean_diff']:+.3f}"
-      return f"{e['mean_diff']:+.3f} [{e['ci95_low']:+.3f}, {e['ci95_high']:+.3f}]"
-    head = ['arm − baseline', 'n'] + [f'Δ {h}' for h in head[2:]]
-    lines += ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for arm, m in paired.items():
-      lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [diff(m[k]) for k in keys] + [
-          diff(m['f_c'].get(str(c))) for c in classes]) + ' |')
-    p = lambda e: '—' if e is None or e.get('wilcoxon_p') is None else f"{e['wilcoxon_p']:.3g}"
-    head = ['Wilcoxon p (two-sided)', 'n'] + head[2:]
-    lines += ['', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
-    for arm, m in paired.items():
-      lines.append('| ' + ' | '.join([arm, str(m['dice']['n'])] + [p(m[k]) for k in keys] + [
-          p(m['f_c'].get(str(c))) for c in classes]) + ' |')
+    columns = [f'Δ {c}' for c in columns]
+    lines += [''] + table('arm − baseline', paired, diff)
+    lines += [''] + table('Wilcoxon p (two-sided)', paired, p)
   return '\n'.join(lines)
 
 
