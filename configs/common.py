@@ -36,6 +36,7 @@ def _data() -> ml_collections.ConfigDict:
   dp.train_folds = '1,2'  # PanNuke folds (comma list of 1-3) of the train split.
   dp.test_folds = '3'  # PanNuke folds of the test split (disjoint from train_folds).
   d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).
+  d.mpp = 0.25  # µm per pixel of the tiles (CoNSeP: 40x, 0.25); whole-slide predict reads slides at it.
   d.num_workers = 0  # grain worker processes (0 = in the main process).
   d.prefetch = 2  # grain prefetch buffer (batches) when num_workers > 0.
   return d

@@ -33,6 +33,7 @@ def get_config():
   c.data.name = 'demo_nuclei'
   c.data.labels = 'merged'
   c.data.crop_size = 48
+  c.data.mpp = 0.25  # The demo nuclei are drawn at CoNSeP's 40x sizes (tfds_builders/demo_nuclei).
   m = c.diffusion.model
   m.image_size = 48
   m.num_channels = 32

@@ -138,6 +138,7 @@ RULES: dict[str, Rule] = {
     'data.num_classes': number(2, integer=True),
     'data.class_names': class_names,
     'data.crop_size': positive_int(),
+    'data.mpp': number(0.0, 100.0, lo_open=True),
     'data.num_workers': count(),
     'data.conic.test_fraction': number(0.0, 1.0, lo_open=True, hi_open=True),
     'data.conic.split_seed': count(),
