@@ -9,7 +9,7 @@ Uses the full-size network (width 1, official units). Training runs the real jit
 (phase 1 = frozen encoder gradient path, phase 2 = all trainable) on one device. Tile inference
 runs `hovernet_infer` on a `--tile`-side tile (patches + stitching + post-processing once), and
 the per-1000^2 figure is extrapolated from the per-patch time (49 fast / 169 original patches) plus
-post-processing measured on a 1000^2 map. Reference FLOPs: hovernet.md §0.
+post-processing measured on a 1000^2 map. Reference FLOPs: docs/hovernet.md §0.
 """
 
 import os

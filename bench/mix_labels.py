@@ -1,9 +1,9 @@
-"""Benchmark: balancing + enlarging label maps of the CoNSeP train tiles on the host CPU (issue 6).
+"""Benchmark: balancing + enlarging label maps of the CoNSeP train tiles on the host CPU (goal: ≤ 1 s per 1000² tile).
 
   python bench/mix_labels.py --consep_dir /path/to/consep [--repeats 3] [--num_workers 0]
 
 Loading the .mat files is not timed. Prints the wall time of the per-tile table build, balancing
-(diffmix_method.md §2.4) and enlarging (§3.3, 100 grid patches per 1000² tile), in total and per tile.
+(docs/method.md §2.4) and enlarging (§3.3, 100 grid patches per 1000² tile), in total and per tile.
 """
 
 import argparse

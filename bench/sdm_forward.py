@@ -4,7 +4,7 @@
   python bench/sdm_forward.py --part=flops --dtype=bfloat16
   python bench/sdm_forward.py --part=speed --speed_size=64 --speed_channels=64 --speed_batch=4
 
-Reference (sdm.md §0): forward 3.4226e12 FLOPs per 256² image (PyTorch FlopCounter, convs + matmuls only),
+Reference (docs/sdm.md §0): forward 3.4226e12 FLOPs per 256² image (PyTorch FlopCounter, convs + matmuls only),
 forward+backward ≈ 1.027e13. XLA also counts element-wise ops, so a few % above is expected.
 """
 
@@ -68,10 +68,10 @@ def measure_flops(dtype: str) -> None:
     args = _inputs(module, 1)
     if not remat:
       fwd = _flops(lambda p, x, t, y: module.apply({'params': p}, x, t, y), params, *args)
-      print(f'forward FLOPs/img ({dtype}): {fwd:.4e}  (sdm.md {FWD_REF:.4e}, '
+      print(f'forward FLOPs/img ({dtype}): {fwd:.4e}  (docs/sdm.md {FWD_REF:.4e}, '
             f'{100 * (fwd / FWD_REF - 1):+.2f} %)', flush=True)
     train = _flops(jax.grad(_loss_fn(module, diff)), params, *args)
-    print(f'fwd+bwd FLOPs/img ({dtype}, remat={remat}): {train:.4e}  (sdm.md {TRAIN_REF:.4e}, '
+    print(f'fwd+bwd FLOPs/img ({dtype}, remat={remat}): {train:.4e}  (docs/sdm.md {TRAIN_REF:.4e}, '
           f'{100 * (train / TRAIN_REF - 1):+.2f} %)', flush=True)
 
 

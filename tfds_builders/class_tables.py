@@ -7,7 +7,7 @@ read from `<manual_dir>/classes.json` for a user's `nuclei_folder`:
    "merge": {"<source id>": <class id>, ...},      (optional: source ids in the label files)
    "rare": [<class id>, ...], "common": [<class id>, ...]}
 
-Rare classes are the donors of label-map balancing, common ones its targets (diffmix_method.md §2).
+Rare classes are the donors of label-map balancing, common ones its targets (docs/method.md §2).
 """
 
 import dataclasses

@@ -2,7 +2,7 @@
 
 The one implementation of "the type of a nucleus" in the project: the most frequent type value over
 the instance's pixels, ties to the smaller value, background (0) only when it is the only value (the
-official HoVer-Net post-processing vote, hovernet.md §4.2). The builders use it to make raw type maps
+official HoVer-Net post-processing vote, docs/hovernet.md §4.2). The builders use it to make raw type maps
 constant per instance, diffmix_jax for ground-truth records, post-processing and label mixing. It sits
 here, below both packages, because the builders may not import diffmix_jax.
 """

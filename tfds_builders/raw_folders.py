@@ -1,5 +1,5 @@
 """Reading and validating a user's raw dataset folder (CoNSeP / GLySAC / nuclei_folder layout,
-datasets.md §1, §5).
+docs/datasets.md §1, §5).
 
 Layout: `<root>/{Train,Test}/Images/<name>.{png,tif,tiff,jpg,jpeg}` and
 `<root>/{Train,Test}/Labels/<name>.mat` (`inst_map` with `type_map` or `inst_type`) or `<name>.npy`
@@ -21,7 +21,7 @@ import scipy.io
 from tfds_builders import class_tables
 from tfds_builders import instances
 
-# Raw class ids -> merged ids (hovernet.md §6.1-6.2, sdm.md §4.6). Background 0 stays 0.
+# Raw class ids -> merged ids (docs/hovernet.md §6.1-6.2, docs/sdm.md §4.6). Background 0 stays 0.
 # CoNSeP: 1 other; 2 inflammatory; 3, 4 -> 3 epithelial; 5, 6, 7 -> 4 spindle-shaped.
 # GLySAC: {1, 2, 9, 10} -> 1; {4, 5, 6, 7} -> 2; {3, 8} -> 3.
 _MERGES = {

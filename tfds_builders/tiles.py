@@ -1,6 +1,6 @@
 """Shared TFDS builder for nuclei tile datasets: features, splits and the raw-folder reader.
 
-Features per tile (datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `inst_map` int32 [H, W]
+Features per tile (docs/datasets.md §2): `image` uint8 [H, W, 3] (PNG-encoded), `inst_map` int32 [H, W]
 (ids 1..N contiguous), `type_map` int32 [H, W] (merged classes), `name` (text). Splits `train`,
 `test`.
 """

@@ -1,4 +1,4 @@
-"""What `config.data` says about the dataset, read without TFDS or JAX (datasets.md).
+"""What `config.data` says about the dataset, read without TFDS or JAX (docs/datasets.md).
 
 The builder options of `data.conic` / `data.pannuke`, and the dataset's class table: fixed for the
 published sets, `<manual_dir>/classes.json` for a `nuclei_folder` (or, once built, the copy in

@@ -1,4 +1,4 @@
-"""The built-in demo set on files: the README picture and the tiles in CoNSeP layout (datasets.md §4).
+"""The built-in demo set on files: the README picture and the tiles in CoNSeP layout (docs/datasets.md §4).
 
 The tiles themselves come from `tfds_builders.demo_nuclei.generate` (a pure function of seed, split and
 index); the `demo_nuclei` TFDS builder serves the same tiles to the chain.

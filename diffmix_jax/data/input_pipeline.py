@@ -14,7 +14,7 @@ from diffmix_jax import config_checks
 from diffmix_jax.data import datasets
 from diffmix_jax import workdir as wdir
 
-NUM_AUGS = 6  # 0 none; 1, 2, 3 rotate by 90 deg * k; 4 flip left-right; 5 flip up-down (sdm.md §4.6).
+NUM_AUGS = 6  # 0 none; 1, 2, 3 rotate by 90 deg * k; 4 flip left-right; 5 flip up-down (docs/sdm.md §4.6).
 
 
 def _builder(dataset: str, data_dir: str, labels: str, **options):
@@ -121,7 +121,7 @@ def dihedral(a: np.ndarray, aug: int) -> np.ndarray:
 
 def crop_offsets(rng: np.random.Generator, shape: tuple[int, int], size: int) -> tuple[int, int]:
   """Uniform top-left offsets; every legal offset 0..H-size, 0..W-size is reachable (fixes the
-  official off-by-two of sdm.md §4.6 / pitfall 19)."""
+  official off-by-two of docs/sdm.md §4.6, docs/differences.md §1.19)."""
   h, w = shape
   if h < size or w < size:
     raise ValueError(f'tile of {h}x{w} is smaller than the crop size {size} (config.data.crop_size)')

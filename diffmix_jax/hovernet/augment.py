@@ -1,4 +1,4 @@
-"""HoVer-Net training augmentation (hovernet.md §2.1-§2.3), seeded NumPy/OpenCV, no JAX.
+"""HoVer-Net training augmentation (docs/hovernet.md §2.1-§2.3), seeded NumPy/OpenCV, no JAX.
 
 Shape augmentation (affine, centre crop, flips) uses one random draw for the image and both label maps;
 intensity augmentation touches the image only. Same distributions as the reference, not imgaug's stream.
@@ -31,7 +31,7 @@ def affine_matrix(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 
 
 def _warp(a: np.ndarray, m: np.ndarray) -> np.ndarray:
-  """Nearest-neighbour warp with zero fill (black image, background labels), pitfall 9."""
+  """Nearest-neighbour warp with zero fill (black image, background labels), docs/differences.md §2.9."""
   h, w = a.shape[:2]
   return cv2.warpAffine(a, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
                         borderValue=0)
@@ -46,7 +46,7 @@ def shape_augment(rng: np.random.Generator, image: np.ndarray, inst_map: np.ndar
     image: [H, W, 3] uint8.
     inst_map, type_map: [H, W] integer maps.
     input_size: network input side; a smaller patch is zero-padded up to it (deviation: the
-      reference breaks on 256-px synthetic patches in original mode, pitfall 20).
+      reference breaks on 256-px synthetic patches in original mode, docs/differences.md §2.20).
     train: False applies the centre crop only (validation).
 
   Returns:
@@ -117,7 +117,7 @@ def _contrast(rng, img):
 
 def intensity_augment(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
   """One of {Gaussian blur, median blur, Gaussian noise}, then hue, saturation, brightness and the
-  no-op contrast in random order (hovernet.md §2.3).
+  no-op contrast in random order (docs/hovernet.md §2.3).
 
   Args:
     rng: NumPy generator.

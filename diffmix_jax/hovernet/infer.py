@@ -1,7 +1,7 @@
-"""HoVer-Net tiled inference (hovernet.md §7): padded patches, jitted sharded batches, stitching, .mat.
+"""HoVer-Net tiled inference (docs/hovernet.md §7): padded patches, jitted sharded batches, stitching, .mat.
 
 Inputs overlap and outputs tile the image (step = output size); the stitched tile goes through the
-official post-processing once (pitfall 13).
+official post-processing once (docs/differences.md §2.13).
 """
 
 import functools
@@ -21,7 +21,7 @@ from diffmix_jax.hovernet import model as hovernet
 
 
 def tile_patches(image: np.ndarray, input_size: int, output_size: int) -> np.ndarray:
-  """Reflect-padded input windows of one tile, row-major (hovernet.md §7).
+  """Reflect-padded input windows of one tile, row-major (docs/hovernet.md §7).
 
   Args:
     image: [H, W, 3] uint8 RGB tile.
@@ -58,7 +58,7 @@ def stitch(outputs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def infer_step(variables: Any, images: jax.Array, *, module: hovernet.HoVerNet) -> jax.Array:
-  """Eval-mode forward to the post-processing channels (hovernet.md §7 "Per patch").
+  """Eval-mode forward to the post-processing channels (docs/hovernet.md §7 "Per patch").
 
   Args:
     variables: {'params', 'batch_stats'}.

@@ -1,4 +1,4 @@
-"""HoVer-Net's training loss (hovernet.md §3.1): cross-entropy, Dice, HV MSE and MSGE, and their sum.
+"""HoVer-Net's training loss (docs/hovernet.md §3.1): cross-entropy, Dice, HV MSE and MSGE, and their sum.
 
 Pure JAX functions of the network outputs and the targets of `hovernet_targets`; the train step
 of `hovernet_train` takes their total.
@@ -36,7 +36,7 @@ def _msge_kernel() -> np.ndarray:
 
 
 def hv_gradient(hv: jax.Array) -> jax.Array:
-  """G(hv) of §3.1 (the shipped cross-derivative form, pitfall 10): [N, H, W, 2] -> same."""
+  """G(hv) of §3.1 (the shipped cross-derivative form, docs/differences.md §2.10): [N, H, W, 2] -> same."""
   return jax.lax.conv_general_dilated(hv, jnp.asarray(_msge_kernel()), (1, 1), [(2, 2), (2, 2)],
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                       feature_group_count=2)

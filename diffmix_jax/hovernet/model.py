@@ -1,6 +1,6 @@
-"""HoVer-Net (hovernet.md §1): pre-activation ResNet-50 encoder, TP/NP/HV decoders, NHWC, Flax linen.
+"""HoVer-Net (docs/hovernet.md §1): pre-activation ResNet-50 encoder, TP/NP/HV decoders, NHWC, Flax linen.
 
-Module names mirror the official PyTorch state-dict keys (hovernet.md §1.6) so the converter is a fixed
+Module names mirror the official PyTorch state-dict keys (docs/hovernet.md §1.6) so the converter is a fixed
 renaming: a key's '.'-separated segments become the Flax path, a numeric segment joins the one before
 (`units.3` -> `units_3`), and '/' inside a segment becomes '_' (`conv1/bn` -> `conv1_bn`); the stem conv
 (`conv0./`) is `conv0/conv`. The three decoder branches are `decoder/{tp,np,hv}`.
@@ -15,17 +15,17 @@ from flax import linen as nn
 from diffmix_jax.core import fields
 from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES, SKIP_CROPS
 
-# Kaiming normal, fan_out, ReLU gain, untruncated (hovernet.md §1.4); output convs: geometry.HEAD_INITS.
+# Kaiming normal, fan_out, ReLU gain, untruncated (docs/hovernet.md §1.4); output convs: geometry.HEAD_INITS.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _out_bias_init(rng, shape, dtype=jnp.float32):
-  """PyTorch's default conv bias for the 64-channel output convs: U(-1/8, 1/8) (hovernet.md §1.4)."""
+  """PyTorch's default conv bias for the 64-channel output convs: U(-1/8, 1/8) (docs/hovernet.md §1.4)."""
   return jax.random.uniform(rng, shape, dtype, -0.125, 0.125)
 
 
 def _bn(train: bool, name: str) -> nn.BatchNorm:
-  """BatchNorm with the PyTorch settings: running = 0.9 running + 0.1 batch, eps 1e-5 (pitfall 2)."""
+  """BatchNorm with the PyTorch settings: running = 0.9 running + 0.1 batch, eps 1e-5 (docs/differences.md §2.2)."""
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
@@ -98,7 +98,7 @@ def centre_crop(x: jax.Array, per_side: int) -> jax.Array:
 
 
 def upsample2x(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour x2 (UpSample2x, hovernet.md §1.1): [N, H, W, C] -> [N, 2H, 2W, C]."""
+  """Nearest-neighbour x2 (UpSample2x, docs/hovernet.md §1.1): [N, H, W, C] -> [N, 2H, 2W, C]."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
@@ -111,7 +111,7 @@ class BNReLU(nn.Module):
 
 
 class Stem(nn.Module):
-  """conv0: 7x7 conv (valid in original mode, same in fast mode) then BNReLU (hovernet.md §1.2)."""
+  """conv0: 7x7 conv (valid in original mode, same in fast mode) then BNReLU (docs/hovernet.md §1.2)."""
   features: int
   padding: str
 
@@ -122,7 +122,7 @@ class Stem(nn.Module):
 
 
 class ResUnit(nn.Module):
-  """One pre-activation bottleneck unit (without the shortcut sum), hovernet.md §1.2."""
+  """One pre-activation bottleneck unit (without the shortcut sum), docs/hovernet.md §1.2."""
   mid: int
   out: int
   stride: int
@@ -140,9 +140,9 @@ class ResUnit(nn.Module):
 
 
 class ResGroup(nn.Module):
-  """Residual group d_g: projection shortcut, n units, then `blk_bna` (hovernet.md §1.2, §1.5).
+  """Residual group d_g: projection shortcut, n units, then `blk_bna` (docs/hovernet.md §1.2, §1.5).
 
-  With `freeze_units`, each unit's output is a constant for autodiff (phase 1 of d0, pitfall 1).
+  With `freeze_units`, each unit's output is a constant for autodiff (phase 1 of d0, docs/differences.md §2.1).
   """
   units: int
   mid: int
@@ -164,7 +164,7 @@ class ResGroup(nn.Module):
 
 
 class DenseUnit(nn.Module):
-  """BNReLU, 1x1 conv to `mid`, BNReLU, k x k valid grouped conv to `growth` (hovernet.md §1.3)."""
+  """BNReLU, 1x1 conv to `mid`, BNReLU, k x k valid grouped conv to `growth` (docs/hovernet.md §1.3)."""
   mid: int
   growth: int
   k: int
@@ -195,7 +195,7 @@ class DenseBlock(nn.Module):
 
 
 class UpLevel(nn.Module):
-  """u3/u2: k x k valid conva, dense block, 1x1 convf (hovernet.md §1.3).
+  """u3/u2: k x k valid conva, dense block, 1x1 convf (docs/hovernet.md §1.3).
 
   A block of fewer than `official_units` units is centre-cropped by the (k - 1) / 2 pixels per side
   that each missing valid conv would have removed, so the level keeps the official geometry.
@@ -231,7 +231,7 @@ class Head(nn.Module):
 
 
 class U1(nn.Module):
-  """u1: a k x k *same* conva (hovernet.md §1.3)."""
+  """u1: a k x k *same* conva (docs/hovernet.md §1.3)."""
   features: int
   k: int
 
@@ -241,7 +241,7 @@ class U1(nn.Module):
 
 
 class Branch(nn.Module):
-  """One decoder branch (TP, NP or HV): u3, u2, u1, u0 with additive skips (hovernet.md §1.3)."""
+  """One decoder branch (TP, NP or HV): u3, u2, u1, u0 with additive skips (docs/hovernet.md §1.3)."""
   out_ch: int
   k: int
   width: int  # Channel divisor (1 = the official network).
@@ -286,7 +286,7 @@ class Decoder(nn.Module):
 
 
 class HoVerNet(nn.Module):
-  """HoVer-Net (hovernet.md §1).
+  """HoVer-Net (docs/hovernet.md §1).
 
   Attributes:
     mode: 'original' (270 -> 80, 5x5 decoder convs, valid stem) or 'fast' (256 -> 164, 3x3, same stem).
@@ -321,7 +321,7 @@ class HoVerNet(nn.Module):
     Args:
       images: [N, I, I, 3] float32 RGB in 0..255, I = 270 (original) or 256 (fast).
       train: BatchNorm uses batch statistics and updates its running statistics.
-      freeze: phase-1 gradient path (hovernet.md §1.5): d0 unit outputs, d1's input and the
+      freeze: phase-1 gradient path (docs/hovernet.md §1.5): d0 unit outputs, d1's input and the
         outputs of d1-d3 are constants for autodiff (BatchNorm stays in training mode). Only
         meaningful with train=True, as in the reference.
 
@@ -380,7 +380,7 @@ def abstract_variables(module: HoVerNet) -> dict:
   return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
 
 
-# Paths (tuples of Flax names) of the encoder modules that stay trainable in phase 1 (hovernet.md §1.5).
+# Paths (tuples of Flax names) of the encoder modules that stay trainable in phase 1 (docs/hovernet.md §1.5).
 PHASE1_TRAINABLE_ENCODER = (('conv0',), ('d0', 'shortcut'), ('d0', 'blk_bna'), ('conv_bot',))
 
 
@@ -388,7 +388,7 @@ def is_frozen_in_phase1(path: Sequence[str]) -> bool:
   """True for a parameter path (Flax names from the collection root) frozen in phase 1.
 
   Frozen: d0 units and all of d1, d2, d3. Trainable: conv0, d0.shortcut, d0.blk_bna, conv_bot and
-  the decoders (measured, hovernet.md §1.5).
+  the decoders (measured, docs/hovernet.md §1.5).
   """
   path = tuple(path)
   if path[0] in ('d1', 'd2', 'd3'):

@@ -1,6 +1,6 @@
 """HoVer-Net training data: the synthetic-set reader, patch packing, mirror-mode windows, batches.
 
-Host-side (NumPy, grain): what the `hovernet_train` stage feeds its jitted steps (hovernet.md §2,
+Host-side (NumPy, grain): what the `hovernet_train` stage feeds its jitted steps (docs/hovernet.md §2,
 §6.3). Every batch is a pure function of (phase seed, step), so a resumed run sees the same batches.
 """
 
@@ -139,7 +139,7 @@ def synthetic_items(patches: list[dict], window: int, step: int) -> list[dict]:
   """The synthetic rows a run draws from.
 
   Patches of at least half the window join as they are (the DiffMix recipe adds its 256-px patches
-  to the training list whole, diffmix_method.md). Smaller ones are packed (`pack_patches`) and the
+  to the training list whole, docs/method.md). Smaller ones are packed (`pack_patches`) and the
   mosaics cut into mirror-mode windows as real tiles are (§6.3): a mosaic fed whole would have only
   its centre under the network's output (fast mode: 164 of 256 px, so 9 of 25 demo patches in
   full). Mosaics too small for a window at this step (step = window) stay whole.
@@ -202,7 +202,7 @@ def synthetic_per_batch(ratio: float, real_batch: int, num_items: int, steps_per
 
 def make_example(item, rng: np.random.Generator, input_size: int, output_size: int,
                  augment: bool) -> dict:
-  """One training example (hovernet.md §2.1): shape aug, intensity aug, targets.
+  """One training example (docs/hovernet.md §2.1): shape aug, intensity aug, targets.
 
   Returns:
     `image` uint8 [I, I, 3], `np`, `tp` int32 [O, O], `hv` float32 [O, O, 2].

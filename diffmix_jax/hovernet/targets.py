@@ -1,4 +1,4 @@
-"""HoVer-Net training targets and mirror-mode patch extraction, in NumPy (hovernet.md §2.4, §6.3, §7).
+"""HoVer-Net training targets and mirror-mode patch extraction, in NumPy (docs/hovernet.md §2.4, §6.3, §7).
 
 No JAX here: these run on the host inside the input pipeline.
 """
@@ -8,7 +8,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-MIN_HV_PIXELS = 30  # Instances with fewer pixels inside the output crop get HV = 0 (pitfall 8).
+MIN_HV_PIXELS = 30  # Instances with fewer pixels inside the output crop get HV = 0 (docs/differences.md §2.8).
 TP_CLASS_WEIGHTINGS = ('none', 'median_frequency')  # config.hovernet.train.tp_class_weighting
 
 
@@ -64,7 +64,7 @@ def tp_class_weights(sets, nr_types: int, weighting: str) -> np.ndarray | None:
 
 
 def centre_crop(a: np.ndarray, size: int) -> np.ndarray:
-  """Centre crop of the first two axes to size x size, offset int((H - size) / 2) (hovernet.md §2.1).
+  """Centre crop of the first two axes to size x size, offset int((H - size) / 2) (docs/hovernet.md §2.1).
 
   Larger-than-input sizes leave that axis unchanged (imgaug's CropToFixedSize never pads).
   """
@@ -74,7 +74,7 @@ def centre_crop(a: np.ndarray, size: int) -> np.ndarray:
 
 
 def fix_mirror_padding(inst_map: np.ndarray) -> np.ndarray:
-  """Splits instances with several 4-connected parts into separate ids (hovernet.md §2.4 step 1).
+  """Splits instances with several 4-connected parts into separate ids (docs/hovernet.md §2.4 step 1).
 
   For each id in ascending order, part 1 keeps the id and part k >= 2 becomes (current max id + k);
   the max is updated after each id.
@@ -108,7 +108,7 @@ def _surviving_ids(inst_map: np.ndarray, crop_shape: tuple[int, int]) -> np.ndar
 
 
 def _normalise_signed(v: np.ndarray) -> np.ndarray:
-  """Negative values divided by |min|, positive by max, each side on its own (hovernet.md §2.4)."""
+  """Negative values divided by |min|, positive by max, each side on its own (docs/hovernet.md §2.4)."""
   v = v.astype(np.float32)
   neg, pos = v < 0, v > 0
   if neg.any():
@@ -119,7 +119,7 @@ def _normalise_signed(v: np.ndarray) -> np.ndarray:
 
 
 def hv_map(inst_map: np.ndarray, crop_shape: tuple[int, int] | int) -> np.ndarray:
-  """HV regression target at input size (hovernet.md §2.4, pitfall 7).
+  """HV regression target at input size (docs/hovernet.md §2.4; docs/differences.md §2.7).
 
   Args:
     inst_map: [H, W] integer instance map at network input size (after augmentation).
@@ -154,7 +154,7 @@ def hv_map(inst_map: np.ndarray, crop_shape: tuple[int, int] | int) -> np.ndarra
 
 
 def targets(inst_map: np.ndarray, type_map: np.ndarray | None, output_size: int) -> dict:
-  """All targets of one augmented patch (hovernet.md §2.1 steps 5-6, §2.4).
+  """All targets of one augmented patch (docs/hovernet.md §2.1 steps 5-6, §2.4).
 
   Args:
     inst_map: [I, I] integer instance map at input size.
@@ -181,7 +181,7 @@ def _window_starts(length: int, window: int, step: int) -> tuple[list[int], int 
 
 
 def patch_offsets(shape: tuple[int, int], window: int, step: int) -> list[tuple[int, int]]:
-  """Top-left corners of valid windows in the official order (hovernet.md §6.3).
+  """Top-left corners of valid windows in the official order (docs/hovernet.md §6.3).
 
   Regular grid row-major, then the bottom row (flush with the bottom edge), then the right column
   (flush right), then the bottom-right corner.
@@ -205,7 +205,7 @@ def mirror_pad(a: np.ndarray, window: int, step: int) -> np.ndarray:
 
 
 def extract_patches(a: np.ndarray, window: int = 540, step: int = 164) -> np.ndarray:
-  """Mirror-mode training patches of one tile (hovernet.md §6.3): 49 per 1000^2 tile at 540/164.
+  """Mirror-mode training patches of one tile (docs/hovernet.md §6.3): 49 per 1000^2 tile at 540/164.
 
   Args:
     a: [H, W, C] tile (e.g. RGB + inst + type, as the official int32 [H, W, 5]).
@@ -221,7 +221,7 @@ def extract_patches(a: np.ndarray, window: int = 540, step: int = 164) -> np.nda
 
 
 def tile_geometry(length: int, input_size: int, output_size: int) -> dict:
-  """Tiled-inference geometry for a side of `length` pixels (hovernet.md §7).
+  """Tiled-inference geometry for a side of `length` pixels (docs/hovernet.md §7).
 
   Returns:
     dict with `n` steps per axis, `last` = n * output, `pad_before` = (input - output) / 2 and

@@ -1,4 +1,4 @@
-"""Official HoVer-Net state dicts <-> Flax variables (hovernet.md §1.6), and the loaders of a whole
+"""Official HoVer-Net state dicts <-> Flax variables (docs/hovernet.md §1.6), and the loaders of a whole
 checkpoint (`load_hovernet`) and of an ImageNet encoder file (`load_hovernet_encoder`).
 
 A state dict is a flat dict of NumPy arrays keyed by the PyTorch names (`conv0./.weight`,
@@ -15,7 +15,7 @@ from flax import traverse_util
 from diffmix_jax.core import torch_files
 from diffmix_jax.hovernet import model as hovernet
 
-# Key segments containing '/' and their Flax module names (pitfall 22).
+# Key segments containing '/' and their Flax module names (docs/differences.md §2.22).
 SEGMENT_NAMES = {'/': 'conv', 'conv1/bn': 'conv1_bn', 'conv2/bn': 'conv2_bn', 'preact/bn': 'preact_bn',
                  'preact_bna/bn': 'preact_bna_bn'}
 _SEGMENT_KEYS = {v: k for k, v in SEGMENT_NAMES.items() if k != '/'}
@@ -91,7 +91,7 @@ def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
 
 
 def infer_config(state_dict: dict[str, Any]) -> tuple[str, int | None]:
-  """(mode, nr_types) read from the tensors (hovernet.md §1.6)."""
+  """(mode, nr_types) read from the tensors (docs/hovernet.md §1.6)."""
   key = 'decoder.np.u3.conva.weight'
   if key not in state_dict:
     raise ValueError(f'state dict has no {key!r}: not a HoVer-Net checkpoint')
@@ -190,7 +190,7 @@ def state_dict_from_variables(variables: dict, mode: str | None = None,
   return out
 
 
-# The encoder of HoVer-Net (hovernet.md §3.3): what an ImageNet pre-activation ResNet-50 file fills.
+# The encoder of HoVer-Net (docs/hovernet.md §3.3): what an ImageNet pre-activation ResNet-50 file fills.
 ENCODER_MODULES = ('conv0', 'd0', 'd1', 'd2', 'd3')
 
 
@@ -198,7 +198,7 @@ def encoder_from_state_dict(state_dict: dict[str, Any], variables: dict,
                             source: str = 'state dict') -> tuple[dict, dict]:
   """Loads the `conv0` and `d0`-`d3` tensors of a state dict onto HoVer-Net variables, by name.
 
-  The official training's `strict=False` load of the ImageNet encoder (hovernet.md §3.3): params
+  The official training's `strict=False` load of the ImageNet encoder (docs/hovernet.md §3.3): params
   and BatchNorm statistics of the encoder are replaced; `conv_bot` and the decoders keep theirs.
 
   Args:
@@ -265,7 +265,7 @@ def load_hovernet(path: str, mode: str | None = None, nr_types: int | None = -1,
 
 
 def load_hovernet_encoder(path: str, variables: dict) -> tuple[dict, dict]:
-  """An ImageNet encoder file onto HoVer-Net variables (hovernet.md §3.3, `strict=False` by name).
+  """An ImageNet encoder file onto HoVer-Net variables (docs/hovernet.md §3.3, `strict=False` by name).
 
   Args:
     path: `.npz` (arrays named with the PyTorch HoVer-Net keys), or a torch file (`.tar`/`.pth`:

@@ -1,8 +1,8 @@
-"""HoVer-Net post-processing: NP/HV maps to instances, per-instance info and type (hovernet.md §4).
+"""HoVer-Net post-processing: NP/HV maps to instances, per-instance info and type (docs/hovernet.md §4).
 
 Host NumPy/SciPy/scikit-image/OpenCV only (no JAX). OpenCV is used where the official code uses it, so the
 border rules and rounding of the ksize-21 Sobel, the 3×3 Gaussian, the min-max normalisation, the 5×5
-ellipse opening and the contour test are the official ones (hovernet.md "Pitfalls" 13-15). Post-processing
+ellipse opening and the contour test are the official ones (docs/differences.md §2.13, §2.14, §2.15). Post-processing
 must run on the whole stitched tile: the min-max normalisations are global.
 """
 
@@ -17,7 +17,7 @@ from tfds_builders import instances
 
 
 class Params(NamedTuple):
-  """Thresholds and sizes of the post-processing; the defaults are the official ones (hovernet.md
+  """Thresholds and sizes of the post-processing; the defaults are the official ones (docs/hovernet.md
   §4.1), set for 40x CoNSeP nuclei (median areas 80-347 px). `config.eval.postprocess` holds them."""
   np_threshold: float = 0.5  # Step 1: foreground is np >= np_threshold.
   edge_threshold: float = 0.4  # Step 8: marker interior is E < edge_threshold.
@@ -54,10 +54,10 @@ def params_from(fields: Mapping[str, Any]) -> Params:
 
 
 def remove_small_objects(label_map: np.ndarray, min_size: int) -> np.ndarray:
-  """Zeroes every labelled component with fewer than `min_size` pixels (hovernet.md §4.1 steps 2, 8).
+  """Zeroes every labelled component with fewer than `min_size` pixels (docs/hovernet.md §4.1 steps 2, 8).
 
   The official repo's own rule (bincount of ids, strictly less), not scikit-image's, whose boundary
-  changed in 0.26 (hovernet.md pitfall 8).
+  changed in 0.26 (docs/differences.md §2.8).
 
   Args:
     label_map: [H, W] non-negative integer labels, 0 = background.
@@ -83,7 +83,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def sobel_edges(h: np.ndarray, v: np.ndarray,
                 ksize: int = OFFICIAL.sobel_ksize) -> tuple[np.ndarray, np.ndarray]:
-  """Edge maps of the HV channels (hovernet.md §4.1 steps 3-5).
+  """Edge maps of the HV channels (docs/hovernet.md §4.1 steps 3-5).
 
   h and v are min-max normalised to [0, 1] over the whole tile, differentiated with the separable,
   unnormalised Sobel of size `ksize` (derivative along x for h, along y for v; reflect-101
@@ -106,7 +106,7 @@ def sobel_edges(h: np.ndarray, v: np.ndarray,
 
 def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
                        params: Params = OFFICIAL) -> np.ndarray:
-  """Marker-controlled watershed on the NP and HV maps (hovernet.md §4.1 steps 1-9).
+  """Marker-controlled watershed on the NP and HV maps (docs/hovernet.md §4.1 steps 1-9).
 
   Args:
     np_prob: [H, W] float nucleus probability, softmax(NP)[..., 1].
@@ -135,7 +135,7 @@ def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
 
 
 def markers(blb: np.ndarray, edge: np.ndarray, params: Params = OFFICIAL) -> np.ndarray:
-  """Watershed markers (hovernet.md §4.1 step 8).
+  """Watershed markers (docs/hovernet.md §4.1 step 8).
 
   M = blb - (E >= 0.4) clipped at 0; holes filled; opened with the 5x5 ellipse (OpenCV borders: the
   outside never erodes); labelled 4-connected; markers with fewer than 10 px removed.
@@ -158,10 +158,10 @@ def markers(blb: np.ndarray, edge: np.ndarray, params: Params = OFFICIAL) -> np.
 
 
 def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[str, Any]]:
-  """Per-instance bbox, contour, centroid and type vote (hovernet.md §4.2).
+  """Per-instance bbox, contour, centroid and type vote (docs/hovernet.md §4.2).
 
   An instance whose first OpenCV contour (RETR_TREE, CHAIN_APPROX_SIMPLE, on its bbox crop) has fewer
-  than 3 points is left out of the result but stays in `inst_map` (hovernet.md pitfall 15).
+  than 3 points is left out of the result but stays in `inst_map` (docs/differences.md §2.15).
 
   Args:
     inst_map: [H, W] non-negative integer instance map (any ids).
@@ -213,7 +213,7 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[
 
 def process(pred_map: np.ndarray, nr_types: int,
             params: Params = OFFICIAL) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
-  """Full post-processing of a stitched tile (hovernet.md §4).
+  """Full post-processing of a stitched tile (docs/hovernet.md §4).
 
   Args:
     pred_map: [H, W, 4] float32, channels [tp, np, h, v]: tp = argmax of softmax(TP) as a float,
@@ -241,7 +241,7 @@ def process(pred_map: np.ndarray, nr_types: int,
 
 
 def to_record(inst_map: np.ndarray, inst_info: dict[int, dict[str, Any]]) -> dict[str, np.ndarray]:
-  """Arrays of the official tile `.mat` output (hovernet.md §4.2 "Tile outputs").
+  """Arrays of the official tile `.mat` output (docs/hovernet.md §4.2 "Tile outputs").
 
   Args:
     inst_map: [H, W] integer instance map from `process`.

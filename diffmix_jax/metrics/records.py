@@ -3,7 +3,7 @@
 Files are matched by name; each holds `inst_map` [H, W], `inst_type` [N(, 1)] (types already merged) and
 `inst_centroid` [N, 2] (x, y), optionally `inst_uid` [N(, 1)] (the ids that rows describe, as the official
 tile output writes it; without it rows describe the distinct non-zero ids of `inst_map` in ascending order).
-Instance metrics are means over images, detection/type metrics are pooled (hovernet.md §5; the
+Instance metrics are means over images, detection/type metrics are pooled (docs/hovernet.md §5; the
 conventions for empty images are in `seg_metrics`); given each image's tissue, PanNuke's per-tissue
 mPQ and bPQ are added (`pannuke_pq`). The HoVer-Net stage calls `evaluate_arrays` and
 `evaluate_dirs` for its validation and final evaluation; `python -m diffmix_jax.evaluate` is the
@@ -168,7 +168,7 @@ def evaluate_arrays(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]],
                     radius: float = seg_metrics.MATCH_RADIUS,
                     weights: Sequence[float] = seg_metrics.F_C_WEIGHTS,
                     tissues: dict[str, str] | None = None) -> dict[str, Any]:
-  """All metrics over a list of (truth, prediction) records (hovernet.md §5).
+  """All metrics over a list of (truth, prediction) records (docs/hovernet.md §5).
 
   Args:
     pairs: one (true, pred) per image, each a dict as `validate_record` accepts.

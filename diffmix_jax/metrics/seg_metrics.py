@@ -1,10 +1,10 @@
-"""HoVer-Net nuclei metrics: Dice, AJI, AJI+, DQ/SQ/PQ, F_d, acc and F_c (hovernet.md §5).
+"""HoVer-Net nuclei metrics: Dice, AJI, AJI+, DQ/SQ/PQ, F_d, acc and F_c (docs/hovernet.md §5).
 
 NumPy/SciPy only (no JAX). Values equal the official `metrics/stats_utils.py` and `compute_stats.py`
 wherever those are defined; all pairwise overlaps of an image come from one contingency table
 (np.bincount), not per-instance masks.
 
-Conventions where the official code crashes or divides by zero (hovernet.md §5.1 "Edge cases"):
+Conventions where the official code crashes or divides by zero (docs/hovernet.md §5.1 "Edge cases"):
 - truth empty and prediction empty: Dice = AJI = AJI+ = DQ = SQ = PQ = 1.0 (nothing to find, nothing
   wrongly found; the official code gives nan / a crash / ZeroDivisionError);
 - truth has nuclei, prediction empty: all six are 0.0 (official AJI crashes; the others are 0);
@@ -18,9 +18,9 @@ import numpy as np
 from scipy import optimize
 from scipy.spatial import distance
 
-MATCH_IOU = 0.5  # hovernet.md §5.1: PQ pairs need IoU strictly > 0.5.
-MATCH_RADIUS = 12.0  # hovernet.md §5.2: centroid pairs need distance <= 12 px (inclusive).
-F_C_WEIGHTS = (2, 2, 1, 1)  # hovernet.md §5.2: weights of FP_c, FN_c, FP_d^t, FN_d^t in F_c.
+MATCH_IOU = 0.5  # docs/hovernet.md §5.1: PQ pairs need IoU strictly > 0.5.
+MATCH_RADIUS = 12.0  # docs/hovernet.md §5.2: centroid pairs need distance <= 12 px (inclusive).
+F_C_WEIGHTS = (2, 2, 1, 1)  # docs/hovernet.md §5.2: weights of FP_c, FN_c, FP_d^t, FN_d^t in F_c.
 _EPS = 1.0e-6  # The official epsilon of the AJI IoU and of SQ.
 
 _INSTANCE_KEYS = ('dice', 'aji', 'aji_plus', 'dq', 'sq', 'pq')
@@ -46,7 +46,7 @@ def instance_ids(inst_map: np.ndarray) -> np.ndarray:
 
 
 def remap_label(inst_map: np.ndarray) -> np.ndarray:
-  """Renumbers instance ids to 1..N in ascending order of the old id (hovernet.md §5.1, by_size=False).
+  """Renumbers instance ids to 1..N in ascending order of the old id (docs/hovernet.md §5.1, by_size=False).
 
   Args:
     inst_map: [H, W] non-negative integer instance map, 0 = background, any ids.
@@ -103,7 +103,7 @@ def _empty_value(nt: int, npr: int) -> float | None:
 
 
 def _dice(inter, ta, pa) -> float:
-  """Dice of the binarised maps: 2|T ∩ P| / (|T| + |P|) (hovernet.md §5.1, get_dice_1)."""
+  """Dice of the binarised maps: 2|T ∩ P| / (|T| + |P|) (docs/hovernet.md §5.1, get_dice_1)."""
   empty = _empty_value(len(ta), len(pa))
   if empty is not None:
     return empty
@@ -111,7 +111,7 @@ def _dice(inter, ta, pa) -> float:
 
 
 def _aji(inter, ta, pa) -> float:
-  """AJI: each truth takes its max-IoU prediction, reuse allowed (hovernet.md §5.1, get_fast_aji)."""
+  """AJI: each truth takes its max-IoU prediction, reuse allowed (docs/hovernet.md §5.1, get_fast_aji)."""
   empty = _empty_value(len(ta), len(pa))
   if empty is not None:
     return empty
@@ -130,7 +130,7 @@ def _aji(inter, ta, pa) -> float:
 
 
 def _aji_plus(inter, ta, pa) -> float:
-  """AJI+: one-to-one Hungarian pairs maximising IoU (hovernet.md §5.1, get_fast_aji_plus)."""
+  """AJI+: one-to-one Hungarian pairs maximising IoU (docs/hovernet.md §5.1, get_fast_aji_plus)."""
   empty = _empty_value(len(ta), len(pa))
   if empty is not None:
     return empty
@@ -149,7 +149,7 @@ def _aji_plus(inter, ta, pa) -> float:
 
 
 def _pq(inter, ta, pa, match_iou: float) -> tuple[float, float, float]:
-  """(DQ, SQ, PQ) with pairs of IoU strictly > match_iou (hovernet.md §5.1, get_fast_pq)."""
+  """(DQ, SQ, PQ) with pairs of IoU strictly > match_iou (docs/hovernet.md §5.1, get_fast_pq)."""
   if match_iou < 0.5:
     raise ValueError(f'match_iou must be >= 0.5 (pairs are then unique); got {match_iou}')
   empty = _empty_value(len(ta), len(pa))
@@ -166,22 +166,22 @@ def _pq(inter, ta, pa, match_iou: float) -> tuple[float, float, float]:
 
 
 def dice(true: np.ndarray, pred: np.ndarray) -> float:
-  """Dice of the foregrounds (hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
+  """Dice of the foregrounds (docs/hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
   return _dice(*_contingency(true, pred))
 
 
 def aji(true: np.ndarray, pred: np.ndarray) -> float:
-  """Aggregated Jaccard Index (hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
+  """Aggregated Jaccard Index (docs/hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
   return _aji(*_contingency(true, pred))
 
 
 def aji_plus(true: np.ndarray, pred: np.ndarray) -> float:
-  """AJI+ with Hungarian pairing (hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
+  """AJI+ with Hungarian pairing (docs/hovernet.md §5.1). Args: [H, W] integer instance maps. Returns: float."""
   return _aji_plus(*_contingency(true, pred))
 
 
 def pq(true: np.ndarray, pred: np.ndarray, match_iou: float = MATCH_IOU) -> tuple[float, float, float]:
-  """Detection, segmentation and panoptic quality (hovernet.md §5.1).
+  """Detection, segmentation and panoptic quality (docs/hovernet.md §5.1).
 
   Args:
     true: [H, W] integer ground-truth instance map (any ids).
@@ -195,7 +195,7 @@ def pq(true: np.ndarray, pred: np.ndarray, match_iou: float = MATCH_IOU) -> tupl
 
 
 def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-  """All per-image instance metrics from one contingency table (hovernet.md §5.1).
+  """All per-image instance metrics from one contingency table (docs/hovernet.md §5.1).
 
   Args:
     true: [H, W] integer ground-truth instance map (any ids; remapped here).
@@ -212,7 +212,7 @@ def instance_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
 
 def pair_coordinates(true_pts: np.ndarray, pred_pts: np.ndarray,
                      radius: float = MATCH_RADIUS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Hungarian minimum-total-distance pairing of centroids, then distance <= radius (hovernet.md §5.2).
+  """Hungarian minimum-total-distance pairing of centroids, then distance <= radius (docs/hovernet.md §5.2).
 
   The points are cast to float32 first, as the official script does; the assignment runs over the full
   distance matrix (it is not a maximum-cardinality matching within the radius).
@@ -240,7 +240,7 @@ def pair_coordinates(true_pts: np.ndarray, pred_pts: np.ndarray,
 def type_metrics(records: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                  radius: float = MATCH_RADIUS,
                  weights: Sequence[float] = F_C_WEIGHTS) -> dict:
-  """Detection and classification scores pooled over a data set (hovernet.md §5.2).
+  """Detection and classification scores pooled over a data set (docs/hovernet.md §5.2).
 
   Per image, a side without instances gets one dummy point (0, 0) of type 0; pairs are found per image
   and pooled. F_d = 2TP/(2TP + FP + FN); acc = agreeing pairs / pairs; for each type t in the sorted

@@ -1,4 +1,4 @@
-"""Balancing maps (NumPy only): rare nuclei pasted over common ones (diffmix_method.md §2.2, §2.4).
+"""Balancing maps (NumPy only): rare nuclei pasted over common ones (docs/method.md §2.2, §2.4).
 
 Each tile's draws come from `SeedSequence(seed, spawn_key=(tile_index, 0))` (F8). Ports: paste box
 on the half-to-even rounded centroid (F3), only the target's own pixels cleared (F4), `overwrite` or

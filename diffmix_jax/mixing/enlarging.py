@@ -1,4 +1,4 @@
-"""Enlarging maps (NumPy only): interior nuclei of each grid patch moved (diffmix_method.md §3.2-3.3).
+"""Enlarging maps (NumPy only): interior nuclei of each grid patch moved (docs/method.md §3.2-3.3).
 
 Each patch's draws come from `SeedSequence(seed, spawn_key=(tile_index, patch_index, 1))`; nuclei
 touching the patch's frame stay, the others move by gated random shifts, with `overwrite` or

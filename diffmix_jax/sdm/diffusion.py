@@ -1,4 +1,4 @@
-"""SDM diffusion math (sdm.md §3): schedule, q_sample, posterior, variance, hybrid loss, respacing."""
+"""SDM diffusion math (docs/sdm.md §3): schedule, q_sample, posterior, variance, hybrid loss, respacing."""
 
 # No Flax here: every function that needs the network takes a `model_fn(x_t, t, y) -> [B, H, W, 6]`.
 
@@ -17,7 +17,7 @@ ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def linear_betas(num_steps: int = 1000) -> np.ndarray:
-  """β_t = linspace(1e-4·s, 0.02·s, T), s = 1000/T, float64 (sdm.md §3.1)."""
+  """β_t = linspace(1e-4·s, 0.02·s, T), s = 1000/T, float64 (docs/sdm.md §3.1)."""
   scale = 1000.0 / num_steps
   return np.linspace(scale * 1e-4, scale * 0.02, num_steps, dtype=np.float64)
 
@@ -26,7 +26,7 @@ def linear_betas(num_steps: int = 1000) -> np.ndarray:
 class Diffusion:
   """Schedule tables of one (possibly respaced) process, float32 NumPy, index k = respaced step.
 
-  Attributes: names as in sdm.md §3.1; `timestep_map[k]` = original τ_k handed to the network.
+  Attributes: names as in docs/sdm.md §3.1; `timestep_map[k]` = original τ_k handed to the network.
   """
   num_timesteps: int
   timestep_map: np.ndarray
@@ -46,7 +46,7 @@ class Diffusion:
 
 def create_diffusion(diffusion_steps: int = 1000, noise_schedule: str = 'linear',
                      timestep_respacing: str = '') -> Diffusion:
-  """Tables in float64 NumPy, stored as float32 (sdm.md §3.1, §3.7).
+  """Tables in float64 NumPy, stored as float32 (docs/sdm.md §3.1, §3.7).
 
   Args:
     diffusion_steps: original length T (1000).
@@ -88,12 +88,12 @@ def _at(table: np.ndarray, t: jax.Array) -> jax.Array:
 
 
 def q_sample(diff: Diffusion, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-  """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·eps (sdm.md §3.2). x0, eps [B,H,W,C] float32; t [B] respaced index."""
+  """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·eps (docs/sdm.md §3.2). x0, eps [B,H,W,C] float32; t [B] respaced index."""
   return _at(diff.sqrt_alphas_cumprod, t) * x0 + _at(diff.sqrt_one_minus_alphas_cumprod, t) * eps
 
 
 def q_posterior(diff: Diffusion, x0: jax.Array, x_t: jax.Array, t: jax.Array):
-  """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x0) (sdm.md §3.2).
+  """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x0) (docs/sdm.md §3.2).
 
   Returns:
     (mean [B,H,W,C], variance [B,1,1,1], log_variance [B,1,1,1]) float32.
@@ -103,18 +103,18 @@ def q_posterior(diff: Diffusion, x0: jax.Array, x_t: jax.Array, t: jax.Array):
 
 
 def predict_x0_from_eps(diff: Diffusion, x_t: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
-  """x̂0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·eps (sdm.md §3.2)."""
+  """x̂0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·eps (docs/sdm.md §3.2)."""
   return _at(diff.sqrt_recip_alphas_cumprod, t) * x_t - _at(diff.sqrt_recipm1_alphas_cumprod, t) * eps
 
 
 def predict_eps_from_x0(diff: Diffusion, x_t: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
-  """eps = (√(1/ᾱ_t)·x_t − x̂0) / √(1/ᾱ_t − 1) (sdm.md §3.2)."""
+  """eps = (√(1/ᾱ_t)·x_t − x̂0) / √(1/ᾱ_t − 1) (docs/sdm.md §3.2)."""
   return ((_at(diff.sqrt_recip_alphas_cumprod, t) * x_t - x0)
           / _at(diff.sqrt_recipm1_alphas_cumprod, t))
 
 
 def learned_range_variance(diff: Diffusion, v: jax.Array, t: jax.Array):
-  """log σ² = frac·log β_t + (1−frac)·log β̃_t(clipped), frac = (v+1)/2, v unclamped (sdm.md §3.3).
+  """log σ² = frac·log β_t + (1−frac)·log β̃_t(clipped), frac = (v+1)/2, v unclamped (docs/sdm.md §3.3).
 
   Returns:
     (variance, log_variance), both shaped like v, float32.
@@ -125,7 +125,7 @@ def learned_range_variance(diff: Diffusion, v: jax.Array, t: jax.Array):
 
 
 def model_timesteps(diff: Diffusion, t: jax.Array) -> jax.Array:
-  """Respaced index k → original τ_k handed to the network (sdm.md §3.7, pitfall 13)."""
+  """Respaced index k → original τ_k handed to the network (docs/sdm.md §3.7; docs/differences.md §1.13)."""
   return jnp.asarray(diff.timestep_map)[t]
 
 
@@ -137,7 +137,7 @@ def _check_learned_sigma(out: jax.Array, x_t: jax.Array) -> None:
 
 def p_mean_variance_from_output(diff: Diffusion, out: jax.Array, x_t: jax.Array, t: jax.Array,
                                 clip_denoised: bool) -> dict[str, jax.Array]:
-  """p(x_{t−1}|x_t) from a 6-channel model output (sdm.md §3.4).
+  """p(x_{t−1}|x_t) from a 6-channel model output (docs/sdm.md §3.4).
 
   Args:
     out: [B,H,W,6] float32 (ε̂ ‖ v).
@@ -160,7 +160,7 @@ def p_mean_variance_from_output(diff: Diffusion, out: jax.Array, x_t: jax.Array,
 
 def p_mean_variance(diff: Diffusion, model_fn: ModelFn, x_t: jax.Array, t: jax.Array, y: jax.Array,
                     clip_denoised: bool = True) -> dict[str, jax.Array]:
-  """Runs model_fn at the original timestep τ_t and interprets its output (sdm.md §3.4).
+  """Runs model_fn at the original timestep τ_t and interprets its output (docs/sdm.md §3.4).
 
   Guidance is a property of `model_fn` (see samplers.guided_model_fn). Shapes as
   `p_mean_variance_from_output`; y [B,H,W,Cy].
@@ -170,13 +170,13 @@ def p_mean_variance(diff: Diffusion, model_fn: ModelFn, x_t: jax.Array, t: jax.A
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
-  """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, nats (sdm.md §3.5)."""
+  """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, nats (docs/sdm.md §3.5)."""
   return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
                 + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
-  """Φ(z) ≈ ½(1 + tanh(√(2/π)(z + 0.044715 z³))) (sdm.md §3.5)."""
+  """Φ(z) ≈ ½(1 + tanh(√(2/π)(z + 0.044715 z³))) (docs/sdm.md §3.5)."""
   return 0.5 * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
@@ -184,7 +184,7 @@ def discretized_gaussian_log_likelihood(x0: jax.Array, means: jax.Array,
                                         log_scales: jax.Array) -> jax.Array:
   """log-probability of the 1/255-wide bin around x0 ∈ [−1, 1] under N(means, e^{2·log_scales}).
 
-  Tails for x0 < −0.999 / > 0.999, probabilities floored at 1e-12 (sdm.md §3.5). Elementwise, nats.
+  Tails for x0 < −0.999 / > 0.999, probabilities floored at 1e-12 (docs/sdm.md §3.5). Elementwise, nats.
   """
   centered = x0 - means
   inv_std = jnp.exp(-log_scales)
@@ -203,7 +203,7 @@ def _mean_flat(x: jax.Array) -> jax.Array:
 
 def vb_terms_bpd(diff: Diffusion, out: jax.Array, x0: jax.Array, x_t: jax.Array,
                  t: jax.Array) -> jax.Array:
-  """KL(q‖p) for t > 0, decoder NLL for t = 0, bits/dim, per sample (sdm.md §3.5).
+  """KL(q‖p) for t > 0, decoder NLL for t = 0, bits/dim, per sample (docs/sdm.md §3.5).
 
   Args:
     out: [B,H,W,6] model output (callers stop the gradient of the ε̂ half).
@@ -222,7 +222,7 @@ def vb_terms_bpd(diff: Diffusion, out: jax.Array, x0: jax.Array, x_t: jax.Array,
 
 def training_losses(diff: Diffusion, model_fn: ModelFn, x0: jax.Array, t: jax.Array, y: jax.Array,
                     noise: jax.Array) -> dict[str, jax.Array]:
-  """Hybrid loss mse + vb with vb on stop-gradient ε̂ (sdm.md §3.5, pitfall 15).
+  """Hybrid loss mse + vb with vb on stop-gradient ε̂ (docs/sdm.md §3.5; docs/differences.md §1.15).
 
   Args:
     model_fn: the network (receives original timesteps).

@@ -1,4 +1,4 @@
-"""SPADE-UNet building blocks (sdm.md §2): GroupNorm, SPADE, time embedding, res and attention blocks."""
+"""SPADE-UNet building blocks (docs/sdm.md §2): GroupNorm, SPADE, time embedding, res and attention blocks."""
 
 import math
 from typing import Any
@@ -12,14 +12,14 @@ from diffmix_jax.data import labels
 
 Dtype = Any
 
-# Hidden width of every SPADE modulation MLP (sdm.md §2.5).
+# Hidden width of every SPADE modulation MLP (docs/sdm.md §2.5).
 SPADE_HIDDEN = 128
 GN_GROUPS = 32
 GN_EPS = 1e-5
 
 
 def torch_kernel_init(key, shape, dtype=jnp.float32):
-  """PyTorch default Conv/Linear weight init, U(±1/√fan_in) (sdm.md §2.2, §5 "init")."""
+  """PyTorch default Conv/Linear weight init, U(±1/√fan_in) (docs/sdm.md §2.2, §5 "init")."""
   return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')(key, shape, dtype)
 
 
@@ -34,7 +34,7 @@ def torch_bias_init(fan_in: int):
 
 
 def conv(features: int, kernel: int, fan_in: int, dtype: Dtype, name: str, zero: bool = False):
-  """3×3 (padding 1) or 1×1 convolution, stride 1, fp32 params, compute in `dtype` (sdm.md §2.2)."""
+  """3×3 (padding 1) or 1×1 convolution, stride 1, fp32 params, compute in `dtype` (docs/sdm.md §2.2)."""
   if zero:
     k_init, b_init = nn.initializers.zeros, nn.initializers.zeros
   else:
@@ -54,7 +54,7 @@ def dense(features: int, fan_in: int, dtype: Dtype, name: str, zero: bool = Fals
 
 
 class GroupNorm32(nn.Module):
-  """GroupNorm with 32 groups, eps 1e-5, centred fp32 statistics (sdm.md §2.2, pitfalls 2-3).
+  """GroupNorm with 32 groups, eps 1e-5, centred fp32 statistics (docs/sdm.md §2.2; docs/differences.md §1.2, §1.3).
 
   Attributes:
     affine: learnable per-channel scale (init 1) and bias (init 0), applied in fp32.
@@ -81,7 +81,7 @@ class GroupNorm32(nn.Module):
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
-  """Sinusoidal embedding [cos, sin], frequencies exp(-ln(P)·i/half) (sdm.md §2.3, pitfall 6).
+  """Sinusoidal embedding [cos, sin], frequencies exp(-ln(P)·i/half) (docs/sdm.md §2.3; docs/differences.md §1.6).
 
   Args:
     t: [B] integer (or float) timesteps on the original 0…999 grid.
@@ -108,7 +108,7 @@ def upsample2(x: jax.Array) -> jax.Array:
 
 
 def film(h: jax.Array, e: jax.Array) -> jax.Array:
-  """h·(1+scale) + shift with scale = e[:, :C], shift = e[:, C:] (sdm.md §2.4, pitfall 7).
+  """h·(1+scale) + shift with scale = e[:, :C], shift = e[:, C:] (docs/sdm.md §2.4; docs/differences.md §1.7).
 
   Args:
     h: [B, H, W, C] float32.
@@ -122,7 +122,7 @@ def film(h: jax.Array, e: jax.Array) -> jax.Array:
 
 
 class SPADEGroupNorm(nn.Module):
-  """SPADE: affine-free GN32 modulated by convs of the label map (sdm.md §2.5, pitfall 1).
+  """SPADE: affine-free GN32 modulated by convs of the label map (docs/sdm.md §2.5; docs/differences.md §1.1).
 
   Attributes:
     channels: C of the normalised tensor.
@@ -145,7 +145,7 @@ class SPADEGroupNorm(nn.Module):
 
 
 class ResBlock(nn.Module):
-  """Encoder residual block with GN32 affine + time FiLM, optional 2× down-sampling (sdm.md §2.4).
+  """Encoder residual block with GN32 affine + time FiLM, optional 2× down-sampling (docs/sdm.md §2.4).
 
   Attributes:
     out_channels: Cout.
@@ -187,7 +187,7 @@ class ResBlock(nn.Module):
 
 
 class SDMResBlock(nn.Module):
-  """Decoder/middle residual block with SPADE norms + time FiLM, optional 2× up-sampling (sdm.md §2.6).
+  """Decoder/middle residual block with SPADE norms + time FiLM, optional 2× up-sampling (docs/sdm.md §2.6).
 
   Attributes: as ResBlock, with `up` instead of `down`.
   """
@@ -211,7 +211,7 @@ class SDMResBlock(nn.Module):
     e_width = 2 * cout if self.use_scale_shift_norm else cout
     e = dense(e_width, self.emb_channels, jnp.float32, 'emb_layers_1')(nn.silu(emb))
     if self.use_scale_shift_norm:
-      h = film(SPADEGroupNorm(cout, self.dtype, self.spade_hidden, name='out_norm')(h, y), e)  # SPADE first (pitfall 4)
+      h = film(SPADEGroupNorm(cout, self.dtype, self.spade_hidden, name='out_norm')(h, y), e)  # SPADE first: docs/differences.md §1.4
     else:
       h = SPADEGroupNorm(cout, self.dtype, self.spade_hidden, name='out_norm')(
           h.astype(jnp.float32) + e[:, None, None, :].astype(h.dtype), y)
@@ -223,7 +223,7 @@ class SDMResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-  """Self-attention over H·W with the legacy head-interleaved qkv layout (sdm.md §2.7, pitfall 8).
+  """Self-attention over H·W with the legacy head-interleaved qkv layout (docs/sdm.md §2.7; docs/differences.md §1.8).
 
   The qkv Dense kernel keeps the official row order [head0: q, k, v, head1: q, k, v, …], so the
   converter transposes without permuting. Softmax runs in fp32 inside jax.nn.dot_product_attention.

@@ -1,4 +1,4 @@
-"""The sample stage's jitted render call (diffmix_method.md §4, sdm.md §3.8-§3.10): x_0 partly noised
+"""The sample stage's jitted render call (docs/method.md §4, docs/sdm.md §3.8-§3.10): x_0 partly noised
 to `sample.percent` of the respaced grid, then guided DDIM to a synthetic image, the batch sharded
 over the mesh. Apart from the stage so that benchmarks time it without the stage's data pipeline.
 """

@@ -1,4 +1,4 @@
-"""SDM/DiffMix samplers (sdm.md §3.8–3.11): batched CFG, DDIM with partial-noise start, ancestral."""
+"""SDM/DiffMix samplers (docs/sdm.md §3.8–3.11): batched CFG, DDIM with partial-noise start, ancestral."""
 
 # Each sampler is one `lax.fori_loop`; jit the caller with the params as an argument (not a constant):
 #
@@ -19,7 +19,7 @@ def guided_model_fn(model_fn: gd.ModelFn, guidance: float) -> gd.ModelFn:
 
   For guidance s > 1 the batch is doubled to [x_t; x_t], [t; t], [y; 0]; the ε channels become
   ε_u + s·(ε_c − ε_u), the variance channels are the conditional pass's. For s ≤ 1 this returns
-  `model_fn` itself (a single conditional pass, as the original's `s > 1.0` test, pitfall 11).
+  `model_fn` itself (a single conditional pass, as the original's `s > 1.0` test, docs/differences.md §1.11).
 
   Args:
     model_fn: network taking (x_t [B,H,W,3], t [B] original timesteps, y [B,H,W,Cy]).
@@ -43,7 +43,7 @@ def guided_model_fn(model_fn: gd.ModelFn, guidance: float) -> gd.ModelFn:
 
 
 def start_index(num_timesteps: int, percent: float, official_truncation: bool = False) -> int:
-  """First respaced index of the partial-noise DDIM chain (sdm.md §3.10, pitfall 14).
+  """First respaced index of the partial-noise DDIM chain (docs/sdm.md §3.10; docs/differences.md §1.14).
 
   Rule (documented choice): T = round(N · percent / 100) denoising steps, start index T − 1 — the
   official "index T−1 on the respaced grid" semantics (55 % of ddim100 → index 54 → t = 540), without
@@ -71,7 +71,7 @@ def start_index(num_timesteps: int, percent: float, official_truncation: bool = 
 
 def ddim_step(diff: gd.Diffusion, model_fn: gd.ModelFn, x_t: jax.Array, i: jax.Array,
               y: jax.Array) -> jax.Array:
-  """One DDIM (η = 0) step from respaced index i to i − 1 (sdm.md §3.8, pitfall 12).
+  """One DDIM (η = 0) step from respaced index i to i − 1 (docs/sdm.md §3.8; docs/differences.md §1.12).
 
   Args:
     x_t: [B,H,W,3] float32.
@@ -90,7 +90,7 @@ def ddim_step(diff: gd.Diffusion, model_fn: gd.ModelFn, x_t: jax.Array, i: jax.A
 
 def ddim_sample_loop(diff: gd.Diffusion, model_fn: gd.ModelFn, x_start: jax.Array, y: jax.Array,
                      first_index: int | None = None, guidance: float = 1.0) -> jax.Array:
-  """DDIM over indices first_index, …, 0 in one fori_loop (sdm.md §3.8–3.9).
+  """DDIM over indices first_index, …, 0 in one fori_loop (docs/sdm.md §3.8–3.9).
 
   Args:
     x_start: [B,H,W,3] float32, the sample at `first_index` (pure N(0, I) noise for a full chain).
@@ -110,7 +110,7 @@ def ddim_sample_loop(diff: gd.Diffusion, model_fn: gd.ModelFn, x_start: jax.Arra
 def diffmix_sample(diff: gd.Diffusion, model_fn: gd.ModelFn, x0: jax.Array, y: jax.Array,
                    noise: jax.Array, percent: float = 55, guidance: float = 1.5,
                    official_truncation: bool = False) -> jax.Array:
-  """DiffMix partial-noise DDIM: x = q_sample(x0, T−1, noise), then DDIM from T−1 to 0 (sdm.md §3.10).
+  """DiffMix partial-noise DDIM: x = q_sample(x0, T−1, noise), then DDIM from T−1 to 0 (docs/sdm.md §3.10).
 
   Args:
     x0: [B,H,W,3] float32 original image crop in [−1, 1].
@@ -133,7 +133,7 @@ def diffmix_sample(diff: gd.Diffusion, model_fn: gd.ModelFn, x0: jax.Array, y: j
 
 def p_sample_loop(diff: gd.Diffusion, model_fn: gd.ModelFn, noise: jax.Array, y: jax.Array,
                   rng: jax.Array, guidance: float = 1.0, clip_denoised: bool = True) -> jax.Array:
-  """Ancestral sampling from pure noise over all respaced indices (sdm.md §3.11).
+  """Ancestral sampling from pure noise over all respaced indices (docs/sdm.md §3.11).
 
   x_{t−1} = mean + 1[t≠0]·exp(½ log σ²)·z with the learned-range σ²; z from fold_in(rng, t).
 

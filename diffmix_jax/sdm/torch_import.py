@@ -1,4 +1,4 @@
-"""Official SDM PyTorch checkpoints <-> Flax params (sdm.md §2.12): key and layout mapping, import,
+"""Official SDM PyTorch checkpoints <-> Flax params (docs/sdm.md §2.12): key and layout mapping, import,
 export."""
 
 import re
@@ -12,7 +12,7 @@ from flax import traverse_util
 from diffmix_jax.core import torch_files
 from diffmix_jax.sdm import unet as sdm_unet
 
-# Flax Dense layers that are kernel-1 Conv1d in the official model ([O, I, 1] weights, sdm.md §2.12).
+# Flax Dense layers that are kernel-1 Conv1d in the official model ([O, I, 1] weights, docs/sdm.md §2.12).
 _CONV1D_NAMES = ('qkv', 'proj_out')
 
 
@@ -35,7 +35,7 @@ def _sdm_to_torch(path: tuple[str, ...], x: np.ndarray) -> np.ndarray:
 
 
 def _sdm_from_torch(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
-  """Inverse of `_sdm_to_torch` (legacy qkv rows are kept: no permutation, sdm.md §2.7)."""
+  """Inverse of `_sdm_to_torch` (legacy qkv rows are kept: no permutation, docs/sdm.md §2.7)."""
   if path[-1] != 'kernel':
     return w
   if w.ndim == 4:
@@ -60,7 +60,7 @@ def sdm_params_from_state_dict(state_dict: Mapping[str, np.ndarray], module: sdm
   """Converts an official SDM state dict (NumPy) to the Flax 'params' tree of `module`.
 
   Args:
-    state_dict: {torch key: array}, sdm.md §2.12 layout.
+    state_dict: {torch key: array}, docs/sdm.md §2.12 layout.
     module: the target UNet (its fields fix the expected key set and shapes).
     source: name used in error messages (the checkpoint path).
 

@@ -1,4 +1,4 @@
-"""The SPADE diffusion UNet of SDM as used by DiffMix, NHWC, official flag names (sdm.md §2)."""
+"""The SPADE diffusion UNet of SDM as used by DiffMix, NHWC, official flag names (docs/sdm.md §2)."""
 
 from typing import Any, Sequence
 
@@ -14,7 +14,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 
 
 class SDMUNet(nn.Module):
-  """UNet with ResBlock encoder, SPADE SDMResBlock decoder and legacy attention (sdm.md §2.1, §2.9).
+  """UNet with ResBlock encoder, SPADE SDMResBlock decoder and legacy attention (docs/sdm.md §2.1, §2.9).
 
   Submodule names mirror the official state-dict keys with '.' written as '_' (e.g. flax
   `output_blocks_2_0/in_norm/mlp_shared_0/kernel` ↔ torch `output_blocks.2.0.in_norm.mlp_shared.0.weight`),
@@ -64,14 +64,14 @@ class SDMUNet(nn.Module):
     return self.num_heads if self.num_head_channels == -1 else ch // self.num_head_channels
 
   def _blocks(self):
-    """Classes of the three block kinds, wrapped in nn.remat when requested (sdm.md §5 "remat")."""
+    """Classes of the three block kinds, wrapped in nn.remat when requested (docs/sdm.md §5 "remat")."""
     if self.remat:
       return nn.remat(layers.ResBlock), nn.remat(layers.SDMResBlock), nn.remat(layers.AttentionBlock)
     return layers.ResBlock, layers.SDMResBlock, layers.AttentionBlock
 
   @nn.compact
   def __call__(self, x_t: jax.Array, t: jax.Array, y: jax.Array, train: bool = False) -> jax.Array:
-    """Predicts ε̂ and the variance interpolant (sdm.md §2.1).
+    """Predicts ε̂ and the variance interpolant (docs/sdm.md §2.1).
 
     Args:
       x_t: [B, S, S, 3] float32 noisy image.
@@ -96,7 +96,7 @@ class SDMUNet(nn.Module):
     kw = dict(emb_channels=emb_ch, use_scale_shift_norm=self.use_scale_shift_norm,
               dropout=self.dropout, deterministic=not train, dtype=dt)
 
-    # Time embedding (sdm.md §2.3), fp32.
+    # Time embedding (docs/sdm.md §2.3), fp32.
     emb = layers.timestep_embedding(t, mc)
     emb = layers.dense(emb_ch, mc, jnp.float32, 'time_embed_0')(emb)
     emb = layers.dense(emb_ch, emb_ch, jnp.float32, 'time_embed_2')(nn.silu(emb))
@@ -125,7 +125,7 @@ class SDMUNet(nn.Module):
     h = attn_cls(self._heads(ch), dt, name='middle_block_1')(h)
     h = sdm_cls(ch, name='middle_block_2', spade_hidden=self.spade_hidden, **kw)(h, y, emb)
 
-    # Decoder: concat (h, skip) (pitfall 9).
+    # Decoder: concat (h, skip) (docs/differences.md §1.9).
     idx = 0
     for level, mult in list(enumerate(self.channel_mult))[::-1]:
       for i in range(self.num_res_blocks + 1):
@@ -143,7 +143,7 @@ class SDMUNet(nn.Module):
           ds //= 2
         idx += 1
 
-    # Head in fp32 (sdm.md §2.8).
+    # Head in fp32 (docs/sdm.md §2.8).
     h = nn.silu(layers.GroupNorm32(dtype=jnp.float32, name='out_0')(h.astype(jnp.float32)))
     out_ch = 6 if self.learn_sigma else 3
     return layers.conv(out_ch, 3, ch, jnp.float32, 'out_2', zero=True)(h)

@@ -1,6 +1,6 @@
 """Stage `mix_labels`: balancing and enlarging label maps of the training split in workdir/mixed_labels/.
 
-Layout (every file written to a temporary name and renamed; `DONE` last; diffmix_method.md §2.5, §3.3):
+Layout (every file written to a temporary name and renamed; `DONE` last; docs/method.md §2.5, §3.3):
   balance/<tile>.npz, enlarge/<tile>.npz   the maps (mixing/files.py writes and reads them)
   provenance.csv       one row per replacement: tile, target_id, donor_tile, donor_id, classes, present
   summary.json, class_histogram.png, preview.png, DONE
@@ -215,7 +215,7 @@ def plot_preview(tiles, balanced, enlarged, count: int, num_classes: int, class_
 
 
 def run(config, workdir: os.PathLike) -> None:
-  """Runs the stage: real training labels -> balancing and enlarging maps (diffmix_method.md §2-§4.1).
+  """Runs the stage: real training labels -> balancing and enlarging maps (docs/method.md §2-§4.1).
 
   Args:
     config: the full experiment config (`configs/common.py`).

@@ -1,4 +1,4 @@
-"""TFDS builder for the built-in demo set: generated H&E-like tiles, no download (datasets.md §4)."""
+"""TFDS builder for the built-in demo set: generated H&E-like tiles, no download (docs/datasets.md §4)."""
 
 import tensorflow_datasets as tfds
 

@@ -1,4 +1,4 @@
-"""The built-in demo set's tiles (NumPy only): deterministic, imbalanced, H&E-like (datasets.md §4).
+"""The built-in demo set's tiles (NumPy only): deterministic, imbalanced, H&E-like (docs/datasets.md §4).
 
 Classes follow CoNSeP's merged ids: 1 other (rare, irregular, mid-dark, speckled), 2 inflammatory
 (small, round, very dark), 3 epithelial (large, pale, round, in gland-like clusters), 4 spindle-shaped
