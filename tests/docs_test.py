@@ -26,6 +26,8 @@ SECTION_REF = re.compile(PATH + r'[`"\']?,? §\s?(\d+(?:\.\d+)*)')
 ANCHOR_REF = re.compile(PATH + r'#([\w-]+)|\]\(()#([\w-]+)\)')
 LINK = re.compile(r'\]\(((?!https?:|mailto:|#)[^)\s#]+)(?:#[^)\s]*)?\)')
 OUTSIDE = re.compile(r'shared/specs')  # The external design notes these docs replace.
+# In code, 'pitfall 8' or 'issue 17' points at nothing a reader has: state the fact or cite docs/.
+BARE_POINTER = re.compile(r'\b(pitfalls? \d+|issue \d+)', re.IGNORECASE)
 COMMAND = re.compile(r'python3? -m (diffmix_jax(?:\.\w+)+)')
 
 
@@ -81,6 +83,9 @@ def reference_errors(files: list[pathlib.Path], root: pathlib.Path = REPO) -> li
       where = f'{f.relative_to(root)}:{i}'
       if OUTSIDE.search(line):
         errors.append(f'{where}: names a path outside the repository: {line.strip()}')
+      if f.suffix in ('.py', '.sh') and BARE_POINTER.search(line):
+        errors.append(f'{where}: "{BARE_POINTER.search(line).group(1)}" points nowhere: state the fact '
+                      'or cite docs/differences.md §x')
       for target, section in SECTION_REF.findall(line):
         p = resolve(f, target, root)
         if p is None:
@@ -113,10 +118,10 @@ def test_a_dead_reference_is_caught(tmp_path):
   (tmp_path / 'ok.py').write_text(good)
   assert reference_errors([tmp_path / 'ok.py'], tmp_path) == []
   bad = ('# docs/x.md §3\n# docs/y.md §1\n# x.md §1\n# [a](docs/x.md#2-two)\n'
-         '# ../shared/specs/x.md §1\n# see docs/x.md#one-two\n')
+         '# ../shared/specs/x.md §1\n# see docs/x.md#one-two\n# as pitfall 3 says\n')
   (tmp_path / 'bad.py').write_text(bad)
   errors = reference_errors([tmp_path / 'bad.py'], tmp_path)
-  assert [e.split(':')[1] for e in errors] == ['1', '2', '3', '4', '5', '5', '6'], errors
+  assert [e.split(':')[1] for e in errors] == ['1', '2', '3', '4', '5', '5', '6', '7'], errors
 
 
 def fenced_commands(path: pathlib.Path) -> list[tuple[int, str, list[str]]]:
