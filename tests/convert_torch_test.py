@@ -76,7 +76,7 @@ def test_round_trip_is_bit_exact(small_checkpoint):
   for k, v in sd.items():
     assert exported[k].shape == tuple(v.shape), k
     np.testing.assert_array_equal(exported[k], v.numpy(), err_msg=k)
-  # Layout spot checks (sdm.md §2.12): OIHW → HWIO, Linear W.T, Conv1d W[:, :, 0].T, legacy qkv rows.
+  # Layout spot checks (docs/sdm.md §2.12): OIHW → HWIO, Linear W.T, Conv1d W[:, :, 0].T, legacy qkv rows.
   w = sd['output_blocks.2.0.in_layers.1.weight'].numpy()
   np.testing.assert_array_equal(params['output_blocks_2_0']['in_layers_1']['kernel'],
                                 w.transpose(2, 3, 1, 0))
@@ -159,7 +159,7 @@ def test_cli(small_checkpoint, tmp_path):
   assert cfg['num_channels'] == SMALL_CHANNELS
 
 
-# ---- forward equivalence against a functional PyTorch reading of sdm.md §2 (NCHW) ----
+# ---- forward equivalence against a functional PyTorch reading of docs/sdm.md §2 (NCHW) ----
 
 TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult='1,2',
             attention_resolutions='16', num_head_channels=32, num_classes=5, dtype='float32',
@@ -167,7 +167,7 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult='1,2'
 
 
 def _torch_forward(sd, x, t, y, mult, nrb, head_ch):
-  """Official forward (sdm.md §2.1–2.8) written with torch.nn.functional on the state dict."""
+  """Official forward (docs/sdm.md §2.1–2.8) written with torch.nn.functional on the state dict."""
   f = torch.nn.functional
 
   def conv(h, p):

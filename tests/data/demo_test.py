@@ -1,4 +1,4 @@
-"""Tests of the demo set's export to the CoNSeP layout (issue 18 item 6)."""
+"""Tests of the demo set's export to the CoNSeP layout."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""The tiny chain through the real `main` on a generated set in CoNIC's release layout (issue 22).
+"""The tiny chain through the real `main` on a generated set in CoNIC's release layout.
 
 The set: 20 patches of 128 px cut from five demo tiles (one source image each, in three cohorts),
 classes recoded to CoNIC's ids, written as images.npy / labels.npy / patch_info.csv. The run leaves

@@ -1,4 +1,4 @@
-"""The whole chain on real CoNSeP at smoke scale, through the real `main` (issue 19).
+"""The whole chain on real CoNSeP at smoke scale, through the real `main`.
 
 `configs/consep_smoke.py` on $DIFFMIX_CONSEP_DIR (merged labels): every stage, then the same command
 again (a no-op). The checks are the paper's geometry on real data: 256-px synthetic patches at the

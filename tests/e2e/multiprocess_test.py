@@ -14,7 +14,7 @@ The 4-process run (the whole chain again: its SDM losses, synthetic set and metr
 single-process ones) is in the slow tier (DIFFMIX_SLOW_TESTS=1, SLOW_COMMAND below): every process
 compiles every program (JAX writes its CPU compilation cache from process 0 only, under keys that
 differ per process), so 4 more processes cost minutes of CPU, more than the default suite's 15-min
-budget on 2 cores has left (issue 16). The 2-process run checks the same split-and-gather code.
+budget on 2 cores has left. The 2-process run checks the same split-and-gather code.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""Tests of the HoVer-Net losses against NumPy (hovernet.md §3.1): CE, Dice, the MSGE kernel."""
+"""Tests of the HoVer-Net losses against NumPy (docs/hovernet.md §3.1): CE, Dice, the MSGE kernel."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +39,7 @@ def test_msge_kernel_orientation_and_cross_derivatives():
                                              [.25, .4, .5, .4, .25]], rtol=1e-6)
   np.testing.assert_allclose(k[:, :, 0, 1], k[:, :, 0, 0].T, rtol=1e-6)
   # A map varying only along x (columns) in channel 0 has zero gradient away from the border:
-  # the shipped loss differentiates channel 0 along rows (pitfall 10).
+  # the shipped loss differentiates channel 0 along rows (docs/differences.md §2.10).
   xs = np.tile(np.linspace(-1, 1, 12, dtype=np.float32), (12, 1))
   hv = np.stack([xs, xs.T], -1)[None]
   g = np.asarray(hovernet_losses.hv_gradient(jnp.asarray(hv)))

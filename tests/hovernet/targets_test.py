@@ -1,4 +1,4 @@
-"""Tests of the HoVer-Net targets, patch extraction (hovernet.md §2.4, §6.3) and augmentation (§2.2-3)."""
+"""Tests of the HoVer-Net targets, patch extraction (docs/hovernet.md §2.4, §6.3) and augmentation (§2.2-3)."""
 
 import numpy as np
 import pytest
@@ -51,7 +51,7 @@ def test_hv_small_and_top_edge_instances_get_zero():
   hv = hovernet_targets.hv_map(inst, 60)
   assert np.all(hv[inst == 1] == 0) and np.all(hv[inst == 2] == 0)
   assert np.abs(hv[inst == 3]).max() == 1
-  inst[20:26, 20:25] = 1  # Exactly 30 px is kept (pinned scikit-image rule, pitfall 8).
+  inst[20:26, 20:25] = 1  # Exactly 30 px is kept (pinned scikit-image rule, docs/differences.md §2.8).
   assert np.abs(hovernet_targets.hv_map(inst, 60)[inst == 1]).max() == 1
 
 
@@ -88,7 +88,7 @@ def test_49_mirror_patches_per_1000_tile_in_official_order():
   patches = hovernet_targets.extract_patches(tile, 540, 164)
   assert patches.shape == (49, 540, 540, 2)
   # The central 164x164 region of each patch sits at these tile offsets, regular grid row-major,
-  # then the bottom row, the right column and the corner (hovernet.md §6.3).
+  # then the bottom row, the right column and the corner (docs/hovernet.md §6.3).
   regular = [0, 164, 328, 492, 656, 820]
   expected = ([(r, c) for r in regular for c in regular] + [(836, c) for c in regular] +
               [(r, 836) for r in regular] + [(836, 836)])

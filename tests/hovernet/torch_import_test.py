@@ -1,4 +1,4 @@
-"""Tests of the torch-free HoVer-Net state-dict <-> Flax mapping (hovernet.md §1.6)."""
+"""Tests of the torch-free HoVer-Net state-dict <-> Flax mapping (docs/hovernet.md §1.6)."""
 
 import json
 import pathlib
@@ -159,7 +159,7 @@ def _check_encoder_loaded(got, sd, variables):
 
 
 def test_imagenet_encoder_files_load_by_name(tmp_path):
-  """Issue 18 acceptance 1: `.npz` and the official `.tar` ({'desc': ...}) with the spec's encoder
+  """`.npz` and the official `.tar` ({'desc': ...}) with the spec's encoder
   keys (random values) fill conv0 and d0-d3, params and BN statistics; the decoders keep theirs."""
   from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
   shapes = _encoder_keys(_tsv('original'))

@@ -10,7 +10,7 @@ from configs import common
 from diffmix_jax.metrics import postprocess
 from tfds_builders.demo_nuclei import generate as demo_tiles
 
-# hovernet.md §4.1 step 4, typed from the spec: ksize-21 derivative and binomial smoothing C(20, i).
+# docs/hovernet.md §4.1 step 4, typed from the spec: ksize-21 derivative and binomial smoothing C(20, i).
 _DERIV_HALF = [1, 18, 152, 798, 2907, 7752, 15504, 23256, 25194, 16796]
 _DERIV = np.array([-d for d in _DERIV_HALF] + [0] + _DERIV_HALF[::-1], np.float64)
 _SMOOTH = np.array([1, 20, 190, 1140, 4845, 15504, 38760, 77520, 125970, 167960, 184756, 167960,
@@ -18,7 +18,7 @@ _SMOOTH = np.array([1, 20, 190, 1140, 4845, 15504, 38760, 77520, 125970, 167960,
 
 
 def exact_hv(label: np.ndarray) -> np.ndarray:
-  """Exact HV map of a label image (hovernet.md §2.4): offsets from each instance's centre of mass.
+  """Exact HV map of a label image (docs/hovernet.md §2.4): offsets from each instance's centre of mass.
 
   Per instance and axis, negative offsets are divided by |min| and positive ones by max.
 
@@ -165,7 +165,7 @@ def test_thirteen_pixel_blob_loses_its_marker_in_the_opening():
 
 
 def test_params_default_to_the_official_values_and_name_bad_fields():
-  assert postprocess.OFFICIAL == postprocess.Params(0.5, 0.4, 10, 21, 5)  # hovernet.md §4.1.
+  assert postprocess.OFFICIAL == postprocess.Params(0.5, 0.4, 10, 21, 5)  # docs/hovernet.md §4.1.
   assert postprocess.params_from(common.base_config().eval.postprocess) == postprocess.OFFICIAL
   fields = postprocess.OFFICIAL._asdict()
   with pytest.raises(ValueError, match=r'config\.eval\.postprocess: expected the fields'):

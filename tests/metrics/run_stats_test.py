@@ -1,4 +1,4 @@
-"""Tests of diffmix_jax.metrics.run_stats on hand-computed cases (issue 17 item 5)."""
+"""Tests of diffmix_jax.metrics.run_stats on hand-computed cases."""
 
 import json
 import math

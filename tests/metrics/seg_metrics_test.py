@@ -1,4 +1,4 @@
-"""Tests of diffmix_jax.metrics.seg_metrics against hand-computed values (hovernet.md §5)."""
+"""Tests of diffmix_jax.metrics.seg_metrics against hand-computed values (docs/hovernet.md §5)."""
 
 import numpy as np
 from scipy import optimize
@@ -37,7 +37,7 @@ def test_remap_label_renumbers_in_ascending_order_of_old_id():
 
 
 def test_two_3x3_nuclei_under_one_3x8_prediction():
-  # hovernet.md §5.1 worked example: AJI 0.375, AJI+ 0.2727, PQ 0.
+  # docs/hovernet.md §5.1 worked example: AJI 0.375, AJI+ 0.2727, PQ 0.
   true = boxes((5, 10), {1: (0, 3, 0, 3), 2: (0, 3, 5, 8)})
   pred = boxes((5, 10), {1: (0, 3, 0, 8)})
   m = all_metrics(true, pred)
@@ -101,7 +101,7 @@ def test_empty_images_have_documented_values():
 
 
 def _reference_instance_metrics(true, pred):
-  """Per-instance-mask reference of hovernet.md §5.1 (slow; for small random maps)."""
+  """Per-instance-mask reference of docs/hovernet.md §5.1 (slow; for small random maps)."""
   t_ids = [i for i in np.unique(true) if i]
   p_ids = [i for i in np.unique(pred) if i]
   inter = np.array([[((true == t) & (pred == p)).sum() for p in p_ids] for t in t_ids], float)

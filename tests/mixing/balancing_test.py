@@ -1,4 +1,4 @@
-"""Tests of diffmix_jax.mixing.balancing and the tile tables (diffmix_method.md §2.2-§2.4, §8)."""
+"""Tests of diffmix_jax.mixing.balancing and the tile tables (docs/method.md §2.2-§2.4, §8)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of diffmix_jax.mixing.enlarging and the patch grid (diffmix_method.md §3.2-§4.1, §8)."""
+"""Tests of diffmix_jax.mixing.enlarging and the patch grid (docs/method.md §3.2-§4.1, §8)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Label maps with known answers for the mixing tests (diffmix_method.md §8): disks, lobed nuclei."""
+"""Label maps with known answers for the mixing tests (docs/method.md §8): disks, lobed nuclei."""
 
 import numpy as np
 from scipy import ndimage

@@ -1,4 +1,4 @@
-"""Known-answer tests of diffmix_jax.sdm.diffusion against NumPy float64 references (sdm.md §3)."""
+"""Known-answer tests of diffmix_jax.sdm.diffusion against NumPy float64 references (docs/sdm.md §3)."""
 
 import math
 
@@ -13,7 +13,7 @@ RTOL = 1e-6
 
 
 def _ref_tables(kept=None):
-  """float64 tables from the formulas of sdm.md §3.1/§3.7, written independently of the module."""
+  """float64 tables from the formulas of docs/sdm.md §3.1/§3.7, written independently of the module."""
   betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
   ac = np.cumprod(1 - betas)
   if kept is not None:
@@ -57,7 +57,7 @@ def test_schedule_reference_values_from_spec():
 
 
 def test_respacing_grids():
-  assert gd.space_timesteps(1000, 'ddim100') == list(range(0, 1000, 10))  # ends at 990 (pitfall 13)
+  assert gd.space_timesteps(1000, 'ddim100') == list(range(0, 1000, 10))  # ends at 990 (docs/differences.md §1.13)
   assert gd.space_timesteps(1000, 'ddim50') == list(range(0, 1000, 20))
   assert gd.space_timesteps(1000, 'ddim25') == list(range(0, 1000, 40))
   assert gd.space_timesteps(1000, 'ddim30') == list(range(0, 1000, 34))  # non-divisor: stride 34

@@ -42,7 +42,7 @@ def _ref_guided(x, t, y, s):
 
 
 def _ref_ddim(kept, x, y, first, s):
-  """NumPy float64 DDIM η=0 loop of sdm.md §3.8 with ε re-derived from the clipped x̂0."""
+  """NumPy float64 DDIM η=0 loop of docs/sdm.md §3.8 with ε re-derived from the clipped x̂0."""
   r = _ref_tables(kept)
   for i in range(first, -1, -1):
     t = np.full((x.shape[0],), kept[i], np.float64)
@@ -67,7 +67,7 @@ def test_start_index_rule():
   assert i == 54 and d.timestep_map[i] == 540  # official start t = 540
   assert samplers.start_index(100, 55, official_truncation=True) == 54
   assert samplers.start_index(100, 100) == 99 and d.timestep_map[99] == 990
-  # Truncation cases (sdm.md §3.10): official int(N·p·0.01) gives T = 28 / 57, the default rounds.
+  # Truncation cases (docs/sdm.md §3.10): official int(N·p·0.01) gives T = 28 / 57, the default rounds.
   assert samplers.start_index(100, 29) == 28 and samplers.start_index(100, 58) == 57
   assert samplers.start_index(100, 29, official_truncation=True) == 27
   assert samplers.start_index(100, 58, official_truncation=True) == 56

@@ -87,7 +87,7 @@ def test_group_norm_and_spade_label_resize():
   g = x.astype(np.float64).reshape(2, 16, 32, 2)
   want = ((g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-5))
   np.testing.assert_allclose(out, want.reshape(x.shape), atol=1e-5)
-  # SPADE reads only the top-left pixel of every k×k cell of the full-resolution label (pitfall 1).
+  # SPADE reads only the top-left pixel of every k×k cell of the full-resolution label (docs/differences.md §1.1).
   spade = layers.SPADEGroupNorm(64)
   y = rng.uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
   v = spade.init(jax.random.key(0), x, y)
@@ -159,7 +159,7 @@ def test_tiny_unet_zero_init_and_overfits_one_batch():
   m = sdm_unet.SDMUNet(**TINY, dtype=jnp.float32)
   params = sdm_unet.init_params(m, jax.random.key(0), 1)
   zero = [k for k, v in params.items() if 'out_layers_3' in v or 'out_layers_2' in v or k == 'out_2']
-  assert len(zero) == 11  # 3 ResBlocks + 7 SDMResBlocks + head, zero-initialised (sdm.md §2.2)
+  assert len(zero) == 11  # 3 ResBlocks + 7 SDMResBlocks + head, zero-initialised (docs/sdm.md §2.2)
   for k in zero:
     sub = params[k].get('out_layers_3', params[k].get('out_layers_2', params[k]))
     assert not np.any(np.asarray(sub['kernel'])) and not np.any(np.asarray(sub['bias']))

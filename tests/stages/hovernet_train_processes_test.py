@@ -1,5 +1,5 @@
 """`hovernet_train` in two processes (one simulated CPU device each, over 127.0.0.1, validating
-every epoch) equals the run of one process with both devices (issue 18, item 4).
+every epoch) equals the run of one process with both devices.
 
 Each run is `hovernet_train.train_run` on one demo train tile (4 windows at step 164, global batch
 2: 2 steps per epoch, 2 epochs of phase 2) and three demo test tiles for validation, so one

@@ -38,7 +38,7 @@ def test_exports_pass_evaluate_checks_and_agree_with_mixed_labels(sampled):
     ids = np.unique(inst[inst > 0])
     want = [int(types[inst == i][0]) for i in ids]
     np.testing.assert_array_equal(np.asarray(record['inst_type']).ravel(), want)
-  # The figure (issue 17 item 7): 8 rows of 4 panels of >= 128 px each (the 16-px patches upscaled
+  # The figure: 8 rows of 4 panels of >= 128 px each (the 16-px patches upscaled
   # 8x by repetition, so each source pixel is an 8x8 block), short side >= 512 px, between a title
   # strip and a legend strip of 24 px each.
   from PIL import Image  # pylint: disable=g-import-not-at-top
