@@ -7,7 +7,7 @@ import tempfile
 
 # Must happen before jax is imported anywhere. The suite checks behaviour, not speed, and most of its
 # CPU time is XLA compiling programs that then run a few steps: LLVM's optimisation off compiles
-# them in about half the time (README, Tests). `xla_flags` passes the same to subprocesses.
+# them in about half the time (CONTRIBUTING.md). `xla_flags` passes the same to subprocesses.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8 '
                       '--xla_backend_optimization_level=0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -84,10 +84,16 @@ def copy_workdir(src: pathlib.Path, dst: pathlib.Path, skip=()) -> pathlib.Path:
   return dst
 
 
-def xla_flags(devices: int | None = None) -> str:
-  """The suite's XLA_FLAGS for a subprocess with `devices` simulated CPU devices (None: XLA's one)."""
+def xla_flags(devices: int | None = None, optimize: bool = False) -> str:
+  """The suite's XLA_FLAGS for a subprocess with `devices` simulated CPU devices (None: XLA's one).
+
+  `optimize`: XLA's default LLVM optimisation instead of the suite's level 0, for a subprocess
+  that runs one program for many steps (there the faster code outweighs the longer compile).
+  """
   import re  # pylint: disable=g-import-not-at-top
   rest = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  if optimize:
+    rest = re.sub(r'--xla_backend_optimization_level=\d+', '', rest)
   count = f'--xla_force_host_platform_device_count={devices} ' if devices else ''
   return (count + rest.strip()).strip()
 
