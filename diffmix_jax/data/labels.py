@@ -21,6 +21,14 @@ def class_colours(type_map: np.ndarray) -> np.ndarray:
   return CLASS_COLOURS[np.asarray(type_map) % len(CLASS_COLOURS)]
 
 
+def colour_labels(type_map: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
+  """Classes in colour (and instance edges in white): int [..., H, W] -> uint8 [..., H, W, 3]."""
+  out = class_colours(type_map)
+  if edges is not None:
+    out = np.where(edges[..., None], np.uint8(255), out)
+  return out.astype(np.uint8)
+
+
 def edge_map(inst_map: np.ndarray) -> np.ndarray:
   """Instance-edge map of sdm.md §4.6.
 

@@ -1,6 +1,7 @@
-"""HoVer-Net training pieces (hovernet.md §3): the train state, the jitted step of either phase (frozen
-encoder in phase 1, BN statistics, the §3.1 loss, NaN guard), the StepLR schedule, the trainer that
-binds them to a mesh, and the ImageNet encoder load. The `hovernet_train` stage runs them.
+"""HoVer-Net training pieces (docs/hovernet.md §3): the train state, the jitted step of either phase
+(frozen encoder in phase 1, BN statistics, the docs/hovernet.md §3.1 loss, NaN guard), the StepLR
+schedule, the trainer that binds them to a mesh, and the ImageNet encoder load. The
+`hovernet_train` stage runs them through `core.loop`.
 """
 
 import dataclasses
@@ -16,8 +17,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from diffmix_jax.core import loop
 from diffmix_jax.core import sharding
-from diffmix_jax.core import train_loop as train_lib
 from diffmix_jax.hovernet import losses as hovernet_losses
 from diffmix_jax.hovernet import model as hovernet
 from diffmix_jax.hovernet import torch_import as convert_hovernet
@@ -33,7 +34,7 @@ class TrainState:
 
 
 def _frozen_mask(tree) -> Any:
-  """Pytree of bools: True where a leaf is frozen in phase 1 (hovernet.md §1.5)."""
+  """Pytree of bools: True where a leaf is frozen in phase 1 (docs/hovernet.md §1.5)."""
   flat = traverse_util.flatten_dict(tree)
   return traverse_util.unflatten_dict({p: hovernet.is_frozen_in_phase1(p) for p in flat})
 
@@ -41,7 +42,8 @@ def _frozen_mask(tree) -> Any:
 def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, phase1: bool,
                mse_weight: float, freeze_bn_stats: bool, tp_weights: tuple | None = None
                ) -> tuple[TrainState, dict]:
-  """One Adam step on the §3.1 loss; phase 1 freezes the encoder as a gradient path (pitfall 1).
+  """One Adam step on the docs/hovernet.md §3.1 loss; phase 1 freezes the encoder as a gradient
+  path (the encoder still runs forward and its BN statistics update; docs/differences.md §2.1).
 
   Args:
     state: the train state (donated).
@@ -69,7 +71,7 @@ def train_step(state: TrainState, batch: dict, lr: jax.Array, *, module, tx, pha
                                  state.batch_stats, _frozen_mask(batch_stats))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
-  new_state = train_lib.guarded_update(state, loss, params=params, batch_stats=batch_stats,
+  new_state = loop.guarded_update(state, loss, params=params, batch_stats=batch_stats,
                                        opt_state=opt_state)
   metrics = dict(terms, grad_norm=optax.global_norm(grads))
   return new_state, metrics
@@ -80,7 +82,7 @@ ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
 def step_lr(lr: float, decay_steps: int, gamma: float, count: int) -> np.float32:
-  """StepLR stepped per epoch (§3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
+  """StepLR stepped per epoch (docs/hovernet.md §3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
   return np.float32(lr if count < decay_steps else lr * gamma)
 
 
@@ -121,7 +123,7 @@ def create_trainer(config: ml_collections.ConfigDict, mesh, steps_per_epoch: tup
                   in_shardings=(state_sh,), out_shardings=state_sh, donate_argnums=0)
   lr = lambda phase, count: step_lr(tc.lr, tc.lr_step_epochs * steps_per_epoch[phase],
                                     tc.lr_gamma, count)
-  return Trainer(module, abstract_state, state_sh, train_lib.jit_init(init, state_sh), steps, lr,
+  return Trainer(module, abstract_state, state_sh, loop.jit_init(init, state_sh), steps, lr,
                  reset)
 
 
@@ -131,7 +133,7 @@ def eval_variables(state: TrainState) -> dict:
 
 
 def load_pretrained(trainer: Trainer, state: TrainState, path: str) -> TrainState:
-  """The state with the encoder (conv0, d0-d3) of an ImageNet file (hovernet.md §3.3)."""
+  """The state with the encoder (conv0, d0-d3) of an ImageNet file (docs/hovernet.md §3.3)."""
   variables, report = convert_hovernet.load_hovernet_encoder(path, eval_variables(state))
   logging.info('hovernet_train: encoder from %s: %s', path, convert_hovernet.describe(report))
   sh = trainer.state_sharding

@@ -22,7 +22,6 @@ from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.data import labels
 from diffmix_jax.core import sharding
-from diffmix_jax.core import train_loop as train_lib
 
 
 def overlay(tile: dict, pred: dict) -> np.ndarray:
@@ -31,7 +30,7 @@ def overlay(tile: dict, pred: dict) -> np.ndarray:
   for uid, typ in zip(pred['inst_uid'], pred['inst_type']):
     pred_types[pred['inst_map'] == uid] = typ
   draw = lambda inst, typ: np.where(labels.edge_map(inst)[..., None],
-                                    train_lib.colour_labels(typ), tile['image'])
+                                    labels.colour_labels(typ), tile['image'])
   return np.concatenate([tile['image'], draw(tile['inst_map'], tile['type_map']),
                          draw(pred['inst_map'], pred_types)], axis=1).astype(np.uint8)
 

@@ -1,6 +1,6 @@
-"""SDM training pieces (sdm.md §3.5, §4): the train state, the jitted step (hybrid loss, label dropping,
-EMA, dropout, NaN guard), the host-side condition, the EMA preview grid, and the trainer that binds
-them to a mesh. The `diffusion_train` stage (stages/diffusion_train.py) runs them.
+"""SDM training pieces (docs/sdm.md §3.5, §4): the train state, the jitted step (hybrid loss, label
+dropping, EMA, dropout, NaN guard), the host-side condition, the EMA gather for previews, and the
+trainer that binds them to a mesh. The `diffusion_train` stage runs them through `core.loop`.
 """
 
 import dataclasses
@@ -15,11 +15,11 @@ import ml_collections
 import numpy as np
 import optax
 
+from diffmix_jax.core import loop
+from diffmix_jax.core import optim
 from diffmix_jax.core import sharding
-from diffmix_jax.core import train_loop as train_lib
 from diffmix_jax.data import labels
 from diffmix_jax.sdm import diffusion as gd
-from diffmix_jax.sdm import samplers
 from diffmix_jax.sdm import unet as sdm_unet
 
 
@@ -43,7 +43,7 @@ def create_state(module, tx, rng: jax.Array) -> TrainState:
 def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx,
                phase1_steps: int, drop_rates: tuple[float, float], ema_rate: float,
                schedule) -> tuple[TrainState, dict]:
-  """One Adam step on the hybrid loss with label dropping and EMA (sdm.md §3.5, §4.1-4.4).
+  """One Adam step on the hybrid loss with label dropping and EMA (docs/sdm.md §3.5, §4.1-§4.4).
 
   Args:
     state: the train state (donated).
@@ -74,8 +74,8 @@ def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx
   (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = train_lib.ema_update(state.ema, params, ema_rate)
-  new_state = train_lib.guarded_update(state, loss, params=params, ema=ema, opt_state=opt_state)
+  ema = optim.ema_update(state.ema, params, ema_rate)
+  new_state = loop.guarded_update(state, loss, params=params, ema=ema, opt_state=opt_state)
   metrics = {'loss': loss, 'mse': losses['mse'].mean(), 'vb': losses['vb'].mean(),
              'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step),
              'conditioned_fraction': jnp.mean(jnp.any(y != 0, axis=(1, 2, 3)).astype(jnp.float32))}
@@ -83,7 +83,7 @@ def train_step(state: TrainState, batch: dict, *, module, diff: gd.Diffusion, tx
 
 
 def make_condition(local: dict, model_config: ml_collections.ConfigDict) -> np.ndarray:
-  """Host-side condition y for a local batch (sdm.md §4.6)."""
+  """Host-side condition y for a local batch (docs/sdm.md §4.6)."""
   return labels.condition(local['type_map'], local['inst_map'], model_config.num_classes,
                           model_config.no_instance)
 
@@ -94,18 +94,6 @@ def local_ema(ema, sharded: bool):
   if sharded:
     return multihost_utils.process_allgather(ema, tiled=True)
   return jax.tree.map(lambda a: a.addressable_data(0), ema)
-
-
-def sample_grid(ema, module, local: dict, y: np.ndarray, respacing: str, seed: int) -> np.ndarray:
-  """Rows of (label in colour, real crop, EMA sample from the same label), up to 4 examples."""
-  n = min(4, y.shape[0])
-  diff = gd.create_diffusion(timestep_respacing=respacing)
-  noise = jax.random.normal(jax.random.key(seed), (n,) + local['image'].shape[1:])
-  sample = jax.jit(lambda e, z, yy: samplers.ddim_sample_loop(
-      diff, lambda x, tt, c: module.apply({'params': e}, x, tt, c), z, yy))(ema, noise, y[:n])
-  colour = train_lib.colour_labels(local['type_map'][:n], labels.edge_map(local['inst_map'][:n]))
-  return train_lib.image_grid([colour, train_lib.to_uint8(local['image'][:n]),
-                               train_lib.to_uint8(jax.device_get(sample))])
 
 
 @dataclasses.dataclass
@@ -125,8 +113,8 @@ def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
   module = sdm_unet.create_sdm(**mc)
   diff = gd.create_diffusion(config.diffusion.schedule.diffusion_steps,
                              config.diffusion.schedule.noise_schedule)
-  schedule = train_lib.phase_schedule(tc.phase1_steps, tc.phase1_lr, tc.phase2_lr)
-  tx = train_lib.adam(schedule)
+  schedule = optim.phase_schedule(tc.phase1_steps, tc.phase1_lr, tc.phase2_lr)
+  tx = optim.adam(schedule)
   init = functools.partial(create_state, module, tx)
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   state_sh = sharding.state_shardings(abstract_state, mesh, config.mesh.shard_opt_state)
@@ -137,4 +125,4 @@ def create_trainer(config: ml_collections.ConfigDict, mesh) -> Trainer:
       in_shardings=(state_sh, sharding.batch_sharding(mesh)),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   return Trainer(module=module, abstract_state=abstract_state, state_sharding=state_sh,
-                 init=train_lib.jit_init(init, state_sh), step=step)
+                 init=loop.jit_init(init, state_sh), step=step)

@@ -18,7 +18,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   import jax  # pylint: disable=g-import-not-at-top  (the CLI above needs no JAX)
   from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
   from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import writers  # pylint: disable=g-import-not-at-top
   label = label or run
   pred_dir, true_dir = wdir.eval_record_dirs(workdir, label)
   pred_dir.mkdir(parents=True, exist_ok=True)
@@ -30,7 +30,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   predict = hovernet_infer.create_predictor(module, variables, config.eval.batch_size)
   params = postprocess.params_from(config.eval.postprocess)
   mine = [tiles[i] for i in eval_indices_for(len(tiles))]
-  progress = train_lib.create_progress(len(mine))
+  progress = writers.create_progress(len(mine))
   for k, tile in enumerate(mine):
     if not (pred_dir / f'{tile["name"]}.mat').exists():  # Resume: finished tiles are kept.
       records.save_mat(true_dir / f'{tile["name"]}.mat',

@@ -2,14 +2,14 @@
 
 For each arm x seed of `config.hovernet.train.runs` x `seeds` (`arms`: `baseline` real windows only;
 `balancing`, `enlarging`, `diffmix` add synthetic patches of their kinds from `<workdir>/synthetic/`
-to every batch), phase 1 (encoder frozen as a gradient path, §1.5) then phase 2 (all trainable,
-fresh Adam, restarted StepLR), hovernet.md §3. Outputs under `<workdir>/hovernet_<run>/`
+to every batch), phase 1 (encoder frozen as a gradient path, docs/hovernet.md §1.5) then phase 2
+(all trainable, fresh Adam, restarted StepLR), docs/hovernet.md §3; both in `core.loop.Loop`.
+Outputs under `<workdir>/hovernet_<run>/`
 (`arms.run_name`): orbax checkpoints, TensorBoard events, `variables.msgpack` (eval variables for
 the evaluate stage) and `DONE`.
 """
 
 import dataclasses
-import time
 
 from absl import logging
 import jax
@@ -22,9 +22,9 @@ from diffmix_jax.hovernet import patches as hovernet_data
 from diffmix_jax.hovernet import targets as hovernet_targets
 from diffmix_jax.hovernet import validation as hovernet_validation
 from diffmix_jax.data import input_pipeline
+from diffmix_jax.core import loop as loop_lib
 from diffmix_jax.core import sharding
 from diffmix_jax import workdir as wdir
-from diffmix_jax.core import train_loop as train_lib
 from diffmix_jax.hovernet import training as hovernet_training
 
 
@@ -99,14 +99,13 @@ def _initial_state(trainer: hovernet_training.Trainer, manager, config, run: str
                    ) -> tuple[hovernet_training.TrainState, int]:
   """(state, step): the latest checkpoint's, else a fresh state (init key from `config.seed` and
   the HoVer-Net seed only) with the ImageNet encoder if set."""
-  restored = checkpoint.restore_latest(
-      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
-  if restored is not None:
-    logging.info('hovernet_train: run %s resumed from step %d', run, restored[0])
-    return restored[1], restored[0]
-  key = jax.random.fold_in(jax.random.key(config.seed), seed)
-  state, path = trainer.init(key), config.hovernet.train.pretrained
-  return (hovernet_training.load_pretrained(trainer, state, path) if path else state), 0
+  def init():
+    state = trainer.init(jax.random.fold_in(jax.random.key(config.seed), seed))
+    path = config.hovernet.train.pretrained
+    return hovernet_training.load_pretrained(trainer, state, path) if path else state
+  start, state, _ = loop_lib.restore_or_init(manager, trainer.abstract_state,
+                                             trainer.state_sharding, init, f'hovernet_train {run}')
+  return state, start
 
 
 def _write_validation(writer, step: int, module, state: hovernet_training.TrainState, val_tiles: list[dict],
@@ -159,11 +158,9 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
   input_size, output_size = trainer.module.patch_shapes
   manager = checkpoint.create_manager(out.checkpoints, tc.keep_checkpoints)
   state, start = _initial_state(trainer, manager, config, run, seed)
-  train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run} (restored state)')
-  writer = train_lib.create_writer(out.tensorboard)
-  if start == 0:
-    train_lib.log_overview(config, jax.device_get(state.params))
-  progress = train_lib.create_progress(total)
+  loop = loop_lib.Loop.create(f'hovernet_train {run}', out.tensorboard, total=total,
+                              log_every=tc.log_every_steps, manager=manager, config=config,
+                              state=state, start=start)
   logging.info('hovernet_train %s: %d real windows, %d synthetic items, %d + %d steps', run,
                len(data.real), len(data.synthetic), *phase_steps)
   for phase in (0, 1):
@@ -171,17 +168,15 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
     if start >= hi:
       continue
     if phase == 1 and start == phase_steps[0]:
-      state = trainer.reset_optimizer(state)  # Weights only carry over (§3.2).
+      state = trainer.reset_optimizer(state)  # Weights only carry over (docs/hovernet.md §3.2).
     it = hovernet_data.create_dataset(
         data.real, data.synthetic, seeds=hovernet_data.Seeds.of(config.seed, seed, phase),
         real_batch=data.real_batch[phase], synthetic_batch=data.synthetic_batch[phase],
         start=max(start, lo) - lo, total=hi - lo, input_size=input_size, output_size=output_size,
         augment=tc.augment, num_threads=tc.loader_threads)
-    state = _train_phase(config, run, phase, (lo, hi, total), start, it, trainer, state, data,
-                         mesh, progress, writer, manager)
+    state = _train_phase(config, loop, phase, (lo, hi), start, it, trainer, state, data, mesh)
     start = hi
-  checkpoint.wait(manager)
-  writer.flush()
+  loop.finish()
   _write_variables(out, state, {'arm': arm, 'seed': seed, 'steps': total,
                                 'real_windows': len(data.real),
                                 'synthetic_items': len(data.synthetic),
@@ -189,40 +184,34 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
   logging.info('hovernet_train: run %s finished %d steps', run, total)
 
 
-def _train_phase(config, run: str, phase: int, bounds: tuple[int, int, int], start: int, it,
-                 trainer: hovernet_training.Trainer, state: hovernet_training.TrainState, data: RunData, mesh, progress, writer,
-                 manager) -> hovernet_training.TrainState:
-  """Steps max(start, lo)..hi-1 of one phase: scalars, validation, checkpoints at epoch ends."""
+def _train_phase(config, loop: loop_lib.Loop, phase: int, bounds: tuple[int, int], start: int, it,
+                 trainer: hovernet_training.Trainer, state: hovernet_training.TrainState,
+                 data: RunData, mesh) -> hovernet_training.TrainState:
+  """Steps max(start, lo)..hi-1 of one phase in `loop`: its lr per step (a logged scalar),
+  validation and checkpoints at epoch ends."""
   tc = config.hovernet.train
-  lo, hi, total = bounds
-  spe, rows = data.steps_per_epoch[phase], data.real_batch[phase] + data.synthetic_batch[phase]
-  last_time, last_log = time.time(), max(start, lo)
-  for step in range(max(start, lo), hi):
-    batch = sharding.global_batch(next(it), mesh)
-    state, metrics = trainer.steps[phase](state, batch, trainer.lr(phase, step - lo))
-    done = step + 1
-    progress(done)
-    epoch_end = (done - lo) % spe == 0
-    if done % tc.log_every_steps == 0 or epoch_end:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
-      rate = (done - last_log) / max(time.time() - last_time, 1e-9)
-      scalars.update(images_per_sec=rate * rows, phase=float(phase + 1),
-                     lr=float(trainer.lr(phase, done - lo - 1)))
-      writer.write_scalars(done, scalars)
-      last_time, last_log = time.time(), done
-    if epoch_end:
-      epoch = (done - lo) // spe
-      if data.val_tiles and epoch % tc.val_every_epochs == 0:  # Every process: its share.
-        _write_validation(writer, done, trainer.module, state, data.val_tiles, config.eval,
-                          data.val_folder)
-      if epoch % tc.checkpoint_every_epochs == 0 or done in (data.phase_steps[0], total):
-        train_lib.check_finite(int(state.first_bad_step), f'hovernet_train {run}')
-        checkpoint.save(manager, done, state, {'step': done})
-  return state
+  lo, hi = bounds
+  spe = data.steps_per_epoch[phase]
+
+  def step_fn(state, batch, step):
+    lr = trainer.lr(phase, step - lo)
+    state, metrics = trainer.steps[phase](state, sharding.global_batch(batch, mesh), lr)
+    return state, dict(metrics, lr=lr)
+
+  def validate(done, state, batch):
+    del batch
+    epoch, rest = divmod(done - lo, spe)
+    if data.val_tiles and not rest and epoch % tc.val_every_epochs == 0:  # Every process: its share.
+      _write_validation(loop.writer, done, trainer.module, state, data.val_tiles, config.eval,
+                        data.val_folder)
+
+  return loop.run(state, range(max(start, lo), hi), it, step_fn, phase=phase + 1,
+                  rows=data.real_batch[phase] + data.synthetic_batch[phase],
+                  checkpoint_every=spe * tc.checkpoint_every_epochs, origin=lo, epoch_steps=spe,
+                  after_step=validate)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains every arm x seed of `hovernet.train.runs` x `hovernet.train.seeds` (hovernet.md §3)."""
+  """Trains every arm x seed of `hovernet.train.runs` x `hovernet.train.seeds` (docs/hovernet.md §3)."""
   for arm, seed in arms.runs(config):
     train_run(config, workdir, arm, seed)

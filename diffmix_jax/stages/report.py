@@ -260,9 +260,9 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
 
 
 def _to_tensorboard(out: wdir.StageDir, metrics: dict) -> None:
-  from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import writers  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  writer = train_lib.create_writer(out.tensorboard)
+  writer = writers.create_writer(out.tensorboard)
   for run in RUNS:
     if run in metrics:
       scalars = {f'{run}/{k}': metrics[run][k] for k in TABLE_KEYS}

@@ -38,7 +38,8 @@ from diffmix_jax.core import fields
 from diffmix_jax.core import sharding
 from diffmix_jax import workdir as wdir
 from diffmix_jax.data import synthetic as synthetic_io
-from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.core import writers
+from diffmix_jax.stages import figures
 from tfds_builders import raw_folders
 
 
@@ -235,7 +236,7 @@ def _finish(config, workdir: str, out: wdir.StageDir, num_shards: int, tiles: di
   buf = io.BytesIO()
   Image.fromarray(grid).save(buf, format='png')
   out.write_bytes(wdir.PREVIEW, buf.getvalue())
-  writer = train_lib.create_writer(out.tensorboard)
+  writer = writers.create_writer(out.tensorboard)
   writer.write_images(0, {'label_original_synthetic_contours': grid[None]})
   writer.flush()
   out.mark_done({'shards': num_shards, 'patches_from': patches_from(config)})
@@ -259,12 +260,12 @@ def preview(workdir: str, tiles: dict, size: int, num_shards: int, class_names, 
     edges = labels.edge_map(ex['inst_map']) & (ex['inst_map'] > 0)
     contour = ex['image'].copy()
     contour[edges] = (0, 255, 0)
-    rows.append([train_lib.colour_labels(ex['type_map'], edges)[None],
+    rows.append([labels.colour_labels(ex['type_map'], edges)[None],
                  tiles[ex['source_tile']]['image'][r:r + size, c:c + size][None],
                  ex['image'][None], contour[None]])
-  grid = train_lib.image_grid([np.concatenate(col) for col in zip(*rows)])
+  grid = figures.image_grid([np.concatenate(col) for col in zip(*rows)])
   k = -(-panel // size)
   grid = np.repeat(np.repeat(grid, k, axis=0), k, axis=1)
-  titles = train_lib.text_strip(grid.shape[1], ['mixed label', 'original crop', 'synthetic',
-                                                'synthetic + contours'], columns=True)
-  return np.concatenate([titles, grid, train_lib.legend_strip(grid.shape[1], class_names)])
+  titles = figures.text_strip(grid.shape[1], ['mixed label', 'original crop', 'synthetic',
+                                              'synthetic + contours'], columns=True)
+  return np.concatenate([titles, grid, figures.legend_strip(grid.shape[1], class_names)])

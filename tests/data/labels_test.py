@@ -95,10 +95,9 @@ def test_one_class_palette_for_every_figure():
   from diffmix_jax.data import demo as demo_data
   from tfds_builders.demo_nuclei import generate as demo_tiles
   from diffmix_jax.stages import mix_labels
-  from diffmix_jax.core import train_loop as train_lib
   ids = np.arange(5)
   want = np.array([[0, 0, 0], [255, 200, 0], [220, 30, 30], [30, 120, 255], [40, 200, 80]])
-  np.testing.assert_array_equal(train_lib.colour_labels(ids[None])[0], want)
+  np.testing.assert_array_equal(labels.colour_labels(ids[None])[0], want)
   cmap = mix_labels._class_cmap(5)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.round([np.array(cmap(k)[:3]) * 255 for k in ids]), want)
   image, inst, types = demo_tiles.make_tile(demo_tiles.SEED, 'test', 0, size=64)

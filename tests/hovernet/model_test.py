@@ -11,7 +11,7 @@ import pytest
 from diffmix_jax.hovernet import torch_import as convert_hovernet
 from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.hovernet import targets as hovernet_targets
-from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.core import loop as loop_lib
 from diffmix_jax.hovernet import model as hovernet
 
 # The specs' state-dict tables, in ../shared beside the checkout.
@@ -121,7 +121,7 @@ def test_zero_head_init_starts_each_output_at_its_bias():
   x = jax.random.uniform(jax.random.key(1), (1, 256, 256, 3), maxval=255.0)
   official = hovernet.HoVerNet(**kw)
   zeros = hovernet.HoVerNet(**kw, head_init='zeros')
-  v_off, v_zero = (train_lib.jit_init(m.init)(jax.random.key(0), x) for m in (official, zeros))
+  v_off, v_zero = (loop_lib.jit_init(m.init)(jax.random.key(0), x) for m in (official, zeros))
   assert jax.tree.structure(v_off) == jax.tree.structure(v_zero)
   for branch in ('tp', 'np', 'hv'):
     head_off = v_off['params']['decoder'][branch]['u0']['conv']

@@ -13,7 +13,7 @@ import pytest
 from configs import tiny
 from diffmix_jax.sdm import training as sdm_training
 from diffmix_jax.core import sharding
-from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.core import loop as loop_lib
 from diffmix_jax.sdm import unet as sdm_unet
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -135,7 +135,7 @@ def tf_tensor_value(event):
 
 
 def test_jit_init_gives_the_initialisers_values():
-  """train_lib.jit_init (optimisation level 0 on CPU) draws the same parameters as a plain jit."""
+  """loop_lib.jit_init (optimisation level 0 on CPU) draws the same parameters as a plain jit."""
   fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
   class Net(nn.Module):
@@ -145,7 +145,7 @@ def test_jit_init_gives_the_initialisers_values():
       return nn.Dense(4, kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(x))
 
   init = lambda rng: Net().init(rng, jax.numpy.zeros((1, 8, 8, 3)))
-  ours = jax.device_get(train_lib.jit_init(init)(jax.random.key(3)))
+  ours = jax.device_get(loop_lib.jit_init(init)(jax.random.key(3)))
   ref = jax.device_get(jax.jit(init)(jax.random.key(3)))
   for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -1,17 +1,17 @@
-"""Progress logging and the writers of train_lib: known rates and ETAs; TensorFlow only where needed."""
+"""Progress logging and the writers: known rates and ETAs; TensorFlow only where needed."""
 
 import logging
 import subprocess
 import sys
 
-from diffmix_jax.core import train_loop as train_lib
+from diffmix_jax.core import writers
 
 
 def test_progress_logs_rate_and_eta_from_the_clock(monkeypatch, caplog):
   clock = iter([0.0, 4.0, 10.0, 25.0, 40.0])
-  monkeypatch.setattr(train_lib.time, 'monotonic', lambda: next(clock))
+  monkeypatch.setattr(writers.time, 'monotonic', lambda: next(clock))
   caplog.set_level(logging.INFO)
-  progress = train_lib.create_progress(20, every_secs=10.0)
+  progress = writers.create_progress(20, every_secs=10.0)
   progress(0)   # t=0: starts the clock, logs nothing (the first step compiles).
   progress(2)   # t=4: under 10 s since the last line.
   progress(5)   # t=10: 5 steps in 10 s -> 0.5 steps/s, 15 to go -> 30 s.
@@ -25,7 +25,7 @@ def test_progress_logs_rate_and_eta_from_the_clock(monkeypatch, caplog):
 
 def test_log_writer_logs_scalars_and_drops_images(caplog):
   caplog.set_level(logging.INFO)
-  w = train_lib.LogWriter()
+  w = writers.LogWriter()
   w.write_scalars(7, {'loss': 0.25, 'lr': 1e-4})
   w.write_images(7, {'grid': None})
   w.flush()
@@ -36,9 +36,9 @@ def test_stage_modules_and_progress_do_not_import_tensorflow():
   """Only process 0's TensorBoard writer needs TensorFlow (~8 CPU-s to import)."""
   code = ('import sys\n'
           'from diffmix_jax.stages import diffusion_train, evaluate, hovernet_train, sample\n'
-          'from diffmix_jax.core import train_loop as train_lib\n'
-          'train_lib.create_progress(3)(1)\n'
-          'train_lib.LogWriter().write_scalars(1, {"a": 1.0})\n'
+          'from diffmix_jax.core import loop, writers\n'
+          'writers.create_progress(3)(1)\n'
+          'writers.LogWriter().write_scalars(1, {"a": 1.0})\n'
           'print("tensorflow" in sys.modules)\n')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == 'False', out.stderr[-2000:]
