@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import rescore_from_files
+from diffmix_jax import workdir as wdir
 from main_test import _one_device_env
+from main_test import assert_noop_rerun
 from main_test import run_main
 from tfds_builders import class_tables
 from tfds_builders.demo_nuclei import generate
@@ -42,21 +44,24 @@ def write_conic_set(root):
   return rows
 
 
-def test_tiny_chain_on_a_conic_layout_set(tmp_path):
+def test_tiny_chain_on_a_conic_layout_set_then_a_noop_rerun(tmp_path):
+  """Every stage of configs/tiny.py through one `main` on the CoNIC-layout set: class fields from
+  CoNIC's table, the cohort split, both HoVer-Net runs evaluated, a report whose numbers are the
+  saved predictions' scores; then the same command again writes nothing."""
   write_conic_set(tmp_path / 'conic')
   workdir = tmp_path / 'w'
-  out = run_main(
-      '--config', 'configs/tiny.py', '--workdir', str(workdir), '--config.data.name=conic',
+  args = (
+      '--config.data.name=conic',
       f'--config.data.manual_dir={tmp_path / "conic"}', '--config.data.conic.exclude=consep',
       '--config.data.conic.test_fraction=0.5', '--config.data.num_classes=0',
-      '--config.data.class_names=', '--config.diffusion.model.num_classes=0',
-      '--config.hovernet.model.nr_types=0', '--config.mix.balance.rare_classes=',
-      '--config.mix.balance.common_classes=', '--config.mix.balance.border_margin=8',
+      '--config.data.class_names=()', '--config.mix.balance.rare_classes=()',
+      '--config.mix.balance.common_classes=()', '--config.mix.balance.border_margin=8',
       '--config.diffusion.train.phase1_steps=4', '--config.diffusion.train.phase2_steps=2',
       '--config.eval.synthetic_fidelity=False', '--config.diffusion.train.sample_every_steps=0',
       # One 256-px HoVer-Net window per 128-px patch (64 px mirrored a side).
-      '--config.hovernet.train.patch_step=128', '--config.hovernet.train.phase2_batch_size=8',
-      env=_one_device_env())
+      '--config.hovernet.train.patch_step=128', '--config.hovernet.train.phase2_batch_size=8')
+  out = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), *args,
+                 env=_one_device_env())
   assert out.returncode == 0, out.stderr[-4000:]
   config = json.loads((workdir / 'config.json').read_text())  # The class fields from the table.
   assert config['data']['num_classes'] == config['hovernet']['model']['nr_types'] == 7
@@ -77,3 +82,11 @@ def test_tiny_chain_on_a_conic_layout_set(tmp_path):
     assert [metrics[run][k] for k in ('num_images', 'num_true', 'num_pred')] == [
         8, want['num_true'], want['num_pred']], run
     assert want['num_true'] > 0 and want['num_pred'] > 0, (run, want)
+  assert metrics['config'] == 'tiny'
+  md = (workdir / 'report' / 'report.md').read_text()
+  assert '| baseline |' in md and '| diffmix |' in md
+  assert (workdir / 'report' / 'f1_per_class.png').exists()
+  timings = json.loads((workdir / wdir.TIMINGS).read_text())
+  assert {'build_data', 'diffusion_train', 'mix_labels', 'sample', 'hovernet_train', 'evaluate',
+          'report'} <= set(timings), timings
+  assert_noop_rerun(workdir, *args, env=_one_device_env())

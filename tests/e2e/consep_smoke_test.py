@@ -131,5 +131,7 @@ def test_report_scores_the_saved_predictions_for_every_class(smoke):
     # The untrained-looking networks (official init, 7 steps) still find nuclei: real
     # post-processing ran on a non-empty prediction.
     assert want['num_pred'] > 0, run
-  assert 'synthetic_fidelity' in metrics
+  fidelity = metrics['synthetic_fidelity']  # The baseline model on all 8 synthetic patches.
+  assert fidelity['real_test'] == metrics['baseline']
+  assert fidelity['synthetic']['num_images'] == 2 * 4  # Both kinds, 4 grid patches each.
   assert 'Tiles: train train_24; test test_4.' in (workdir / 'report' / 'report.md').read_text()
