@@ -52,7 +52,7 @@ def _configs(smoke: bool):
   c.sample.timestep_respacing = 'ddim4'
   h = tiny.get_config()
   h.hovernet.model.mode, h.hovernet.model.width = 'fast', 16
-  h.hovernet.model.encoder_units, h.hovernet.model.decoder_units = '1,1,1,1', '2,1'
+  h.hovernet.model.encoder_units, h.hovernet.model.decoder_units = (1, 1, 1, 1), (2, 1)
   return c, h
 
 

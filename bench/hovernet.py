@@ -41,7 +41,7 @@ _CONSEP = flags.DEFINE_string('consep_dir', str(pathlib.Path(__file__).resolve()
 _SPLIT = flags.DEFINE_bool('split_grouped_convs', True,
                            'Grouped convs as per-group convs (False: one grouped op).')
 _WIDTH = flags.DEFINE_integer('width', 1, 'Channel divisor (1 = official network, 16 = demo).')
-_UNITS = flags.DEFINE_string('encoder_units', '3,4,6,3', 'Residual units per encoder group.')
+_UNITS = flags.DEFINE_list('encoder_units', ['3', '4', '6', '3'], 'Residual units per encoder group.')
 _PART = flags.DEFINE_enum('part', 'all', ['all', 'post'], 'all, or post-processing only.')
 
 
@@ -83,13 +83,13 @@ def main(argv):
   c.mesh.data = 1
   c.hovernet.model.mode = _MODE.value
   c.hovernet.model.split_grouped_convs = _SPLIT.value
-  c.hovernet.model.width, c.hovernet.model.encoder_units = _WIDTH.value, _UNITS.value
+  c.hovernet.model.width, c.hovernet.model.encoder_units = _WIDTH.value, tuple(map(int, _UNITS.value))
   mesh = sharding.create_mesh(c.mesh)
   trainer = hovernet_training.create_trainer(c, mesh, (100, 100))
   module = trainer.module
   size, out = module.patch_shapes
   print(f'device: {jax.devices()[0].device_kind} x{len(jax.devices())}, mode {_MODE.value}, '
-        f'batch {_BATCH.value}, width {_WIDTH.value}, units {_UNITS.value}, '
+        f'batch {_BATCH.value}, width {_WIDTH.value}, units {",".join(_UNITS.value)}, '
         f'split_grouped_convs {_SPLIT.value}')
   state = trainer.init(jax.random.key(0))
   rng = np.random.default_rng(0)

@@ -37,7 +37,7 @@ _STEPS = flags.DEFINE_integer('steps', 150, 'Training steps.')
 _EVERY = flags.DEFINE_integer('every', 25, 'Evaluate every N steps.')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Global batch.')
 _WIDTH = flags.DEFINE_integer('width', 16, 'HoVer-Net channel divisor.')
-_UNITS = flags.DEFINE_string('encoder_units', '1,1,1,1', 'Residual units per encoder group.')
+_UNITS = flags.DEFINE_list('encoder_units', ['1', '1', '1', '1'], 'Residual units per encoder group.')
 _TILES = flags.DEFINE_integer('train_tiles', 1, 'Demo train tiles to train on.')
 _WINDOW_STEP = flags.DEFINE_integer('window_step', 164, 'Window stride (164: 4 per tile).')
 _EVAL = flags.DEFINE_enum('eval_split', 'train', ['train', 'test'],
@@ -56,7 +56,7 @@ def main(argv):
   c = tiny.get_config()
   c.mesh.data = 1
   m, h = c.hovernet.model, c.hovernet.train
-  m.width, m.encoder_units, m.head_init = _WIDTH.value, _UNITS.value, _HEAD.value
+  m.width, m.encoder_units, m.head_init = _WIDTH.value, tuple(map(int, _UNITS.value)), _HEAD.value
   h.lr, h.lr_step_epochs, h.mse_weight = _LR.value, _DECAY.value, _MSE.value
   mesh = sharding.create_mesh(c.mesh)
   tiles = [_tile('train', i) for i in range(_TILES.value)]

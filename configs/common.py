@@ -8,34 +8,35 @@ official `scripts_train/*.sh`.
 
 import ml_collections
 
-# Stage names in the order `main` runs them (design.md §3).
+# Stage names in the order `main` runs them (docs/design.md §3).
 ALL_STAGES = ('build_data', 'diffusion_train', 'mix_labels', 'sample', 'hovernet_train',
               'evaluate', 'report')
 
 
-def _data() -> ml_collections.ConfigDict:
-  """`config.data`: data (datasets.md)."""
+def _data(num_classes: ml_collections.FieldReference) -> ml_collections.ConfigDict:
+  """`config.data`: data (docs/datasets.md)."""
   d = ml_collections.ConfigDict()
   # TFDS builder: consep | glysac | demo_nuclei | conic | pannuke | nuclei_folder (your own folder).
   d.name = 'consep'
   d.manual_dir = ''  # The dataset's folder as its builder documents it ('' = $DIFFMIX_CONSEP_DIR for consep).
   d.data_dir = ''  # TFDS data_dir for the built dataset ('' = <workdir>/tfds).
   d.labels = 'original'  # CoNSeP/GLySAC label files hold: original ids (merged by us) | merged ids.
-  d.train_tiles = ''  # Comma list of the train tiles to use, by name ('' = all).
-  d.test_tiles = ''  # Comma list of the test tiles to use, by name ('' = all).
+  d.train_tiles = ()  # Names of the train tiles to use (() = all).
+  d.test_tiles = ()  # Names of the test tiles to use (() = all).
   # Classes incl. background after the merge (CoNSeP 5, GLySAC 4, CoNIC 7, PanNuke 6); must match the
-  # dataset's class table (tfds_builders/class_tables.py). 0 = read from it (with class_names '',
-  # diffusion.model.num_classes 0, hovernet.model.nr_types 0, mix.balance.{rare,common}_classes '').
-  d.num_classes = 5
-  d.class_names = 'background,other,inflammatory,epithelial,spindle'  # Comma list, num_classes names.
+  # dataset's class table (tfds_builders/class_tables.py). 0 = read from it (with class_names (),
+  # mix.balance.{rare,common}_classes ()). diffusion.model.num_classes and hovernet.model.nr_types
+  # are tied to it (one FieldReference: setting any of the three sets all).
+  d.num_classes = num_classes
+  d.class_names = ('background', 'other', 'inflammatory', 'epithelial', 'spindle')  # num_classes.
   d.conic = dc = ml_collections.ConfigDict()
-  dc.exclude = ''  # Comma list of CoNIC cohorts left out (e.g. consep: keeps a CoNSeP test set unseen).
+  dc.exclude = ()  # CoNIC cohorts left out (e.g. ('consep',): keeps a CoNSeP test set unseen).
   dc.test_fraction = 0.2  # Share of each cohort's source images drawn for the test split.
   dc.split_seed = 0  # Seed of that draw (recorded in the built dataset's metadata).
   d.pannuke = dp = ml_collections.ConfigDict()
-  dp.train_folds = '1,2'  # PanNuke folds (comma list of 1-3) of the train split.
-  dp.test_folds = '3'  # PanNuke folds of the test split (disjoint from train_folds).
-  d.crop_size = 256  # Training crop side for the SDM (sdm.md §4.6).
+  dp.train_folds = (1, 2)  # PanNuke folds (of 1-3) of the train split.
+  dp.test_folds = (3,)  # PanNuke folds of the test split (disjoint from train_folds).
+  d.crop_size = 256  # Training crop side for the SDM (docs/sdm.md §4.6).
   d.mpp = 0.25  # µm per pixel of the tiles (CoNSeP: 40x, 0.25); whole-slide predict reads slides at it.
   d.num_workers = 0  # grain worker processes (0 = in the main process).
   d.prefetch = 2  # grain prefetch buffer (batches) when num_workers > 0.
@@ -43,7 +44,7 @@ def _data() -> ml_collections.ConfigDict:
 
 
 def _mesh() -> ml_collections.ConfigDict:
-  """`config.mesh`: device mesh (design.md §5)."""
+  """`config.mesh`: device mesh (docs/design.md §5)."""
   m = ml_collections.ConfigDict()
   m.data = -1  # Devices on the `data` axis (-1 = all devices of all hosts).
   m.shard_opt_state = False  # Shard Adam moments and EMA over `data` (ZeRO-1 style) to save memory.
@@ -56,8 +57,8 @@ def _mesh() -> ml_collections.ConfigDict:
   return m
 
 
-def _diffusion() -> ml_collections.ConfigDict:
-  """`config.diffusion`: SDM (sdm.md §1, official flag names)."""
+def _diffusion(num_classes: ml_collections.FieldReference) -> ml_collections.ConfigDict:
+  """`config.diffusion`: SDM (docs/sdm.md §1, official flag names)."""
   diffusion = ml_collections.ConfigDict()
   diffusion.model = sm = ml_collections.ConfigDict()
   sm.image_size = 256  # Training crop / model resolution.
@@ -70,7 +71,7 @@ def _diffusion() -> ml_collections.ConfigDict:
   sm.resblock_updown = True  # Resample inside residual blocks.
   sm.use_scale_shift_norm = True  # FiLM (scale, shift) from the time embedding.
   sm.learn_sigma = True  # 6 output channels: eps and the variance interpolant.
-  sm.num_classes = 5  # One-hot width incl. background (must equal data.num_classes).
+  sm.num_classes = num_classes  # One-hot width incl. background: data.num_classes (tied).
   sm.no_instance = False  # False: append the instance-edge channel to the condition.
   sm.dropout = 0.0  # Dropout in res blocks (official 0).
   sm.dtype = 'bfloat16'  # Compute dtype of convs/matmuls (params stay float32).
@@ -83,14 +84,14 @@ def _diffusion() -> ml_collections.ConfigDict:
 
   diffusion.train = dt = ml_collections.ConfigDict()
   dt.batch_size = 16  # Global batch (split over the data axis).
-  dt.phase1_steps = 5900  # Conditional pre-training steps (sdm.md §4.2).
+  dt.phase1_steps = 5900  # Conditional pre-training steps (docs/sdm.md §4.2).
   dt.phase2_steps = 4100  # Classifier-free fine-tuning steps.
   dt.phase1_lr = 1e-4  # Constant Adam learning rate in phase 1.
   dt.phase2_lr = 2e-5  # Constant Adam learning rate in phase 2.
   dt.phase1_drop_rate = 0.0  # Probability of dropping the whole condition in phase 1.
   dt.phase2_drop_rate = 0.2  # Probability of dropping the whole condition in phase 2.
   dt.ema_rate = 0.9999  # EMA decay, applied after every step.
-  dt.log_every_steps = 10  # Scalars to TensorBoard every N steps.
+  dt.log_every_steps = 10  # Scalars (means over the N steps) to TensorBoard every N steps.
   dt.checkpoint_every_steps = 500  # Orbax save every N steps (and at each phase end).
   dt.keep_checkpoints = 3  # Checkpoints kept by the manager.
   dt.sample_every_steps = 2000  # EMA sample grid every N steps (0 = never).
@@ -99,13 +100,13 @@ def _diffusion() -> ml_collections.ConfigDict:
 
 
 def _mix() -> ml_collections.ConfigDict:
-  """`config.mix`: label mixing (diffmix_method.md §2-§3)."""
+  """`config.mix`: label mixing (docs/method.md §2-§3)."""
   mix = ml_collections.ConfigDict()
   mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (§2.4 F8).
   mix.preview_tiles = 3  # Tiles drawn in mixed_labels/preview.png.
   mix.balance = mb = ml_collections.ConfigDict()
-  mb.rare_classes = '1'  # Comma list of rare class ids (donors).
-  mb.common_classes = '2,3,4'  # Comma list of common class ids (targets), in official order.
+  mb.rare_classes = (1,)  # Rare class ids (donors).
+  mb.common_classes = (2, 3, 4)  # Common class ids (targets), in official order.
   mb.target_fraction = 0.8  # Targets per tile = floor(fraction * eligible common nuclei) (§2.2).
   mb.area_ratio = 2.3  # Donor fits when dilated target area >= area_ratio * donor area (§2.2).
   mb.dilation_iterations = 2  # Dilations of the target mask (4-connected cross) for its area.
@@ -123,7 +124,7 @@ def _mix() -> ml_collections.ConfigDict:
 
 
 def _sample() -> ml_collections.ConfigDict:
-  """`config.sample`: synthesis (diffmix_method.md §4, sdm.md §3.8-3.10)."""
+  """`config.sample`: synthesis (docs/method.md §4, docs/sdm.md §3.8-§3.10)."""
   sp = ml_collections.ConfigDict()
   sp.params_path = ''  # Converted official EMA params ('' = EMA from <workdir>/diffusion).
   sp.timestep_respacing = 'ddim100'  # Respaced grid of the DDIM sampler.
@@ -141,27 +142,27 @@ def _sample() -> ml_collections.ConfigDict:
   return sp
 
 
-def _hovernet() -> ml_collections.ConfigDict:
-  """`config.hovernet`: HoVer-Net (hovernet.md)."""
+def _hovernet(num_classes: ml_collections.FieldReference) -> ml_collections.ConfigDict:
+  """`config.hovernet`: HoVer-Net (docs/hovernet.md)."""
   hovernet = ml_collections.ConfigDict()
   hovernet.model = hm = ml_collections.ConfigDict()
   hm.mode = 'original'  # original (270->80) | fast (256->164).
-  hm.nr_types = 5  # Type classes incl. background (must equal data.num_classes).
-  hm.encoder_units = '3,4,6,3'  # Residual units per encoder group (official ResNet-50 layout).
-  hm.decoder_units = '8,4'  # Dense units of the u3, u2 decoder levels (official 8, 4).
+  hm.nr_types = num_classes  # Type classes incl. background: data.num_classes (tied).
+  hm.encoder_units = (3, 4, 6, 3)  # Residual units per encoder group (official ResNet-50 layout).
+  hm.decoder_units = (8, 4)  # Dense units of the u3, u2 decoder levels (official 8, 4).
   hm.width = 1  # Divisor of every channel count: 1 = official network, 16 = tiny (tests).
   hm.split_grouped_convs = True  # Grouped convs as per-group convs (XLA CPU's grouped backward is slow).
   hm.head_init = 'kaiming'  # Output 1x1 convs: kaiming (official) | zeros (learns far faster when short).
   hovernet.train = ht = ml_collections.ConfigDict()
   # Arms (diffmix_jax/core/arms.py): baseline (real only) | balancing | enlarging (real + synthetics of
   # that mixing kind) | diffmix (real + both); each trained once per HoVer-Net seed in `seeds`.
-  ht.runs = 'baseline,diffmix'
-  ht.seeds = '0'  # HoVer-Net seeds (comma list): init, batch order, augmentation; SDM unchanged.
+  ht.runs = ('baseline', 'diffmix')
+  ht.seeds = (0,)  # HoVer-Net seeds: init, batch order, augmentation; SDM unchanged.
   ht.synthetic_dir = ''  # Images/*.png + Labels/*.mat ('' = <workdir>/synthetic/consep_format).
   # Synthetic rows per real row of each batch, added to the real batch (same steps and real batches
   # in every arm); -1 = enough rows that every synthetic item is seen once per epoch.
   ht.synthetic_ratio = -1.0
-  ht.patch_window = 540  # Mirror-mode training patch side (hovernet.md §6.3).
+  ht.patch_window = 540  # Mirror-mode training patch side (docs/hovernet.md §6.3).
   ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).
   ht.augment = True  # Shape + intensity augmentation (§2.2-§2.3); False = centre crop only.
   # ImageNet encoder file ('' = none): .tar/.pth ({'desc': state dict} or a bare one) or .npz with
@@ -178,7 +179,7 @@ def _hovernet() -> ml_collections.ConfigDict:
   ht.tp_class_weighting = 'none'  # TP CE: none (official mean) | median_frequency (class-balanced).
   ht.phase1_freeze_bn_stats = False  # Keep frozen-encoder BN running stats fixed (reference: False).
   ht.loader_threads = 4  # Host threads preparing batches (augmentation, targets).
-  ht.log_every_steps = 20  # Scalars to TensorBoard every N steps (and at every epoch end).
+  ht.log_every_steps = 20  # Scalars (interval means) to TensorBoard every N steps and epoch end.
   ht.checkpoint_every_epochs = 1  # Orbax save every N epochs (and at each phase end).
   ht.keep_checkpoints = 2  # Checkpoints kept per run.
   ht.val_tiles = 2  # Test tiles validated (tiled inference + metrics) per epoch (0 = none).
@@ -187,15 +188,15 @@ def _hovernet() -> ml_collections.ConfigDict:
 
 
 def _eval() -> ml_collections.ConfigDict:
-  """`config.eval`: evaluation (hovernet.md §4-§5, §7)."""
+  """`config.eval`: evaluation (docs/hovernet.md §4-§5, §7)."""
   ev = ml_collections.ConfigDict()
   ev.match_radius = 12  # Centroid pairing radius in pixels (inclusive).
-  ev.f_c_weights = '2,2,1,1'  # Weights of F_c terms (official).
+  ev.f_c_weights = (2.0, 2.0, 1.0, 1.0)  # Weights of F_c terms (official).
   ev.batch_size = 8  # Patches per jitted tiled-inference call (multiple of the local devices).
   # Also score the baseline model on every synthetic patch against its own labels (report's
   # synthetic_fidelity): does the SDM render each class recognisably?
   ev.synthetic_fidelity = True
-  # Post-processing (hovernet.md §4.1; `metrics.postprocess.Params`): the official values, set for
+  # Post-processing (docs/hovernet.md §4.1; `metrics.postprocess.Params`): the official values, set for
   # 40x CoNSeP nuclei. With exact NP/HV maps of 5 CoNSeP train tiles they recover 90-98 % of each
   # class's nuclei (IoU > 0.5); smaller nuclei need a smaller opening (configs/demo.py).
   ev.postprocess = ml_collections.ConfigDict({
@@ -204,12 +205,17 @@ def _eval() -> ml_collections.ConfigDict:
   return ev
 
 
+def stage_names(stages: str) -> list[str]:
+  """The stages of a `stages` value, in order: 'sample, evaluate' -> ['sample', 'evaluate']."""
+  return [s.strip() for s in stages.split(',') if s.strip()]
+
+
 def set_classes(c: ml_collections.ConfigDict, table) -> None:
   """Sets every class field of config `c` from a `tfds_builders.class_tables.ClassTable`."""
-  c.data.num_classes = c.diffusion.model.num_classes = c.hovernet.model.nr_types = table.num_classes
-  c.data.class_names = ','.join(table.names)
-  c.mix.balance.rare_classes = ','.join(map(str, table.rare))
-  c.mix.balance.common_classes = ','.join(map(str, table.common))
+  c.data.num_classes = table.num_classes  # diffusion.model.num_classes, nr_types: tied.
+  c.data.class_names = tuple(table.names)
+  c.mix.balance.rare_classes = tuple(table.rare)
+  c.mix.balance.common_classes = tuple(table.common)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -217,13 +223,16 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'base'  # Name of the experiment, shown in logs and the report.
   c.seed = 0  # Master seed; every random stream is derived from it by fold-in.
-  c.stages = ','.join(ALL_STAGES)  # Comma list of stages to run, in order.
+  # Comma list of stages to run, in order. A string, not a tuple, so that the command line's
+  # --config.stages=sample,evaluate selects two stages (a tuple flag would read one 'sample,evaluate').
+  c.stages = ','.join(ALL_STAGES)
   c.compilation_cache = True  # XLA compilations in <workdir>/jax_cache ($JAX_COMPILATION_CACHE_DIR wins).
-  c.data = _data()
+  num_classes = ml_collections.FieldReference(5, field_type=int)
+  c.data = _data(num_classes)
   c.mesh = _mesh()
-  c.diffusion = _diffusion()
+  c.diffusion = _diffusion(num_classes)
   c.mix = _mix()
   c.sample = _sample()
-  c.hovernet = _hovernet()
+  c.hovernet = _hovernet(num_classes)
   c.eval = _eval()
   return c

@@ -1,4 +1,4 @@
-"""CoNSeP with the paper's settings (sdm.md §1, hovernet.md §3, diffmix_method.md).
+"""CoNSeP with the paper's settings (docs/sdm.md §1, docs/hovernet.md §3, docs/method.md).
 
   python -m diffmix_jax.main --config configs/consep.py --workdir runs/consep \
       --config.data.manual_dir=/path/to/CoNSeP \
@@ -13,7 +13,7 @@ it. No file at hand: add --config.hovernet.train.phase1_epochs=0 to train everyt
 Use --config.data.labels=merged for a copy whose type_map already holds the 4 merged classes (such as
 the rebuilt copy in ../shared/data/consep). Hardware: one 80 GB GPU (H100/A100) or a TPU slice. The
 expected times and headline numbers are filled in by the end-to-end issue once measured; the paper's
-numbers are in diffmix_method.md §6.
+numbers are in docs/method.md §6.
 """
 
 from configs import common
@@ -24,11 +24,9 @@ def get_config():
   c.name = 'consep'
   c.data.name = 'consep'
   c.data.labels = 'original'
-  c.data.num_classes = 5
-  c.data.class_names = 'background,other,inflammatory,epithelial,spindle'
-  c.diffusion.model.num_classes = 5
-  c.hovernet.model.nr_types = 5
-  c.mix.balance.rare_classes = '1'
-  c.mix.balance.common_classes = '2,3,4'
+  c.data.num_classes = 5  # diffusion.model.num_classes and hovernet.model.nr_types follow.
+  c.data.class_names = ('background', 'other', 'inflammatory', 'epithelial', 'spindle')
+  c.mix.balance.rare_classes = (1,)
+  c.mix.balance.common_classes = (2, 3, 4)
   c.sample.guidance = 1.5
   return c

@@ -25,8 +25,8 @@ def get_config():
   c = consep.get_config()
   c.name = 'consep_smoke'
   c.data.labels = 'merged'
-  c.data.train_tiles = 'train_24'
-  c.data.test_tiles = 'test_4'
+  c.data.train_tiles = ('train_24',)
+  c.data.test_tiles = ('test_4',)
   c.mesh.data = 1  # One device: the smoke check runs anywhere, results identical.
   m = c.diffusion.model  # A four-level 32-channel UNet at the paper's 256 px.
   m.num_channels = 32
@@ -52,8 +52,8 @@ def get_config():
   hm, h = c.hovernet.model, c.hovernet.train
   hm.mode = 'original'
   hm.width = 16
-  hm.encoder_units = '1,1,1,1'
-  hm.decoder_units = '1,1'
+  hm.encoder_units = (1, 1, 1, 1)
+  hm.decoder_units = (1, 1)
   hm.head_init = 'kaiming'  # The official init: untrained, it finds nuclei, so the real-data
   # post-processing and metrics run on non-empty predictions (zero heads predict none in 7 steps).
   h.phase1_epochs = 0  # No ImageNet encoder file in a smoke check.

@@ -2,7 +2,7 @@
 
   python -m diffmix_jax.main --config configs/demo.py --workdir runs/demo
 
-Data: 32 generated 256x256 train tiles and 8 test tiles (datasets.md §4), built in seconds.
+Data: 32 generated 256x256 train tiles and 8 test tiles (docs/datasets.md §4), built in seconds.
 
 Measured on the project's 2-core CPU machine (AMD EPYC; 2026-12-05 02:29-02:38 UTC, fresh clone of
 f4ce928, cold compilation cache): 8 min 30 s with the install (build 5 s, SDM 93 s, mixing 1 s,
@@ -66,7 +66,7 @@ def get_config():
   c.hovernet.model.mode = 'fast'
   # A narrow, shallow HoVer-Net (same geometry as the official fast mode) on 256-px demo tiles.
   c.hovernet.model.width = 16
-  c.hovernet.model.encoder_units = '1,1,1,1'
+  c.hovernet.model.encoder_units = (1, 1, 1, 1)
   # Zero-initialised output convs: with the official Kaiming init the 2-channel heads start as noise
   # of std ~1.4 and the HV map needs ~600 steps before the watershed finds a marker; from zero,
   # the test tiles' nuclei are separated after ~150-200 steps (BENCHMARKS.md).

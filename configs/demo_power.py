@@ -31,6 +31,6 @@ from configs import demo
 def get_config():
   c = demo.get_config()
   c.name = 'demo_power'
-  c.hovernet.train.runs = 'baseline,diffmix'
-  c.hovernet.train.seeds = '0,1,2,3,4,5,6,7'
+  c.hovernet.train.runs = ('baseline', 'diffmix')
+  c.hovernet.train.seeds = (0, 1, 2, 3, 4, 5, 6, 7)
   return c

@@ -25,8 +25,8 @@ from configs import demo
 def get_config():
   c = demo.get_config()
   c.name = 'demo_study'
-  c.hovernet.train.runs = 'baseline,balancing,enlarging,diffmix'
-  c.hovernet.train.seeds = '0,1,2'
+  c.hovernet.train.runs = ('baseline', 'balancing', 'enlarging', 'diffmix')
+  c.hovernet.train.seeds = (0, 1, 2)
   # The seed-0 baseline scores every synthetic patch against its own labels (report's
   # synthetic_fidelity): the demo skips it for time, the study needs it to read the rare class.
   c.eval.synthetic_fidelity = True

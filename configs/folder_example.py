@@ -4,7 +4,7 @@
       --config.data.manual_dir=/path/to/my_nuclei \
       --config.hovernet.train.pretrained=/path/to/ImageNet-ResNet50-Preact_pytorch.tar
 
-The class count, names, rare and common classes are left to the folder's classes.json (the 0 and ''
+The class count, names, rare and common classes are left to the folder's classes.json (the 0 and ()
 below): `main` reads the table before any stage runs (from the built dataset's summary once built)
 and fills them; a class count set here must agree with it, names, rare and common classes set here
 replace the table's. Everything else is the paper's recipe for
@@ -19,10 +19,8 @@ def get_config():
   c = common.base_config()
   c.name = 'folder_example'
   c.data.name = 'nuclei_folder'
-  c.data.num_classes = 0  # 0 / '': from classes.json (diffmix_jax/data/datasets.py).
-  c.data.class_names = ''
-  c.diffusion.model.num_classes = 0
-  c.hovernet.model.nr_types = 0
-  c.mix.balance.rare_classes = ''
-  c.mix.balance.common_classes = ''
+  c.data.num_classes = 0  # 0 / (): from classes.json (diffmix_jax/data/datasets.py).
+  c.data.class_names = ()
+  c.mix.balance.rare_classes = ()
+  c.mix.balance.common_classes = ()
   return c

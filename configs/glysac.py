@@ -1,4 +1,4 @@
-"""GLySAC with the paper's settings (sdm.md §1, hovernet.md §3, diffmix_method.md).
+"""GLySAC with the paper's settings (docs/sdm.md §1, docs/hovernet.md §3, docs/method.md).
 
   python -m diffmix_jax.main --config configs/glysac.py --workdir runs/glysac \
       --config.data.manual_dir=/path/to/GLySAC \
@@ -8,7 +8,7 @@ The ImageNet encoder file is needed as for configs/consep.py (see there), or
 --config.hovernet.train.phase1_epochs=0.
 
 Raw GLySAC ids are merged {1,2,9,10} -> 1, {4,5,6,7} -> 2, {3,8} -> 3 (class names inferred, see
-diffmix_method.md §1). Guidance 2.0 as in the authors' GLySAC test line. Hardware and expected numbers
+docs/method.md §1). Guidance 2.0 as in the authors' GLySAC test line. Hardware and expected numbers
 as for configs/consep.py.
 """
 
@@ -20,12 +20,10 @@ def get_config():
   c.name = 'glysac'
   c.data.name = 'glysac'
   c.data.labels = 'original'
-  c.data.num_classes = 4
-  c.data.class_names = 'background,miscellaneous,lymphocyte,epithelial'
-  c.diffusion.model.num_classes = 4
-  c.hovernet.model.nr_types = 4
-  c.mix.balance.rare_classes = '1'
-  c.mix.balance.common_classes = '2,3'
+  c.data.num_classes = 4  # diffusion.model.num_classes and hovernet.model.nr_types follow.
+  c.data.class_names = ('background', 'miscellaneous', 'lymphocyte', 'epithelial')
+  c.mix.balance.rare_classes = (1,)
+  c.mix.balance.common_classes = (2, 3)
   c.diffusion.train.phase1_steps = 9480
   c.diffusion.train.phase2_steps = 720
   c.diffusion.train.checkpoint_every_steps = 480

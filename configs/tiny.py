@@ -43,8 +43,8 @@ def get_config():
   c.mix.enlarge.shift_high = 1
   hm, h = c.hovernet.model, c.hovernet.train
   hm.width = 16  # Tiny HoVer-Net: channels / 16, one unit per encoder group.
-  hm.encoder_units = '1,1,1,1'
-  hm.decoder_units = '1,1'  # One dense unit per level (official 8, 4): a third of the compile time.
+  hm.encoder_units = (1, 1, 1, 1)
+  hm.decoder_units = (1, 1)  # One dense unit per level (official 8, 4): a third of the compile time.
   # The official init, not the demo's zero heads: an untrained tiny network then finds nuclei, so
   # the plumbing tests (multi-process evaluate) post-process non-empty predictions.
   hm.head_init = 'kaiming'

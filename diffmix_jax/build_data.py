@@ -11,7 +11,6 @@ import sys
 from absl import app
 from absl import flags
 
-from diffmix_jax.core import fields
 from diffmix_jax.stages import build_data
 
 
@@ -21,11 +20,11 @@ def main(argv):
   try:
     options = {}
     if f.dataset == 'conic':
-      options = {'exclude': tuple(fields.names(f.conic_exclude)),
+      options = {'exclude': tuple(f.conic_exclude),
                  'test_fraction': f.conic_test_fraction, 'split_seed': f.conic_split_seed}
     elif f.dataset == 'pannuke':
-      options = {'train_folds': tuple(fields.ints(f.pannuke_train_folds)),
-                 'test_folds': tuple(fields.ints(f.pannuke_test_folds))}
+      options = {'train_folds': tuple(int(k) for k in f.pannuke_train_folds),
+                 'test_folds': tuple(int(k) for k in f.pannuke_test_folds)}
     summary = build_data.build(f.dataset, f.data_dir, f.manual_dir, f.labels, **options)
   except (ValueError, FileNotFoundError) as e:
     print(f'build_data: error: {e}', file=sys.stderr)
@@ -43,10 +42,10 @@ if __name__ == '__main__':
                       'TFDS data_dir to write the built dataset to.')
   flags.DEFINE_enum('labels', 'original', ['original', 'merged'],
                     'Class ids in the label files: original (merged here) or merged.')
-  flags.DEFINE_string('conic_exclude', '', 'CoNIC cohorts to leave out (comma list, e.g. consep).')
+  flags.DEFINE_list('conic_exclude', [], 'CoNIC cohorts to leave out (comma list, e.g. consep).')
   flags.DEFINE_float('conic_test_fraction', 0.2, 'CoNIC: share of each cohort\'s source images in test.')
   flags.DEFINE_integer('conic_split_seed', 0, 'CoNIC: seed of the test draw.')
-  flags.DEFINE_string('pannuke_train_folds', '1,2', 'PanNuke folds of the train split.')
-  flags.DEFINE_string('pannuke_test_folds', '3', 'PanNuke folds of the test split.')
+  flags.DEFINE_list('pannuke_train_folds', ['1', '2'], 'PanNuke folds of the train split.')
+  flags.DEFINE_list('pannuke_test_folds', ['3'], 'PanNuke folds of the test split.')
   flags.mark_flag_as_required('dataset')
   app.run(main)

@@ -1,11 +1,15 @@
 """Every config value checked before any stage runs: an error names the field and the expected form.
 
-`check(config)` is the first thing `main` does. It reads the config only and imports no JAX, TF or
-TFDS, so a bad value fails in a second, not after hours of SDM training. Three kinds of checks:
-  - `RULES`: one rule per enumerated, comma-list, class-id or numeric field of configs/common.py
-    (fields left out are free text, paths or booleans, which ConfigDict already types);
+`check(config)` is the first thing `main` does after `data.datasets.resolve_classes` has filled the
+class fields a config leaves to its dataset. It only reads the config (no parsing for later use, no
+change), so a bad value fails in seconds, not after hours of SDM training. Three kinds of checks:
+  - `RULES`: one rule per enumerated, list, class-id or numeric field of configs/common.py (fields
+    left out are free text, paths or booleans, which ConfigDict already types);
   - relations between fields (`_check_relations`);
   - files the selected stages will read (`_check_paths`) and named tile subsets (`_check_tiles`).
+Lists are tuples (`--config.hovernet.train.seeds=0,1` on the command line; a tuple of names is
+written `--config.hovernet.train.runs="('baseline','diffmix')"`), except `stages` and the official
+SDM flags `channel_mult` and `attention_resolutions`, which are comma strings.
 """
 
 import os
@@ -17,12 +21,12 @@ from configs import common
 from diffmix_jax import workdir as wdir
 from diffmix_jax.core import arms
 from diffmix_jax.data import datasets
-from diffmix_jax.hovernet import geometry
+from diffmix_jax.hovernet import model as hovernet_model
 from diffmix_jax.metrics import postprocess
 from diffmix_jax.mixing import balancing
 from diffmix_jax.mixing import enlarging
-from diffmix_jax.core import fields
-from diffmix_jax.sdm import fields as sdm_fields
+from diffmix_jax.sdm import diffusion as gd
+from diffmix_jax.sdm import unet as sdm_unet
 from tfds_builders import class_tables
 from tfds_builders import raw_folders
 from tfds_builders.demo_nuclei import generate as demo_tiles
@@ -65,61 +69,85 @@ def probability() -> Rule:
   return number(0.0, 1.0)
 
 
-def comma_numbers(lo=0, *, n=None, integer=True, allow_empty=False) -> Rule:
-  """A comma list of numbers >= lo, exactly n of them when n is given."""
+def _is_number(v, integer: bool) -> bool:
+  return not isinstance(v, bool) and isinstance(v, int if integer else (int, float))
+
+
+def sequence(what: str, item: Callable[[Any], bool], *, n: int | None = None,
+             allow_empty: bool = False, distinct: bool = False) -> Rule:
+  """A tuple of `what` (each passing `item`): exactly n of them when n is given."""
   def rule(v, c):
     del c
-    parts = fields.names(v)
-    try:
-      values = [int(p) if integer else float(p) for p in parts]
-    except ValueError:
-      values = None
-    form = f'a comma list of {n or ""} {"integers" if integer else "numbers"} >= {lo}'.replace('  ', ' ')
-    if values is None or any(x < lo for x in values) or (n is not None and len(values) != n):
+    form = f'a tuple of {f"{n} " if n else ""}{"distinct " if distinct else ""}{what}'
+    if not isinstance(v, (tuple, list)):
       return f'expected {form}'
-    return None if values or allow_empty else f'expected {form}, not empty'
+    bad = [x for x in v if not item(x)]
+    if bad:
+      hint = (' (a comma inside one name: on the command line a tuple of names is written '
+              """"('a','b')")""" if any(',' in str(x) for x in bad) else '')
+      return f'expected {form}; not {what}: {bad}{hint}'
+    if (n is not None and len(v) != n) or (distinct and len(set(v)) != len(v)):
+      return f'expected {form}'
+    return None if v or allow_empty else f'expected {form}, not empty'
   return rule
 
 
+def numbers(lo=0, *, integer=True, **kw) -> Rule:
+  return sequence(f'{"integers" if integer else "numbers"} >= {lo}',
+                  lambda x: _is_number(x, integer) and x >= lo, **kw)
+
+
+def one_of(options, what: str = 'names', **kw) -> Rule:
+  return sequence(f'{what} from {", ".join(map(str, options))}', lambda x: x in options,
+                  distinct=True, **kw)
+
+
 def class_ids(v, c) -> str | None:
-  """A comma list of distinct class ids in 1..num_classes-1 (background 0 is not a class to mix)."""
+  """A tuple of distinct class ids in 1..num_classes-1 (background 0 is not a class to mix)."""
   top = c.data.num_classes - 1
-  try:
-    ids = list(fields.ints(v))
-  except ValueError:
-    return f'expected a comma list of class ids in 1..{top}'
-  bad = [i for i in ids if not 1 <= i <= top]
-  if not ids or bad or len(set(ids)) != len(ids):
-    return (f'expected a comma list of distinct class ids in 1..{top} (config.data.num_classes='
-            f'{c.data.num_classes})' + (f'; not classes: {bad}' if bad else ''))
-  return None
+  return sequence(f'class ids in 1..{top} (config.data.num_classes={c.data.num_classes})',
+                  lambda x: _is_number(x, True) and 1 <= x <= top, distinct=True)(v, c)
 
 
 def class_names(v, c) -> str | None:
-  names = [n.strip() for n in str(v).split(',')]
-  if len(names) != c.data.num_classes or not all(names):
-    return f'expected {c.data.num_classes} comma-separated names (config.data.num_classes)'
+  problem = sequence('non-empty names', lambda x: isinstance(x, str) and bool(x.strip()),
+                     n=c.data.num_classes)(v, c)
+  return problem and f'{problem} (config.data.num_classes)'
+
+
+def stage_list(v, c) -> str | None:
+  del c
+  names = common.stage_names(v)
+  unknown = [s for s in names if s not in common.ALL_STAGES]
+  if unknown or len(set(names)) != len(names):
+    return (f'expected a comma list of distinct stages from {", ".join(common.ALL_STAGES)}'
+            + (f'; unknown: {", ".join(unknown)}' if unknown else ''))
   return None
+
+
+def channel_mult(v, c) -> str | None:
+  try:
+    mult = sdm_unet.parse_channel_mult(str(v), c.diffusion.model.image_size)
+  except ValueError as e:
+    return f'expected \'\' or a comma list of numbers >= 1 ({e})'
+  return None if not v or min(mult) >= 1 else 'expected a comma list of numbers >= 1'
+
+
+def resolutions(v, c) -> str | None:
+  del c
+  try:
+    values = sdm_unet.parse_resolutions(str(v))
+  except ValueError:
+    values = (0,)
+  return None if all(x >= 1 for x in values) else 'expected a comma list of integers >= 1'
 
 
 def respacing(v, c) -> str | None:
   try:
-    sdm_fields.space_timesteps(c.diffusion.schedule.diffusion_steps, str(v))
+    gd.space_timesteps(c.diffusion.schedule.diffusion_steps, str(v))
   except (ValueError, TypeError) as e:
     return f"expected '', 'ddimN' or a comma list of step counts ({e})"
   return None
-
-
-def comma_of(options, allow_empty=False) -> Rule:
-  def rule(v, c):
-    del c
-    items = fields.names(v)
-    unknown = [s for s in items if s not in options]
-    if unknown or not (items or allow_empty) or len(set(items)) != len(items):
-      return (f'expected a comma list of distinct names from {", ".join(options)}'
-              + (f'; unknown: {", ".join(unknown)}' if unknown else ''))
-    return None
-  return rule
 
 
 def raises(parse: Callable[[ml_collections.ConfigDict], Any]) -> Rule:
@@ -132,7 +160,7 @@ def raises(parse: Callable[[ml_collections.ConfigDict], Any]) -> Rule:
 
 RULES: dict[str, Rule] = {
     'seed': count(),
-    'stages': comma_of(common.ALL_STAGES, allow_empty=True),  # '': set-up only (launch tests).
+    'stages': stage_list,  # '': set-up only (launch tests).
     'data.name': choice(*sorted(class_tables.FIXED), 'nuclei_folder'),
     'data.labels': choice('original', 'merged'),
     'data.num_classes': number(2, integer=True),
@@ -142,8 +170,12 @@ RULES: dict[str, Rule] = {
     'data.num_workers': count(),
     'data.conic.test_fraction': number(0.0, 1.0, lo_open=True, hi_open=True),
     'data.conic.split_seed': count(),
-    'data.pannuke.train_folds': comma_of(('1', '2', '3')),
-    'data.pannuke.test_folds': comma_of(('1', '2', '3')),
+    'data.train_tiles': sequence('tile names', lambda x: isinstance(x, str) and bool(x),
+                                 allow_empty=True, distinct=True),
+    'data.test_tiles': sequence('tile names', lambda x: isinstance(x, str) and bool(x),
+                                allow_empty=True, distinct=True),
+    'data.pannuke.train_folds': one_of((1, 2, 3), 'folds'),
+    'data.pannuke.test_folds': one_of((1, 2, 3), 'folds'),
     'data.prefetch': positive_int(),
     'mesh.data': positive_int(also=(-1,)),
     'mesh.num_processes': positive_int(also=(-1,)),
@@ -153,16 +185,15 @@ RULES: dict[str, Rule] = {
     'diffusion.model.image_size': positive_int(),
     'diffusion.model.num_channels': positive_int(),
     'diffusion.model.num_res_blocks': positive_int(),
-    'diffusion.model.channel_mult': comma_numbers(1, allow_empty=True, integer=False),
-    'diffusion.model.attention_resolutions': comma_numbers(1, allow_empty=True),
+    'diffusion.model.channel_mult': channel_mult,
+    'diffusion.model.attention_resolutions': resolutions,
     'diffusion.model.num_heads': positive_int(),
     'diffusion.model.num_head_channels': positive_int(also=(-1,)),
-    'diffusion.model.num_classes': number(2, integer=True),
     'diffusion.model.dropout': number(0.0, 1.0, hi_open=True),
-    'diffusion.model.dtype': choice(*sdm_fields.DTYPES),
+    'diffusion.model.dtype': choice(*sdm_unet.DTYPES),
     'diffusion.model.spade_hidden': positive_int(),
     'diffusion.schedule.diffusion_steps': number(2, integer=True),
-    'diffusion.schedule.noise_schedule': choice(*sdm_fields.NOISE_SCHEDULES),
+    'diffusion.schedule.noise_schedule': choice(*gd.NOISE_SCHEDULES),
     'diffusion.train.batch_size': positive_int(),
     'diffusion.train.phase1_steps': count(),
     'diffusion.train.phase2_steps': count(),
@@ -201,14 +232,13 @@ RULES: dict[str, Rule] = {
     'sample.cover_stride': positive_int(),
     'sample.batch_size': positive_int(),
     'sample.shard_size': positive_int(),
-    'hovernet.model.mode': choice(*geometry.MODES),
-    'hovernet.model.nr_types': number(2, integer=True),
-    'hovernet.model.encoder_units': comma_numbers(1, n=4),
-    'hovernet.model.decoder_units': comma_numbers(1, n=2),
+    'hovernet.model.mode': choice(*hovernet_model.MODES),
+    'hovernet.model.encoder_units': numbers(1, n=4),
+    'hovernet.model.decoder_units': numbers(1, n=2),
     'hovernet.model.width': choice(1, 2, 4, 8, 16),
-    'hovernet.model.head_init': choice(*geometry.HEAD_INITS),
-    'hovernet.train.runs': raises(arms.arms),
-    'hovernet.train.seeds': raises(arms.seeds),
+    'hovernet.model.head_init': choice(*hovernet_model.HEAD_INITS),
+    'hovernet.train.runs': one_of(tuple(arms.ARMS), 'arms'),
+    'hovernet.train.seeds': numbers(0, distinct=True),
     'hovernet.train.synthetic_ratio': number(0.0, also=(-1, -1.0)),
     'hovernet.train.patch_window': positive_int(),
     'hovernet.train.patch_step': positive_int(),
@@ -228,7 +258,7 @@ RULES: dict[str, Rule] = {
     'hovernet.train.val_tiles': count(),
     'hovernet.train.val_every_epochs': positive_int(),
     'eval.match_radius': number(0.0, lo_open=True),
-    'eval.f_c_weights': comma_numbers(0, n=4, integer=False),
+    'eval.f_c_weights': numbers(0, n=4, integer=False),
     'eval.batch_size': positive_int(),
     'eval.postprocess': raises(lambda c: postprocess.params_from(c.eval.postprocess)),
 }
@@ -246,22 +276,15 @@ def _fail(field: str, value: Any, problem: str) -> None:
 
 def _check_relations(c: ml_collections.ConfigDict) -> None:
   """Fields that must agree with each other."""
-  for field in ('diffusion.model.num_classes', 'hovernet.model.nr_types'):
-    if _get(c, field) != c.data.num_classes:
-      _fail(field, _get(c, field), f'must equal config.data.num_classes={c.data.num_classes}')
   if c.data.crop_size != c.diffusion.model.image_size:
     _fail('data.crop_size', c.data.crop_size,
           f'must equal config.diffusion.model.image_size={c.diffusion.model.image_size}')
-  try:
-    sdm_fields.parse_channel_mult(c.diffusion.model.channel_mult, c.diffusion.model.image_size)
-  except ValueError as e:
-    _fail('diffusion.model.channel_mult', c.diffusion.model.channel_mult, str(e))
-  folds = set(fields.names(c.data.pannuke.train_folds)) & set(fields.names(c.data.pannuke.test_folds))
+  folds = set(c.data.pannuke.train_folds) & set(c.data.pannuke.test_folds)
   if folds:
     _fail('data.pannuke.test_folds', c.data.pannuke.test_folds,
           f'fold {sorted(folds)[0]} is also in config.data.pannuke.train_folds')
   b = c.mix.balance
-  both = sorted(set(fields.ints(b.rare_classes)) & set(fields.ints(b.common_classes)))
+  both = sorted(set(b.rare_classes) & set(b.common_classes))
   if both:
     _fail('mix.balance.common_classes', b.common_classes,
           f'class id {both[0]} is also in config.mix.balance.rare_classes')
@@ -278,7 +301,8 @@ def _check_relations(c: ml_collections.ConfigDict) -> None:
   if 2 * e.frame_margin > c.sample.patch_size:
     _fail('mix.enlarge.frame_margin', e.frame_margin,
           f'must be at most half of config.sample.patch_size={c.sample.patch_size}')
-  window, (size, _) = c.hovernet.train.patch_window, geometry.PATCH_SHAPES[c.hovernet.model.mode]
+  window = c.hovernet.train.patch_window
+  size = hovernet_model.PATCH_SHAPES[c.hovernet.model.mode][0]
   if window < size:
     _fail('hovernet.train.patch_window', window,
           f'must be at least the {c.hovernet.model.mode} network\'s input side {size}')
@@ -330,24 +354,10 @@ def tile_names_on_disk(c: ml_collections.ConfigDict, split: str) -> list[str] | 
   return [name for name, _, _ in raw_folders.split_pairs(root, split)]
 
 
-def tile_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
-  """The tiles of `split` a run uses: `config.data.<split>_tiles` as a list ([] = every tile).
-
-  Raises:
-    ValueError: a name given twice.
-  """
-  names = fields.names(config.data[f'{split}_tiles'])
-  twice = sorted({n for n in names if names.count(n) > 1})
-  if twice:
-    raise ValueError(f'config.data.{split}_tiles: tile(s) {twice} named more than once; expected a '
-                     'comma list of distinct tile names')
-  return names
-
-
 def check_tile_names(config: ml_collections.ConfigDict, split: str, available: list[str]) -> None:
   """Raises ValueError naming `config.data.<split>_tiles` if it names a tile not in `available`."""
   known = set(available)
-  unknown = [n for n in tile_names(config, split) if n not in known]
+  unknown = [n for n in config.data[f'{split}_tiles'] if n not in known]
   if unknown:
     raise ValueError(f'config.data.{split}_tiles: unknown tile(s) {unknown}; the {split} split of '
                      f'{config.data.name} holds {", ".join(available)}')
@@ -356,22 +366,25 @@ def check_tile_names(config: ml_collections.ConfigDict, split: str, available: l
 def check(c: ml_collections.ConfigDict, workdir: str = '') -> list[str]:
   """Checks the whole config for a run in `workdir`; returns the selected stages, in order.
 
+  The class fields a config leaves to its dataset (0, ()) must have been filled by
+  `datasets.resolve_classes` (as `main` does); nothing in `c` is changed.
+
   Raises:
     ValueError: naming the first bad field, its value and the expected form.
   """
   problem = RULES['data.name'](c.data.name, c)  # Before its class table is looked up.
   if problem:
     _fail('data.name', c.data.name, problem)
-  datasets.resolve_classes(c, workdir)  # Class fields left to the dataset's table (0 or '').
+  datasets.check_classes(c, workdir)  # The class count is the table's; none left unresolved.
   for field, rule in RULES.items():
     problem = rule(_get(c, field), c)
     if problem:
       _fail(field, _get(c, field), problem)
   _check_relations(c)
-  stages = fields.names(c.stages)
+  stages = common.stage_names(c.stages)
   _check_paths(c, stages, workdir)
   for split in ('train', 'test'):
-    if tile_names(c, split):  # Raises for a name given twice.
+    if c.data[f'{split}_tiles']:
       available = tile_names_on_disk(c, split)
       if available is not None:  # Else build_data's folder check above reports it.
         check_tile_names(c, split, available)

@@ -29,9 +29,8 @@ HOVERNET_CONFIG = 'hovernet_model_config.json'  # ... and the model fields that 
 
 def hovernet_model_fields(module) -> dict:
   """The `config.hovernet.model` fields that rebuild `module` (hovernet.model.create_hovernet)."""
-  units = lambda t: ','.join(str(u) for u in t)
   return {'mode': module.mode, 'nr_types': module.nr_types or 0,
-          'encoder_units': units(module.encoder_units), 'decoder_units': units(module.decoder_units),
+          'encoder_units': list(module.encoder_units), 'decoder_units': list(module.decoder_units),
           'width': module.width, 'split_grouped_convs': module.split_grouped_convs,
           'head_init': module.head_init}
 

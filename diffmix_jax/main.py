@@ -17,6 +17,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from diffmix_jax import config_checks
+from diffmix_jax.data import datasets
 from diffmix_jax import workdir as wdir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
@@ -40,7 +41,8 @@ def main(argv):
   if not workdir:
     raise app.UsageError('--workdir is required')
   try:
-    stages = config_checks.check(config, workdir)  # Every value, before any stage or JAX import.
+    datasets.resolve_classes(config, workdir)  # Class fields left to the dataset's table (0, ()).
+    stages = config_checks.check(config, workdir)  # Every value, before any stage runs.
   except ValueError as e:
     print(f'main: error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -31,7 +31,6 @@ from absl import logging
 import cv2
 import numpy as np
 
-from diffmix_jax.core import fields as config_fields
 from diffmix_jax import workdir as wdir
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
@@ -67,8 +66,14 @@ def _model_config(fields: dict):
   if unknown:
     raise ValueError(f'model config: unknown field(s) {unknown}; expected fields of '
                      f'config.hovernet.model ({", ".join(sorted(cfg))})')
-  cfg.update(fields)
+  cfg.update({k: tuple(int(u) for u in v.split(',')) if k.endswith('_units') and isinstance(v, str)
+              else v for k, v in fields.items()})  # Units: a comma string in older model files.
   return cfg
+
+
+def _names(value) -> list[str]:
+  """`data.class_names` of a workdir's config.json: a list (a comma string in older workdirs)."""
+  return [n.strip() for n in value.split(',')] if isinstance(value, str) else list(value)
 
 
 def from_files(fields: dict, variables_path, names) -> Model:
@@ -100,7 +105,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
     config = json.loads(path.read_text())
     model = from_files(config['hovernet']['model'],
                        wdir.hovernet_variables_path(workdir, run or 'baseline'),
-                       config_fields.names(config['data']['class_names']))
+                       _names(config['data']['class_names']))
     if 'postprocess' in config['eval']:  # Workdirs from before the field: the official values.
       model.postprocess = postprocess.params_from(config['eval']['postprocess'])
     return model
@@ -246,7 +251,7 @@ def predict_folder(model: Model, images: str, out: str, table, batch_size: int =
   """Predicts every image of `images` into `out`; returns the errors (one line per bad file)."""
   from diffmix_jax.hovernet import infer as hovernet_infer  # pylint: disable=g-import-not-at-top
   from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.core import train_loop as train_lib  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.core import writers  # pylint: disable=g-import-not-at-top
   paths, root = list_images(images), pathlib.Path(out)
   fingerprint = model.fingerprint()
   todo = [p for p in paths if not is_done(root, p.stem, fingerprint)]
@@ -255,7 +260,7 @@ def predict_folder(model: Model, images: str, out: str, table, batch_size: int =
   if not todo:
     return []
   predict = hovernet_infer.create_predictor(model.module, model.variables, batch_size)
-  progress, errors = train_lib.create_progress(len(todo), every_secs=10.0), []
+  progress, errors = writers.create_progress(len(todo), every_secs=10.0), []
   for k, path in enumerate(todo):
     try:
       image = read_image(path)

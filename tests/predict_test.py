@@ -234,7 +234,7 @@ def test_official_checkpoint_source_equals_its_conversion(tmp_path):
   torch.save({'desc': {k: torch.from_numpy(v) for k, v in sd.items()}}, path)
   model = predict.load_model(checkpoint=str(path))
   assert model.model_config['mode'] == 'fast' and model.model_config['nr_types'] == 5
-  assert model.model_config['width'] == 1 and model.model_config['encoder_units'] == '3,4,6,3'
+  assert model.model_config['width'] == 1 and model.model_config['encoder_units'] == [3, 4, 6, 3]
   config = tiny.get_config()
   config.hovernet.model.update(mode='fast', nr_types=5)
   convert_torch.convert('hovernet', config, str(path), str(tmp_path / 'converted'))

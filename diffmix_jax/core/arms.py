@@ -1,6 +1,6 @@
 """HoVer-Net training runs: the ablation arms, the seeds, and the name of each arm x seed.
 
-An arm says which synthetic patches join the real ones (diffmix_method.md §5): `baseline` none,
+An arm says which synthetic patches join the real ones (docs/method.md §5): `baseline` none,
 `balancing` those rendered from balancing maps, `enlarging` those from enlarging maps, `diffmix`
 both. `hovernet.train.runs` lists the arms, `hovernet.train.seeds` the HoVer-Net seeds; every
 arm x seed is its own resumable run in `<workdir>/hovernet_<name>/`, scored in `eval/<name>.json`,
@@ -10,43 +10,19 @@ random stream from (`config.seed`, s) only, never from the arm, so runs of one s
 
 import ml_collections
 
-from diffmix_jax.core import fields
-
 # Arm -> the mixing kinds (`mixing.files.KINDS`) of the synthetic patches it trains on.
 ARMS = {'baseline': (), 'balancing': ('balance',), 'enlarging': ('enlarge',),
         'diffmix': ('balance', 'enlarge')}
 
 
 def arms(config: ml_collections.ConfigDict) -> list[str]:
-  """The arms of `hovernet.train.runs`, in the given order.
-
-  Raises:
-    ValueError: naming the field, for an unknown arm, a repeated one or an empty list.
-  """
-  names = fields.names(config.hovernet.train.runs)
-  unknown = [r for r in names if r not in ARMS]
-  if unknown or not names or len(set(names)) != len(names):
-    raise ValueError(f'config.hovernet.train.runs={config.hovernet.train.runs!r}: expected a comma '
-                     f'list of distinct arms from {", ".join(ARMS)}'
-                     + (f'; unknown: {", ".join(unknown)}' if unknown else ''))
-  return names
+  """The arms of `hovernet.train.runs`, in the given order (checked by config_checks)."""
+  return list(config.hovernet.train.runs)
 
 
 def seeds(config: ml_collections.ConfigDict) -> list[int]:
-  """The HoVer-Net seeds of `hovernet.train.seeds` (distinct integers >= 0), in the given order.
-
-  Raises:
-    ValueError: naming the field, for anything else.
-  """
-  text = str(config.hovernet.train.seeds)
-  try:
-    values = list(fields.ints(text))
-  except ValueError:
-    values = []
-  if not values or min(values) < 0 or len(set(values)) != len(values):
-    raise ValueError(f'config.hovernet.train.seeds={text!r}: expected a comma list of distinct '
-                     'integers >= 0, e.g. 0 or 0,1,2')
-  return values
+  """The HoVer-Net seeds of `hovernet.train.seeds`, in the given order (checked by config_checks)."""
+  return [int(s) for s in config.hovernet.train.seeds]
 
 
 def run_name(arm: str, seed: int) -> str:

@@ -69,7 +69,7 @@ def source_for(config: ml_collections.ConfigDict, workdir: str, split: str):
   data_dir = wdir.tfds_dir(config, workdir)
   source = open_source(config.data.name, data_dir, config.data.labels, split,
                        **datasets.builder_options(config))
-  wanted = set(config_checks.tile_names(config, split))
+  wanted = set(config.data[f'{split}_tiles'])
   if not wanted:
     return source
   names = [_tile_name(source[i]) for i in range(len(source))]

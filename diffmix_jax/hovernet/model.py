@@ -12,10 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from diffmix_jax.core import fields
-from diffmix_jax.hovernet.geometry import HEAD_INITS, MODES, PATCH_SHAPES, SKIP_CROPS
+MODES = ('original', 'fast')  # (input, output) sides of each (docs/hovernet.md §0):
+PATCH_SHAPES = {'original': (270, 80), 'fast': (256, 164)}
+# d0, d1 centre crops per side before the u1/u2 skip sums (docs/hovernet.md §1.3), full widths.
+SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
+# Output-conv inits: 'kaiming' (official; the untrained HV map is noise of std ~1) | 'zeros' (every
+# head starts at its bias: a tiny network learns the demo in ~100 steps, not ~600; BENCHMARKS.md).
+HEAD_INITS = ('kaiming', 'zeros')
 
-# Kaiming normal, fan_out, ReLU gain, untruncated (docs/hovernet.md §1.4); output convs: geometry.HEAD_INITS.
+# Kaiming normal, fan_out, ReLU gain, untruncated (docs/hovernet.md §1.4); output convs: HEAD_INITS
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
@@ -365,12 +370,11 @@ class HoVerNet(nn.Module):
                        feats, train)
 
 
-def create_hovernet(*, mode: str, nr_types: int, encoder_units: str, decoder_units: str, width: int,
-                    split_grouped_convs: bool, head_init: str) -> HoVerNet:
-  """HoVerNet from the fields of `config.hovernet.model` (configs/common.py), e.g.
-  `create_hovernet(**config.hovernet.model)`; unit counts are comma lists ('3,4,6,3')."""
-  return HoVerNet(mode=mode, nr_types=nr_types or None, encoder_units=fields.ints(encoder_units),
-                  decoder_units=fields.ints(decoder_units), width=width,
+def create_hovernet(*, mode: str, nr_types: int, encoder_units: Sequence[int], decoder_units:
+                    Sequence[int], width: int, split_grouped_convs: bool, head_init: str) -> HoVerNet:
+  """HoVerNet from the fields of `config.hovernet.model`: `create_hovernet(**config.hovernet.model)`."""
+  return HoVerNet(mode=mode, nr_types=nr_types or None, encoder_units=tuple(encoder_units),
+                  decoder_units=tuple(decoder_units), width=width,
                   split_grouped_convs=split_grouped_convs, head_init=head_init)
 
 

@@ -15,7 +15,6 @@ import jax
 import numpy as np
 from scipy import io as sio
 
-from diffmix_jax.core import fields
 from diffmix_jax.metrics import postprocess
 from diffmix_jax.metrics import records as mat_records
 from diffmix_jax.hovernet import infer as hovernet_infer
@@ -91,5 +90,5 @@ def validate(module, variables, tiles: list[dict], batch_size: int, eval_config,
            for t, p in zip(tiles, preds)]
   m = mat_records.evaluate_arrays(pairs, names=[t['name'] for t in tiles],
                                radius=eval_config.match_radius,
-                               weights=fields.floats(eval_config.f_c_weights))
+                               weights=tuple(eval_config.f_c_weights))
   return {f'val_{k}': float(m[k]) for k in ('dice', 'aji', 'pq', 'f_d', 'acc')}, picture

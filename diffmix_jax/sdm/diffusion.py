@@ -10,10 +10,45 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffmix_jax.sdm.fields import space_timesteps
+NOISE_SCHEDULES = ('linear',)  # `config.diffusion.schedule.noise_schedule` (DiffMix uses linear only).
 
 # model_fn(x_t [B,H,W,3] float32, t [B] int32 on the ORIGINAL grid, y [B,H,W,Cy]) -> [B,H,W,6] float32.
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def space_timesteps(num_steps: int, respacing: str) -> list[int]:
+  """Kept original timesteps for a respacing string (docs/sdm.md §3.7).
+
+  Args:
+    num_steps: length of the original process (1000).
+    respacing: '' (all steps), 'ddimN' (smallest integer stride giving exactly N steps), or a comma list
+      of counts, one per equal section of the original grid, each taken with fractional striding.
+
+  Returns:
+    Sorted list of kept original indices τ_0 < τ_1 < ….
+  """
+  if not respacing:
+    return list(range(num_steps))
+  if respacing.startswith('ddim'):
+    n = int(respacing[len('ddim'):])
+    for stride in range(1, num_steps):
+      if len(range(0, num_steps, stride)) == n:
+        return list(range(0, num_steps, stride))
+    raise ValueError(f'cannot create exactly {n} steps with an integer stride from {num_steps}')
+  counts = [int(c) for c in respacing.split(',')]
+  size_per, extra = divmod(num_steps, len(counts))
+  kept, start = [], 0
+  for i, count in enumerate(counts):
+    size = size_per + (1 if i < extra else 0)
+    if size < count:
+      raise ValueError(f'cannot take {count} steps from a section of {size} (respacing={respacing!r})')
+    stride = 1 if count <= 1 else (size - 1) / (count - 1)
+    cur = 0.0
+    for _ in range(count):
+      kept.append(start + round(cur))
+      cur += stride
+    start += size
+  return sorted(set(kept))
 
 
 def linear_betas(num_steps: int = 1000) -> np.ndarray:

@@ -6,11 +6,42 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from diffmix_jax.core import fields
-from diffmix_jax.sdm import fields as sdm_fields
 from diffmix_jax.sdm import layers
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}  # sdm_fields.DTYPES
+# `config.diffusion.model.dtype` names -> compute dtypes.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+# Official defaults of channel_mult per image_size (guided-diffusion's create_model, docs/sdm.md §1).
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+}
+
+
+def parse_channel_mult(channel_mult: str, image_size: int) -> tuple[float, ...]:
+  """'' -> the official default for image_size; else a comma list of numbers ('1,2' -> (1, 2)).
+
+  Raises:
+    ValueError: naming `diffusion.model.channel_mult`, for a non-number or an empty list without a
+      default for `image_size`.
+  """
+  if not channel_mult:
+    if image_size not in DEFAULT_CHANNEL_MULT:
+      raise ValueError(f'diffusion.model.channel_mult is empty and image_size={image_size} has no '
+                       f'official default (known: {sorted(DEFAULT_CHANNEL_MULT)})')
+    return DEFAULT_CHANNEL_MULT[image_size]
+  try:
+    return tuple(float(v) if '.' in v else int(v) for v in channel_mult.split(','))
+  except ValueError:
+    raise ValueError(f'diffusion.model.channel_mult={channel_mult!r}: expected a comma list of '
+                     'numbers') from None
+
+
+def parse_resolutions(text: str) -> tuple[int, ...]:
+  """'32,16,8' -> (32, 16, 8) (`diffusion.model.attention_resolutions`; '' -> ())."""
+  return tuple(int(v) for v in text.split(',') if v.strip())
 
 
 class SDMUNet(nn.Module):
@@ -156,16 +187,16 @@ def create_sdm(*, image_size: int, num_channels: int, num_res_blocks: int, chann
                spade_hidden: int) -> SDMUNet:
   """The UNet from the fields of `config.diffusion.model` (configs/common.py, official flag names),
   e.g. `create_sdm(**config.diffusion.model)`; channel_mult and attention_resolutions are comma lists
-  (channel_mult '' = the official default for image_size), dtype a name of sdm_fields.DTYPES."""
-  if dtype not in _DTYPES:
-    raise ValueError(f'diffusion.model.dtype={dtype!r}; expected one of {sorted(_DTYPES)}')
+  (channel_mult '' = the official default for image_size), dtype a name of DTYPES."""
+  if dtype not in DTYPES:
+    raise ValueError(f'diffusion.model.dtype={dtype!r}; expected one of {sorted(DTYPES)}')
   return SDMUNet(
       image_size=image_size, num_channels=num_channels, num_res_blocks=num_res_blocks,
-      channel_mult=sdm_fields.parse_channel_mult(channel_mult, image_size),
-      attention_resolutions=fields.ints(attention_resolutions), num_heads=num_heads,
+      channel_mult=parse_channel_mult(channel_mult, image_size),
+      attention_resolutions=parse_resolutions(attention_resolutions), num_heads=num_heads,
       num_head_channels=num_head_channels, resblock_updown=resblock_updown,
       use_scale_shift_norm=use_scale_shift_norm, learn_sigma=learn_sigma, num_classes=num_classes,
-      no_instance=no_instance, dropout=dropout, dtype=_DTYPES[dtype], remat=remat,
+      no_instance=no_instance, dropout=dropout, dtype=DTYPES[dtype], remat=remat,
       spade_hidden=spade_hidden)
 
 

@@ -14,7 +14,6 @@ from absl import logging
 import ml_collections
 import numpy as np
 
-from diffmix_jax.core import fields
 from diffmix_jax.data import datasets
 from diffmix_jax.data import input_pipeline
 from diffmix_jax import workdir as wdir
@@ -169,6 +168,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   summary = build(config.data.name, data_dir_for(config, workdir), manual_dir_for(config),
                   config.data.labels, **datasets.builder_options(config))
-  print(f'build_data summary:\n{format_summary(summary, fields.names(config.data.class_names))}')
+  print(f'build_data summary:\n{format_summary(summary, list(config.data.class_names))}')
   out.write_text(wdir.SUMMARY, json.dumps(summary, indent=2))
   out.mark_done()

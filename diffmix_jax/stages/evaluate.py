@@ -4,7 +4,6 @@
 import json
 import os
 
-from diffmix_jax.core import fields
 from diffmix_jax.metrics import postprocess
 from diffmix_jax.metrics import records
 from diffmix_jax import workdir as wdir
@@ -43,7 +42,7 @@ def _evaluate_run(config, workdir: str, run: str, tiles: list[dict], module, out
   if jax.process_index() == 0:
     tissues = json.loads(tissue_json.read_text()) if tissue_json.exists() else None
     metrics = records.evaluate_dirs(true_dir, pred_dir, radius=config.eval.match_radius,
-                                    weights=fields.floats(config.eval.f_c_weights), tissues=tissues)
+                                    weights=tuple(config.eval.f_c_weights), tissues=tissues)
     records.write_json(metrics, wdir.eval_json(workdir, label))
     print(f'evaluate {label}:\n{records.format_table(metrics)}')
 

@@ -141,7 +141,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: str, arm: str, seed: i
     val_tiles: validation tiles (default: the first `val_tiles` tiles of the test split).
   """
   if arm not in arms.ARMS:
-    raise ValueError(f'config.hovernet.train.runs: unknown arm {arm!r}; expected a comma list of '
+    raise ValueError(f'config.hovernet.train.runs: unknown arm {arm!r}; expected arms from '
                      f'{", ".join(arms.ARMS)}')
   run = arms.run_name(arm, seed)
   out = wdir.StageDir(workdir, wdir.hovernet_stage(run))

@@ -19,7 +19,6 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from diffmix_jax.core import fields
 from diffmix_jax.data import labels  # noqa: E402
 from diffmix_jax.mixing import balancing  # noqa: E402
 from diffmix_jax.mixing import enlarging  # noqa: E402
@@ -38,7 +37,7 @@ def _save_figure(fig, path: pathlib.Path) -> None:
 def balance_params(cfg) -> balancing.BalanceParams:
   """`balancing.BalanceParams` from `config.mix.balance` (§2.4; values checked by config_checks)."""
   cap = cfg.max_replacements_per_tile
-  return balancing.BalanceParams(fields.ints(cfg.rare_classes), fields.ints(cfg.common_classes),
+  return balancing.BalanceParams(tuple(cfg.rare_classes), tuple(cfg.common_classes),
                                  float(cfg.target_fraction), float(cfg.area_ratio),
                                  int(cfg.dilation_iterations), float(cfg.border_margin),
                                  cfg.paste_mode, None if cap is None else int(cap))
@@ -226,7 +225,7 @@ def run(config, workdir: os.PathLike) -> None:
     logging.info('mix_labels: already done (%s)', stage.path)
     return
   num_classes = config.data.num_classes
-  class_names = fields.names(config.data.class_names)
+  class_names = list(config.data.class_names)
   bparams = balance_params(config.mix.balance)
   eparams = enlarge_params(config.mix.enlarge, config.sample.patch_size, config.sample.grid_stride)
   # Imported here so that this NumPy stage does not load the pipeline's dependencies until it runs.

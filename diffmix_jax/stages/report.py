@@ -18,7 +18,6 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from diffmix_jax.core import fields
 from diffmix_jax.core import arms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax.metrics import run_stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 from diffmix_jax import workdir as wdir  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -43,7 +42,8 @@ def collect(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   root = pathlib.Path(workdir)
   out = {'config': config.name, 'dataset': config.data.name,
-         'tiles': {split: config.data[f'{split}_tiles'] or 'all' for split in ('train', 'test')}}
+         'tiles': {split: ','.join(config.data[f'{split}_tiles']) or 'all'
+                   for split in ('train', 'test')}}
   runs = {}
   for arm, seed in arms.runs(config):
     runs.setdefault(arm, {})[str(seed)] = _read_json(
@@ -197,7 +197,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
   root = pathlib.Path(workdir)
   out = wdir.StageDir(workdir, wdir.REPORT)
   metrics = collect(config, workdir)
-  names = fields.names(config.data.class_names)
+  names = list(config.data.class_names)
   out.write_text('metrics.json', json.dumps(metrics, indent=2))
   out.write_bytes('f1_per_class.png', f1_bars(metrics, names))
   copied = {}

@@ -34,7 +34,6 @@ from diffmix_jax.mixing import tiles as mixing_tiles
 from diffmix_jax.sdm import unet as sdm_unet
 from diffmix_jax.sdm import render as sdm_render
 from diffmix_jax.core import checkpoint
-from diffmix_jax.core import fields
 from diffmix_jax.core import sharding
 from diffmix_jax import workdir as wdir
 from diffmix_jax.data import synthetic as synthetic_io
@@ -229,7 +228,7 @@ def _finish(config, workdir: str, out: wdir.StageDir, num_shards: int, tiles: di
   """TFDS set, CoNSeP-format export, preview grid and TensorBoard image; then DONE."""
   synthetic_io.build_tfds(workdir)
   synthetic_io.export_consep(workdir, num_shards)
-  names = fields.names(config.data.class_names)
+  names = list(config.data.class_names)
   grid = preview(workdir, tiles, config.sample.patch_size, num_shards, names)
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top

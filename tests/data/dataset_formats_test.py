@@ -11,6 +11,7 @@ import scipy.io
 
 from configs import common
 from diffmix_jax import config_checks
+from diffmix_jax.data import datasets
 from diffmix_jax.data import input_pipeline
 from diffmix_jax.stages import build_data
 from tfds_builders import class_tables
@@ -138,7 +139,7 @@ def test_pannuke_folds_unique_ids_classes_and_tissue(tmp_path):
   config = common.base_config()
   config.data.name = 'pannuke'
   config.data.data_dir = str(tmp_path / 'tfds')
-  config.data.pannuke.train_folds, config.data.pannuke.test_folds = '1', '3'
+  config.data.pannuke.train_folds, config.data.pannuke.test_folds = (1,), (3,)
   test = input_pipeline.load_split(config, str(tmp_path), 'test')
   assert [(t['name'], t['tissue']) for t in test] == [('fold3_1', 'Lung'), ('fold3_2', 'Colon')]
   np.testing.assert_array_equal(test[1]['image'], images2[1].astype(np.uint8))
@@ -198,9 +199,10 @@ def test_nuclei_folder_classes_json_merge_mat_and_npy(tmp_path, monkeypatch):
   config = importlib_config('folder_example')
   config.data.manual_dir = str(tmp_path / 'raw')
   config.stages = 'build_data,mix_labels'
+  datasets.resolve_classes(config, str(tmp_path / 'w'))  # As main does, before the checks.
   config_checks.check(config, str(tmp_path / 'w'))
   assert (config.data.num_classes, config.diffusion.model.num_classes,
-          config.mix.balance.rare_classes) == (4, 4, '2')
+          config.mix.balance.rare_classes) == (4, 4, (2,))
   config.data.num_classes = 5
   with pytest.raises(ValueError, match=r'num_classes=5: must be 4, the class count of the '
                      r'nuclei_folder class table \(background, tumour, immune, stroma\)'):

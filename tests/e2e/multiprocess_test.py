@@ -59,7 +59,7 @@ LOCAL_DEVICES = 2  # Simulated CPU devices in each process of `main`.
 
 def _config():
   c = tiny.get_config()
-  c.hovernet.train.runs = RUN
+  c.hovernet.train.runs = (RUN,)
   return c
 
 

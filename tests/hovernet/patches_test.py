@@ -49,7 +49,7 @@ def _write_set(folder, patches, kinds=None):
 
 def test_synthetic_reader_contract_kinds_and_missing_parts(tmp_path):
   config = tiny.get_config()
-  config.hovernet.train.runs = 'diffmix'
+  config.hovernet.train.runs = ('diffmix',)
   with pytest.raises(FileNotFoundError, match='set written by the `sample` stage'):
     hovernet_train.train_run(config, str(tmp_path), 'diffmix', tiles=[_tile()], val_tiles=[])
   with pytest.raises(ValueError, match="unknown arm 'other'"):

@@ -35,9 +35,9 @@ def _tiny_config(**train):
   c = tiny.get_config()
   c.mesh.data = 2
   c.hovernet.model.width = 16
-  c.hovernet.model.encoder_units = '1,1,1,1'
+  c.hovernet.model.encoder_units = (1, 1, 1, 1)
   h = c.hovernet.train
-  h.runs = 'baseline'
+  h.runs = ('baseline',)
   h.phase1_batch_size = h.phase2_batch_size = 2
   h.patch_step = 164  # 4 windows per 256-px demo tile.
   h.phase1_epochs = 1  # Both phases (configs/tiny.py trains phase 2 only).
@@ -269,7 +269,7 @@ def test_stages_train_resume_evaluate_and_rerun_as_no_ops(tmp_path, monkeypatch)
   assert read(killed) == read(tmp_path)  # Validation does not touch the weights either.
 
   # A seed added to the finished workdir: only its run trains and is scored; seed 0 is kept.
-  config.hovernet.train.seeds = '0,1'
+  config.hovernet.train.seeds = (0, 1)
   kept = {k: v for k, v in file_snapshot(tmp_path).items()
           if k in (out / 'DONE', out / wdir.HOVERNET_VARIABLES, tmp_path / 'eval' / 'baseline.json')}
   hovernet_train.run(config, workdir)

@@ -75,7 +75,8 @@ def test_added_seed_and_arm_rebuild_the_report_with_spread(tmp_path):
   config = tiny.get_config()
   report.run(config, str(tmp_path))
   assert 'baseline_s1' not in (tmp_path / 'report' / 'metrics.json').read_text()
-  config.hovernet.train.runs, config.hovernet.train.seeds = 'baseline,enlarging,diffmix', '0,1'
+  config.hovernet.train.runs = ('baseline', 'enlarging', 'diffmix')
+  config.hovernet.train.seeds = (0, 1)
   report.run(config, str(tmp_path))  # New runs: rebuilt, not a no-op.
   metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
   assert metrics['hovernet_seeds'] == [0, 1] and set(metrics['runs']) == {
@@ -114,7 +115,7 @@ def test_power_study_arms_seeds_and_wilcoxon_p(tmp_path):
         json.dumps(_eval_json(dice, {'1': rare, '2': 0.5, '3': 0.75, '4': 0.625})))
   config = tiny.get_config()
   config.hovernet.train.runs = power.hovernet.train.runs
-  config.hovernet.train.seeds = '0,1'
+  config.hovernet.train.seeds = (0, 1)
   report.run(config, str(tmp_path))
   metrics = json.loads((tmp_path / 'report' / 'metrics.json').read_text())
   assert set(metrics['runs']) == {'baseline', 'diffmix'} and metrics['hovernet_seeds'] == [0, 1]
