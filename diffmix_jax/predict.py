@@ -4,6 +4,11 @@
   python -m diffmix_jax.predict --model_dir converted/ --images tiles/ --out pred/
   python -m diffmix_jax.predict --checkpoint hovernet_fast_pannuke_type_tf2pytorch.tar \
       --type_info type_info.json --images tiles/ --out pred/
+  python -m diffmix_jax.predict --workdir runs/demo --slides slides/ a.svs --out wsi/   # [wsi] extra
+
+With `--slides` (files or folders) whole slides are read at the model's µm/px and predicted chunk by
+chunk into `<out>/<slide stem>/` (nuclei.geojson, nuclei.json, nuclei.parquet, summary.json,
+tissue_mask.png, thumbnail.png): see `diffmix_jax.slides` and docs/slides.md.
 
 The model comes from a run of `main` (`--workdir`, `--run`: `baseline`, `diffmix_s1`, ...), from
 what `convert_torch --model hovernet` wrote (`--model_dir`), or from an official PyTorch checkpoint
@@ -45,6 +50,7 @@ class Model:
   class_names: list[str] | None  # Names by type id (0 = background), when the source has them.
   # `metrics.postprocess.Params`: a workdir's `config.eval.postprocess`, else the official values.
   postprocess: Any = None
+  mpp: float | None = None  # µm/px of the training tiles (a workdir's config.data.mpp), when known.
 
   def fingerprint(self) -> str:
     """SHA-256 over the model config, the post-processing and every weight (in tree order)."""
@@ -108,6 +114,7 @@ def load_model(workdir: str = '', run: str = '', model_dir: str = '', checkpoint
                        _names(config['data']['class_names']))
     if 'postprocess' in config['eval']:  # Workdirs from before the field: the official values.
       model.postprocess = postprocess.params_from(config['eval']['postprocess'])
+    model.mpp = config['data'].get('mpp')  # Workdirs from before the field: --model_mpp.
     return model
   if model_dir:
     cfg_path = pathlib.Path(model_dir) / convert_torch.HOVERNET_CONFIG
@@ -277,23 +284,52 @@ def predict_folder(model: Model, images: str, out: str, table, batch_size: int =
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
+  if len(argv) > 1 and not flags.FLAGS.slides:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
+  slides = list(f.slides or []) + (list(argv[1:]) if f.slides else [])
+  if f.distributed:  # Before any other JAX call.
+    from configs import common  # pylint: disable=g-import-not-at-top
+    from diffmix_jax.core import sharding  # pylint: disable=g-import-not-at-top
+    mesh = common.base_config().mesh
+    mesh.update(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                process_id=f.process_id)
+    sharding.initialize_distributed(mesh)
   try:
     model = load_model(f.workdir, f.run, f.model_dir, f.checkpoint)
     if not model.module.nr_types:
       raise ValueError('the model has no TP branch (nr_types): predict needs nucleus types')
     table = class_table(model.module.nr_types, model.class_names, f.type_info, f.class_names)
-    errors = predict_folder(model, f.images, f.out, table, f.batch_size)
+    if bool(f.images) == bool(slides):
+      raise ValueError('give exactly one of --images (tiles) and --slides (whole slides)')
+    if f.images:
+      errors, wrote = predict_folder(model, f.images, f.out, table, f.batch_size), 'mat/, json/, ...'
+    else:
+      errors, wrote = _predict_slides(model, slides, table), '<slide>/nuclei.geojson, ...'
   except (ValueError, FileNotFoundError) as e:
     print(f'predict: error: {e}', file=sys.stderr)
     sys.exit(2)
   for e in errors:
     print(f'predict: skipped: {e}', file=sys.stderr)
-  print(f'predict: wrote {f.out} (mat/, json/, overlay/, qupath/)'
+  print(f'predict: wrote {f.out} ({wrote})'
         + (f'; {len(errors)} file(s) could not be read' if errors else ''))
   sys.exit(1 if errors else 0)
+
+
+def _predict_slides(model: Model, slides: list[str], table) -> list[str]:
+  """`--slides`: the model's µm/px (--model_mpp, else its config, else 0.25) and the slide flags."""
+  from diffmix_jax.slides import pipeline  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  model_mpp = f.model_mpp or model.mpp or 0.25
+  if not (f.model_mpp or model.mpp):
+    logging.warning('predict: the model states no µm/px; assuming 0.25 (40x, as every official '
+                    'HoVer-Net checkpoint); set --model_mpp otherwise')
+  if not 0 <= f.mpp_tolerance < 1 or f.mpp < 0 or f.chunk < 1 or f.workers < 0:
+    raise ValueError(f'--mpp_tolerance={f.mpp_tolerance} (expected [0, 1)), --mpp={f.mpp} (>= 0), '
+                     f'--chunk={f.chunk} (>= 1), --workers={f.workers} (>= 0): out of range')
+  opts = pipeline.Options(chunk=f.chunk, margin_px=f.margin, mpp=f.mpp, tolerance=f.mpp_tolerance,
+                          masks=f.masks, workers=f.workers)
+  return pipeline.predict_slides(model, slides, f.out, table, model_mpp, opts, f.batch_size)
 
 
 if __name__ == '__main__':
@@ -302,9 +338,23 @@ if __name__ == '__main__':
   flags.DEFINE_string('model_dir', '', 'Folder written by `convert_torch --model hovernet`.')
   flags.DEFINE_string('checkpoint', '', 'Official HoVer-Net PyTorch checkpoint (.tar; [torch]).')
   flags.DEFINE_string('images', None, 'Folder of tiles (.png .tif .tiff .jpg .jpeg, any case).')
-  flags.DEFINE_string('out', None, 'Output folder (mat/, json/, overlay/, qupath/).')
+  flags.DEFINE_multi_string('slides', None, 'Whole slides or folders of them (more may follow as '
+                            'arguments); the [wsi] extra reads SVS, NDPI, pyramidal TIFF, ...')
+  flags.DEFINE_string('out', None, 'Output folder (tiles: mat/, json/, ...; slides: <stem>/).')
+  flags.DEFINE_float('mpp', 0.0, 'µm/px of level 0 for slides whose file states none.')
+  flags.DEFINE_float('mpp_tolerance', 0.1, 'Relative µm/px difference read without resampling.')
+  flags.DEFINE_float('model_mpp', 0.0, 'µm/px the model was trained at (0: its config, else 0.25).')
+  flags.DEFINE_string('masks', '', 'Folder of tissue masks <slide stem>.png (nonzero = tissue).')
+  flags.DEFINE_integer('chunk', 12, 'Output blocks per chunk side (fast: 164 px, original: 80 px).')
+  flags.DEFINE_integer('margin', 160, 'Least margin (px) post-processed around a chunk.')
+  flags.DEFINE_integer('workers', 2, 'Post-processing processes beside the network (0: inline).')
+  flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize (the launch scripts\' env); '
+                    'the processes share the slides through claim files.')
+  flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 (with --distributed).')
+  flags.DEFINE_integer('num_processes', -1, 'Processes (with --distributed; -1 = auto-detect).')
+  flags.DEFINE_integer('process_id', -1, 'This process (with --distributed; -1 = auto-detect).')
   flags.DEFINE_string('type_info', '', 'HoVer-Net type_info.json: {"id": ["name", [r, g, b]]}.')
   flags.DEFINE_string('class_names', '', 'Comma list of names by type id, background first.')
   flags.DEFINE_integer('batch_size', 8, 'Patches per jitted call (a multiple of local devices).')
-  flags.mark_flags_as_required(['images', 'out'])
+  flags.mark_flags_as_required(['out'])
   app.run(main)

@@ -29,6 +29,33 @@ class Params(NamedTuple):
 OFFICIAL = Params()
 
 
+class Ranges(NamedTuple):
+  """(min, max) of the raw maps over a whole image that is post-processed in parts (a slide in
+  chunks): h, v, and their Sobel derivatives (x of h, y of v; reflect-101 borders, `sobel_ksize`).
+  With them each part is normalised as the whole image would be (steps 3 and 5 are image-wide)."""
+  h: tuple[float, float]
+  v: tuple[float, float]
+  sobel_h: tuple[float, float]
+  sobel_v: tuple[float, float]
+
+
+def raw_ranges(h: np.ndarray, v: np.ndarray, ksize: int = OFFICIAL.sobel_ksize,
+               region: tuple[slice, slice] = (slice(None), slice(None))) -> Ranges:
+  """The `Ranges` of `region` of [H, W] maps h, v (derivatives taken over the whole maps, so a region
+  at least ksize // 2 px inside them sees what the whole image sees); combine with `merge_ranges`."""
+  h, v = np.asarray(h, np.float32), np.asarray(v, np.float32)
+  sh = cv2.Sobel(h, cv2.CV_64F, 1, 0, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
+  sv = cv2.Sobel(v, cv2.CV_64F, 0, 1, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
+  ext = lambda x: (float(x[region].min()), float(x[region].max()))
+  return Ranges(ext(h), ext(v), ext(sh), ext(sv))
+
+
+def merge_ranges(a: Ranges | None, b: Ranges) -> Ranges:
+  if a is None:
+    return b
+  return Ranges(*[(min(x[0], y[0]), max(x[1], y[1])) for x, y in zip(a, b)])
+
+
 def params_from(fields: Mapping[str, Any]) -> Params:
   """`Params` from `config.eval.postprocess` (a ConfigDict or its JSON dict), checked.
 
@@ -76,13 +103,17 @@ def remove_small_objects(label_map: np.ndarray, min_size: int) -> np.ndarray:
   return out
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
-  """cv2.normalize(NORM_MINMAX) to [0, 1] as float32; a constant input gives all zeros."""
-  return cv2.normalize(x, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+def _minmax(x: np.ndarray, lo_hi: tuple[float, float] | None = None) -> np.ndarray:
+  """cv2.normalize(NORM_MINMAX) to [0, 1] as float32 (over `lo_hi` when given, else x's own range);
+  a constant input gives all zeros."""
+  if lo_hi is None:
+    return cv2.normalize(x, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+  lo, hi = lo_hi
+  return ((x - lo) * (1.0 / (hi - lo)) if hi > lo else np.zeros_like(x)).astype(np.float32)
 
 
-def sobel_edges(h: np.ndarray, v: np.ndarray,
-                ksize: int = OFFICIAL.sobel_ksize) -> tuple[np.ndarray, np.ndarray]:
+def sobel_edges(h: np.ndarray, v: np.ndarray, ksize: int = OFFICIAL.sobel_ksize,
+                ranges: Ranges | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Edge maps of the HV channels (docs/hovernet.md §4.1 steps 3-5).
 
   h and v are min-max normalised to [0, 1] over the whole tile, differentiated with the separable,
@@ -93,19 +124,24 @@ def sobel_edges(h: np.ndarray, v: np.ndarray,
     h: [H, W] float horizontal (x) HV channel.
     v: [H, W] float vertical (y) HV channel.
     ksize: the Sobel kernel size (official 21).
+    ranges: image-wide ranges for a part of an image (None: this tile's own, the official rule).
 
   Returns:
     (sh, sv): [H, W] float32 each, in [0, 1]; low where the HV map changes fast (nucleus borders).
   """
-  h01 = _minmax(np.asarray(h, np.float32))
-  v01 = _minmax(np.asarray(v, np.float32))
+  r = ranges
+  h01 = _minmax(np.asarray(h, np.float32), r and r.h)
+  v01 = _minmax(np.asarray(v, np.float32), r and r.v)
   sh = cv2.Sobel(h01, cv2.CV_64F, 1, 0, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
   sv = cv2.Sobel(v01, cv2.CV_64F, 0, 1, ksize=ksize, borderType=cv2.BORDER_REFLECT_101)
-  return 1 - _minmax(sh), 1 - _minmax(sv)
+  # The Sobel is linear and kills offsets: the derivative of (x - lo) / (hi - lo) spans the raw
+  # derivative's range divided by (hi - lo).
+  scaled = lambda s, x: (s[0] / (x[1] - x[0]), s[1] / (x[1] - x[0])) if x[1] > x[0] else (0.0, 0.0)
+  return (1 - _minmax(sh, r and scaled(r.sobel_h, r.h)), 1 - _minmax(sv, r and scaled(r.sobel_v, r.v)))
 
 
 def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
-                       params: Params = OFFICIAL) -> np.ndarray:
+                       params: Params = OFFICIAL, ranges: Ranges | None = None) -> np.ndarray:
   """Marker-controlled watershed on the NP and HV maps (docs/hovernet.md §4.1 steps 1-9).
 
   Args:
@@ -113,6 +149,7 @@ def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
     h: [H, W] float raw HV channel 0 (x).
     v: [H, W] float raw HV channel 1 (y).
     params: thresholds and sizes (official by default).
+    ranges: image-wide ranges when this is a part of an image (`sobel_edges`).
 
   Returns:
     [H, W] int32 instance map labelled with the marker ids (non-contiguous ids are possible; nuclei
@@ -123,7 +160,7 @@ def separate_instances(np_prob: np.ndarray, h: np.ndarray, v: np.ndarray,
   blb = remove_small_objects(ndimage.label(blb)[0], params.min_area)
   blb = (blb > 0).astype(np.int32)
   # Steps 3-6: edge maps, combined; background forced to 0 (float64 as in the official dtype flow).
-  sh, sv = sobel_edges(h, v, params.sobel_ksize)
+  sh, sv = sobel_edges(h, v, params.sobel_ksize, ranges)
   edge = np.maximum(sh, sv) - (1 - blb)
   edge[edge < 0] = 0
   # Step 7: energy = -Gaussian3x3((1 - E) * blb), sigma 0 -> weights [0.25, 0.5, 0.25], reflect-101.
@@ -211,8 +248,8 @@ def instance_info(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, dict[
   return info
 
 
-def process(pred_map: np.ndarray, nr_types: int,
-            params: Params = OFFICIAL) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
+def process(pred_map: np.ndarray, nr_types: int, params: Params = OFFICIAL,
+            ranges: Ranges | None = None) -> tuple[np.ndarray, dict[int, dict[str, Any]]]:
   """Full post-processing of a stitched tile (docs/hovernet.md §4).
 
   Args:
@@ -220,6 +257,7 @@ def process(pred_map: np.ndarray, nr_types: int,
       np = softmax(NP)[..., 1], h and v the raw HV channels (x, y).
     nr_types: number of type classes including background (5 for merged CoNSeP).
     params: thresholds and sizes of `separate_instances` (official by default).
+    ranges: image-wide ranges when `pred_map` is a part of an image (`sobel_edges`).
 
   Returns:
     (inst_map [H, W] int32, inst_info) with inst_info as in `instance_info`.
@@ -236,7 +274,7 @@ def process(pred_map: np.ndarray, nr_types: int,
   tp = pred_map[..., 0]
   if np.any(tp != np.round(tp)) or np.any(tp < 0) or np.any(tp >= nr_types):
     raise ValueError(f'pred_map[..., 0] (tp) must hold integer type ids in [0, {nr_types})')
-  inst_map = separate_instances(pred_map[..., 1], pred_map[..., 2], pred_map[..., 3], params)
+  inst_map = separate_instances(pred_map[..., 1], pred_map[..., 2], pred_map[..., 3], params, ranges)
   return inst_map, instance_info(inst_map, tp.astype(np.int64))
 
 
