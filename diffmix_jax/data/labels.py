@@ -2,7 +2,7 @@
 
 Conventions: maps are integer arrays [..., H, W] (leading batch axes allowed); the SDM condition is
 NHWC float32 [..., H, W, num_classes + 1] = one-hot over 0..num_classes-1 (background has its own
-channel 0) followed by the instance-edge channel (sdm.md §4.6, pitfall 10).
+channel 0) followed by the instance-edge channel (docs/sdm.md §4.6; docs/differences.md §1.10).
 """
 
 
@@ -30,7 +30,7 @@ def colour_labels(type_map: np.ndarray, edges: np.ndarray | None = None) -> np.n
 
 
 def edge_map(inst_map: np.ndarray) -> np.ndarray:
-  """Instance-edge map of sdm.md §4.6.
+  """Instance-edge map of docs/sdm.md §4.6.
 
   A pixel is an edge when its instance id differs from any of its existing 4-neighbours. Both sides of
   every boundary are marked (instance/background and instance/instance); the image border is not an edge.
@@ -79,7 +79,7 @@ def condition(type_map: np.ndarray, inst_map: np.ndarray, num_classes: int,
 
 
 def drop_labels(y, keep):
-  """Replaces the whole condition of dropped samples by the all-zero (unconditional) map (sdm.md §4.2).
+  """Replaces the whole condition of dropped samples by the all-zero (unconditional) map (docs/sdm.md §4.2).
 
   NumPy or JAX arrays (the SDM train step calls it on traced ones).
 
@@ -94,7 +94,7 @@ def drop_labels(y, keep):
 
 
 def downsample(y, factor: int):
-  """Top-left strided down-sampling for SPADE (sdm.md §5, pitfall 1): y[..., ::k, ::k, :] (NumPy or JAX).
+  """Top-left strided down-sampling for SPADE (docs/sdm.md §5; docs/differences.md §1.1): y[..., ::k, ::k, :] (NumPy or JAX).
 
   PyTorch's nearest interpolation by an integer factor picks the top-left pixel of each k x k cell;
   `jax.image.resize(..., 'nearest')` picks an interior one, so it must not be used.

@@ -1,5 +1,5 @@
 """Validation during HoVer-Net training: every process predicts its share of the tiles, process 0
-scores them all (hovernet.md §5, §7).
+scores them all (docs/hovernet.md §5, §7).
 
 The inference step is jitted once per (network, mesh, batch) and reused every epoch
 (`hovernet_infer.create_predictor`). With several processes each one writes its tiles' records to

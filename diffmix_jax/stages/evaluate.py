@@ -1,5 +1,5 @@
 """Stage `evaluate`: tiled inference of the test tiles with every HoVer-Net run, then the metrics of
-`metrics.records` per run (hovernet.md §5, §7)."""
+`metrics.records` per run (docs/hovernet.md §5, §7)."""
 
 import json
 import os
@@ -93,7 +93,7 @@ def _forget_other_postprocessing(config, workdir: str, labels: list[str], out) -
 
 
 def run(config, workdir: str) -> None:
-  """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (hovernet.md §5, §7).
+  """Stage `evaluate`: every arm x seed of `hovernet.train` on the test split (docs/hovernet.md §5, §7).
 
   Writes `<workdir>/eval/<run>/{pred,true}/<tile>.mat`, `<workdir>/eval/<run>.json` (metrics of
   `evaluate_dirs`, with PanNuke's per-tissue `pannuke` when the test tiles carry a tissue, kept in

@@ -217,7 +217,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Pat
         f"First seed ({metrics['hovernet_seeds'][0]}) of each arm.", '',
         metrics_table(metrics, names), '',
         'Dice, AJI, AJI+ and PQ are means over test tiles; F_d (detection F1), acc and F_c '
-        '(per-class F1, HoVer-Net weights 2,2,1,1) are pooled over the split (hovernet.md §5).', '',
+        '(per-class F1, HoVer-Net weights 2,2,1,1) are pooled over the split (docs/hovernet.md §5).', '',
         '![per-class F1](f1_per_class.png)', '',
         '## Over seeds', '',
         'Mean ± sample s.d. over the HoVer-Net seeds of each arm, then the paired difference '

@@ -1,19 +1,19 @@
 """Stage `sample`: renders a synthetic image for every mixed label patch with the trained SDM.
 
-Work items are the patches of the mixed label maps (diffmix_method.md §4.1): for each kind
+Work items are the patches of the mixed label maps (docs/method.md §4.1): for each kind
 ('balance', then 'enlarge'), each training tile in name order and each patch of the grid
 range(0, L - S + 1, stride) per axis. With `sample.balance_patches = 'cover'` the balancing
 patches are instead the few that hold every replaced nucleus whole (a greedy cover,
 `mixing.tiles.covering_offsets`), so a coarse grid cannot miss the rare nuclei balancing placed; the
 stage's DONE records these fields and a set or shards rendered for other patches are refused.
-Item g is rendered from x_0 = the real image crop at the same offsets (sdm.md §4.7), the condition
+Item g is rendered from x_0 = the real image crop at the same offsets (docs/sdm.md §4.7), the condition
 of the mixed label patch, and noise fold_in(seed key, g), with the partial-noise DDIM +
 classifier-free guidance of samplers.py. Items are grouped in shards of `config.sample.shard_size`;
 each shard is one file written atomically, so a killed run restarts at the first missing shard and
 no patch is missing or doubled. Every device of every host renders: each
 global batch is sharded over the mesh; process 0 writes.
 
-Official sampler bugs fixed here (sdm.md §4.7, pitfall 21): the patch offsets, undefined in the
+Official sampler bugs fixed here (docs/sdm.md §4.7; docs/differences.md §1.21): the patch offsets, undefined in the
 official loader, are the documented grid above; labels are merged once (by the dataset builder), never
 again on already merged mixed labels.
 """

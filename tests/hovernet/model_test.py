@@ -1,4 +1,4 @@
-"""Tests of the HoVer-Net network (hovernet.md §0-§1) and the tiled-inference geometry (§7)."""
+"""Tests of the HoVer-Net network (docs/hovernet.md §0-§1) and the tiled-inference geometry (§7)."""
 
 import json
 import pathlib
@@ -46,7 +46,7 @@ def test_encoder_and_branch_sizes():
   frozen = sum(int(np.prod(x.shape)) for p, x in
                jax.tree_util.tree_flatten_with_path(params)[0]
                if hovernet.is_frozen_in_phase1([k.key for k in p]))
-  assert frozen == 23_473_920  # hovernet.md §0: frozen parameters in phase 1.
+  assert frozen == 23_473_920  # docs/hovernet.md §0: frozen parameters in phase 1.
 
 
 @pytest.mark.parametrize('mode', ['original', 'fast'])

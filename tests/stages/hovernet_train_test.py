@@ -1,4 +1,4 @@
-"""Tests of HoVer-Net phase 1, the encoder file, the training and evaluate stages (hovernet.md §3)."""
+"""Tests of HoVer-Net phase 1, the encoder file, the training and evaluate stages (docs/hovernet.md §3)."""
 
 import json
 
@@ -152,14 +152,14 @@ def test_step_lr_per_phase_and_adam_direction_equal_optax_adam():
 @pytest.mark.parametrize('freeze_bn_stats', [True, False])
 def test_phase1_step_leaves_frozen_encoder_unchanged(freeze_bn_stats, tmp_path):
   """Acceptance 4. With phase1_freeze_bn_stats (True) every frozen encoder parameter and BN
-  statistic is bit-identical after a step; by default (the reference, pitfall 1) the frozen layers'
+  statistic is bit-identical after a step; by default (the reference, docs/differences.md §2.1) the frozen layers'
   BatchNorms stay in training mode and their running statistics move, parameters do not."""
   config = _tiny_config(phase1_freeze_bn_stats=freeze_bn_stats)
   # The reference Kaiming heads: zero heads would pass no gradient upstream on this first step.
   config.hovernet.model.head_init = 'kaiming'
   mesh = sharding.create_mesh(config.mesh)
   trainer = hovernet_training.create_trainer(config, mesh, (2, 2))
-  # Phase 1 starts from an ImageNet-style encoder file (issue 18), generated here at this width.
+  # Phase 1 starts from an ImageNet-style encoder file, generated here at this width.
   encoder = _encoder_file(config, tmp_path / 'encoder.npz')
   state = hovernet_training.load_pretrained(trainer, trainer.init(jax.random.key(0)),
                                          str(tmp_path / 'encoder.npz'))
