@@ -328,7 +328,7 @@ def _predict_slides(model: Model, slides: list[str], table) -> list[str]:
     raise ValueError(f'--mpp_tolerance={f.mpp_tolerance} (expected [0, 1)), --mpp={f.mpp} (>= 0), '
                      f'--chunk={f.chunk} (>= 1), --workers={f.workers} (>= 0): out of range')
   opts = pipeline.Options(chunk=f.chunk, margin_px=f.margin, mpp=f.mpp, tolerance=f.mpp_tolerance,
-                          masks=f.masks, workers=f.workers)
+                          masks=f.masks, workers=f.workers, normalise=f.normalise)
   return pipeline.predict_slides(model, slides, f.out, table, model_mpp, opts, f.batch_size)
 
 
@@ -348,6 +348,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('chunk', 12, 'Output blocks per chunk side (fast: 164 px, original: 80 px).')
   flags.DEFINE_integer('margin', 160, 'Least margin (px) post-processed around a chunk.')
   flags.DEFINE_integer('workers', 2, 'Post-processing processes beside the network (0: inline).')
+  flags.DEFINE_enum('normalise', 'slide', ['slide', 'chunk'], 'HV ranges over the whole slide (as '
+                   'tile mode; two network passes) or per chunk (HoVer-Net WSI mode; one pass).')
   flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize (the launch scripts\' env); '
                     'the processes share the slides through claim files.')
   flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 (with --distributed).')
