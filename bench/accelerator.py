@@ -13,7 +13,10 @@ such, when its estimate would pass `--budget_s`:
               batch 8 per device): patches/s, peak memory, compile time;
   hovernet    HoVer-Net `original`, full size: phase-2 train img/s at batch 4, and seconds per
               1000² tile of tiled inference including post-processing; `fast` too if time allows;
-  scaling     SDM train img/s on 1 device and on all local devices (skipped with one device).
+  scaling     SDM train img/s on 1 device and on all local devices (skipped with one device);
+  wsi         whole-slide predict (bench/wsi.py) of a generated 2048² slide with the full-size fast
+              HoVer-Net: windows/s, mm²/min, seconds per part and their overlap, peak RSS (skipped
+              without the [wsi] extra).
 Imports jax, flax, optax, orbax, numpy, scipy, absl, ml_collections and the project's model and
 training libraries only: no TensorFlow, TFDS or grain on the import path (tests/bench_test.py).
 """
@@ -38,7 +41,7 @@ import numpy as np  # noqa: E402
 PEAK_FLOPS = {'measured': 790e12, 'datasheet': 989e12}
 # Part -> seconds it is expected to take (full models on an H200; tiny shapes on 2 CPU cores).
 ESTIMATE_S = {'sdm_train': (120, 40), 'synthesis': (70, 20), 'hovernet': (90, 30),
-              'scaling': (60, 20)}
+              'scaling': (60, 20), 'wsi': (60, 30)}
 
 
 def _configs(smoke: bool):
@@ -193,6 +196,18 @@ def part_scaling(smoke: bool) -> dict:
   return out
 
 
+def part_wsi(smoke: bool) -> dict:
+  import tempfile  # pylint: disable=g-import-not-at-top
+  try:
+    import openslide, pyarrow  # pylint: disable=g-import-not-at-top,multiple-imports,unused-import
+  except ImportError as e:
+    raise Skipped(f'the [wsi] extra is not installed ({e})') from None
+  import wsi  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as folder:
+    return wsi.one(1 if smoke else 8, 0 if smoke else 2, not smoke, 2 if smoke else 12,
+                   pathlib.Path(folder))
+
+
 def _error(e: Exception) -> str:
   return f'{type(e).__name__}: {e}'[:2000] + '\n' + traceback.format_exc(limit=3)[-1500:]
 
@@ -203,6 +218,7 @@ COMMANDS = {  # What reproduces each part's figures alone (full models; --smoke 
     'synthesis': 'python bench/sample.py --config configs/consep.py --batch 8 --calls 3',
     'hovernet': 'python bench/hovernet.py --mode original --batch 4 (train); the tile: this script',
     'scaling': 'python bench/scaling.py',
+    'wsi': 'python bench/wsi.py --rows 8 --full_model --chunk 12',
 }
 
 
@@ -211,7 +227,8 @@ def run_parts(smoke: bool, budget_s: float) -> dict:
   start = time.time()
   deadline = start + budget_s
   parts = {'sdm_train': lambda: part_sdm_train(smoke), 'synthesis': lambda: part_synthesis(smoke),
-           'hovernet': lambda: part_hovernet(smoke, deadline), 'scaling': lambda: part_scaling(smoke)}
+           'hovernet': lambda: part_hovernet(smoke, deadline), 'scaling': lambda: part_scaling(smoke),
+           'wsi': lambda: part_wsi(smoke)}
   out = {}
   for name, fn in parts.items():
     estimate = ESTIMATE_S[name][1 if smoke else 0]

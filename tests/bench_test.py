@@ -45,7 +45,9 @@ def test_accelerator_smoke_writes_every_part_without_tf_tfds_or_grain(tmp_path):
   md = (tmp_path / 'accelerator.md').read_text()
   assert result['smoke'] is True and result['environment']['platform'] == 'cpu'
   assert set(result['environment']) >= {'date_utc', 'device_kind', 'device_count', 'jax', 'jaxlib'}
-  assert list(result['parts']) == ['sdm_train', 'synthesis', 'hovernet', 'scaling']
+  assert list(result['parts']) == ['sdm_train', 'synthesis', 'hovernet', 'scaling', 'wsi']
+  wsi = result['parts']['wsi']  # Whole-slide predict of a one-tile slide, tiny network.
+  assert wsi['status'] == 'ok' and wsi['figures']['windows'] == 4 and wsi['figures']['nuclei'] > 0, wsi
   for name, part in result['parts'].items():
     assert part['status'] in ('ok', 'skipped', 'failed') and part['command'], name
     assert f'| {name} | {part["status"]} |' in md

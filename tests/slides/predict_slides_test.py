@@ -53,6 +53,7 @@ def _content(folder: pathlib.Path) -> dict:
   return dict(out, summary=summary)
 
 
+@pytest.mark.slow
 def test_killed_slide_resumes_to_the_uninterrupted_outputs(files):
   import openslide  # pylint: disable=g-import-not-at-top
   assert openslide.OpenSlide.detect_format(str(files / 'mosaic.svs')) == 'aperio'
@@ -86,6 +87,7 @@ def test_killed_slide_resumes_to_the_uninterrupted_outputs(files):
   assert stamp == {p: p.stat().st_mtime_ns for p in (files / 'killed').rglob('*') if p.is_file()}
 
 
+@pytest.mark.slow
 def test_bad_slides_are_named_and_the_rest_predicted(files, tmp_path):
   image = slide_files.mosaic(1, 1)[0]
   slide_files.write_tiff(tmp_path / 'no_mpp.tif', image, None)
