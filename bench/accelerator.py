@@ -204,8 +204,8 @@ def part_wsi(smoke: bool) -> dict:
     raise Skipped(f'the [wsi] extra is not installed ({e})') from None
   import wsi  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as folder:
-    return wsi.one(1 if smoke else 8, 0 if smoke else 2, not smoke, 2 if smoke else 12,
-                   pathlib.Path(folder))
+    return wsi.one(1 if smoke else 8, 0 if smoke else 2, 'tiny' if smoke else 'full',
+                   2 if smoke else 12, pathlib.Path(folder))
 
 
 def _error(e: Exception) -> str:
@@ -218,7 +218,7 @@ COMMANDS = {  # What reproduces each part's figures alone (full models; --smoke 
     'synthesis': 'python bench/sample.py --config configs/consep.py --batch 8 --calls 3',
     'hovernet': 'python bench/hovernet.py --mode original --batch 4 (train); the tile: this script',
     'scaling': 'python bench/scaling.py',
-    'wsi': 'python bench/wsi.py --rows 8 --full_model --chunk 12',
+    'wsi': 'python bench/wsi.py --rows 8 --network full --chunk 12',
 }
 
 

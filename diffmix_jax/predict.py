@@ -319,6 +319,7 @@ def main(argv: Sequence[str]) -> None:
 def _predict_slides(model: Model, slides: list[str], table) -> list[str]:
   """`--slides`: the model's µm/px (--model_mpp, else its config, else 0.25) and the slide flags."""
   from diffmix_jax.slides import pipeline  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.slides import runner  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   model_mpp = f.model_mpp or model.mpp or 0.25
   if not (f.model_mpp or model.mpp):
@@ -329,7 +330,7 @@ def _predict_slides(model: Model, slides: list[str], table) -> list[str]:
                      f'--chunk={f.chunk} (>= 1), --workers={f.workers} (>= 0): out of range')
   opts = pipeline.Options(chunk=f.chunk, margin_px=f.margin, mpp=f.mpp, tolerance=f.mpp_tolerance,
                           masks=f.masks, workers=f.workers, normalise=f.normalise)
-  return pipeline.predict_slides(model, slides, f.out, table, model_mpp, opts, f.batch_size)
+  return runner.predict_slides(model, slides, f.out, table, model_mpp, opts, f.batch_size)
 
 
 if __name__ == '__main__':

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import HANG_TIMEOUT
 from conftest import xla_flags
-from diffmix_jax.slides import pipeline
+from diffmix_jax.slides import runner
 import slide_files
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -111,10 +111,10 @@ def test_bad_slides_are_named_and_the_rest_predicted(files, tmp_path):
 
 def test_slide_list_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no such slide file or folder'):
-    pipeline.list_slides([str(tmp_path / 'none.svs')])
+    runner.list_slides([str(tmp_path / 'none.svs')])
   with pytest.raises(FileNotFoundError, match='no slide'):
-    pipeline.list_slides([str(tmp_path)])
+    runner.list_slides([str(tmp_path)])
   (tmp_path / 'a.svs').write_bytes(b'')
   (tmp_path / 'a.tif').write_bytes(b'')
   with pytest.raises(ValueError, match="share the name 'a'"):
-    pipeline.list_slides([str(tmp_path)])
+    runner.list_slides([str(tmp_path)])
