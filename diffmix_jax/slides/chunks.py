@@ -7,7 +7,7 @@ output rows r*S..r*S+S from the input rows r*S-p..r*S-p+I. A chunk is k x k of t
 the same in every extent (same windows, same inputs), so only the post-processing can differ between
 two extents, and only by its region-wide normalisations and its borders.
 
-Writing rule, chunks in raster order (docs/slides.md "Stitching"): a chunk keeps a nucleus of its
+Writing rule, chunks in raster order (docs/slides.md §3): a chunk keeps a nucleus of its
 extent when (1) the nucleus does not touch an extent edge that is not an image edge (it would be cut),
 (2) its centroid lies in the core extended forward (right and down) by half the margin, and (3) it
 overlaps no nucleus kept by an earlier chunk. (2) makes the earliest chunk that sees a nucleus whole

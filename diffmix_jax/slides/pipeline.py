@@ -244,7 +244,7 @@ def run_chunks(plan: Plan, model, predict, parts: pathlib.Path, opts: Options, t
 
   With `opts.normalise == 'slide'` a first network pass finds the slide-wide ranges of the HV maps
   and their derivatives, so every chunk is post-processed as tile mode would the whole slide
-  (docs/slides.md "Stitching"); with 'chunk' each extent is normalised on its own (HoVer-Net's WSI
+  (docs/slides.md §3); with 'chunk' each extent is normalised on its own (HoVer-Net's WSI
   mode: one network pass).
   """
   from diffmix_jax.metrics import postprocess  # pylint: disable=g-import-not-at-top

@@ -1,5 +1,5 @@
 """Two processes over 127.0.0.1 share three slides through claim files: each slide is predicted once
-and the outputs equal one process's (issue 35 acceptance 3). One simulated CPU device per process;
+and the outputs equal one process's. One simulated CPU device per process;
 three one-tile slides (256 px, 4 windows each) and the tiny random HoVer-Net of tests/predict_test.py."""
 
 import json

@@ -1,6 +1,6 @@
 """`python -m diffmix_jax.predict --slides` end to end: a kill -9 mid-slide then a rerun equals an
-uninterrupted run (issue 35 acceptance 2), a finished slide is skipped, and bad input among good is
-named with the exit status 1 (acceptance 4). The tiny random-weight HoVer-Net of tests/predict_test.py
+uninterrupted run, a finished slide is skipped, and bad input among good is
+named with the exit status 1. The tiny random-weight HoVer-Net of tests/predict_test.py
 on a 2x2 mosaic of demo test tiles (512 px: 2 x 2 chunks of 2 blocks)."""
 
 import json

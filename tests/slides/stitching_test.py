@@ -1,4 +1,4 @@
-"""Slide mode equals tile mode across chunk edges (issue 35 acceptance 1).
+"""Slide mode equals tile mode across chunk edges (nuclei matched at IoU >= 0.5).
 
 Two parts, because they fail for different reasons:
 - the network: every window a chunk's extent runs is the window tile mode cuts from the same image
