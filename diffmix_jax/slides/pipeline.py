@@ -227,6 +227,8 @@ def slide_ranges(plan: Plan, predict, parts: pathlib.Path, ksize: int, times: di
     acc[0] = postprocess.merge_ranges(acc[0], postprocess.raw_ranges(
         pred_map[..., 2], pred_map[..., 3], ksize, region))
 
+  logging.info('%s: first pass (slide-wide HV ranges) over %d chunks', plan.slide.path.name,
+               len(_tissue_chunks(plan)))
   _stream(plan, predict, _tissue_chunks(plan), times, on_map)
   ranges = acc[0] or postprocess.Ranges((0, 0), (0, 0), (0, 0), (0, 0))
   wdir.atomic_write(path, json.dumps(list(ranges)).encode())
