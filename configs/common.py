@@ -102,20 +102,20 @@ def _diffusion(num_classes: ml_collections.FieldReference) -> ml_collections.Con
 def _mix() -> ml_collections.ConfigDict:
   """`config.mix`: label mixing (docs/method.md §2-§3)."""
   mix = ml_collections.ConfigDict()
-  mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (§2.4 F8).
+  mix.num_workers = 0  # Threads over tiles (0 = serial); outputs never depend on it (docs/method.md §2.4 F8).
   mix.preview_tiles = 3  # Tiles drawn in mixed_labels/preview.png.
   mix.balance = mb = ml_collections.ConfigDict()
   mb.rare_classes = (1,)  # Rare class ids (donors).
   mb.common_classes = (2, 3, 4)  # Common class ids (targets), in official order.
-  mb.target_fraction = 0.8  # Targets per tile = floor(fraction * eligible common nuclei) (§2.2).
-  mb.area_ratio = 2.3  # Donor fits when dilated target area >= area_ratio * donor area (§2.2).
+  mb.target_fraction = 0.8  # Targets per tile = floor(fraction * eligible common nuclei) (docs/method.md §2.2).
+  mb.area_ratio = 2.3  # Donor fits when dilated target area >= area_ratio * donor area (docs/method.md §2.2).
   mb.dilation_iterations = 2  # Dilations of the target mask (4-connected cross) for its area.
   mb.border_margin = 30  # Min centroid distance (px) from every tile edge, targets and donors.
   mb.paste_mode = 'overwrite'  # overwrite (official, covers neighbours) | clip (background only).
   mb.max_replacements_per_tile = ml_collections.config_dict.placeholder(int)  # None = no cap (F9).
   mix.enlarge = me = ml_collections.ConfigDict()
-  me.preset = 'recovered'  # recovered (§3.2/§3.3 fields below) | author_issue3 (all, -3..3 px).
-  me.frame_margin = 32  # Nuclei touching this frame of a patch stay in place (§3.2).
+  me.preset = 'recovered'  # recovered (docs/method.md §3.3: fields below) | author_issue3 (all, ±3 px).
+  me.frame_margin = 32  # Nuclei touching this frame of a patch stay in place (docs/method.md §3.2).
   me.axis_probability = 0.3  # Probability that one axis of an interior nucleus is shifted.
   me.shift_low = -15  # Smallest shift per axis in px (inclusive).
   me.shift_high = 14  # Largest shift per axis in px (inclusive; official randint excludes 15).
@@ -164,11 +164,11 @@ def _hovernet(num_classes: ml_collections.FieldReference) -> ml_collections.Conf
   ht.synthetic_ratio = -1.0
   ht.patch_window = 540  # Mirror-mode training patch side (docs/hovernet.md §6.3).
   ht.patch_step = 164  # Mirror-mode training patch stride (49 patches per 1000^2 tile).
-  ht.augment = True  # Shape + intensity augmentation (§2.2-§2.3); False = centre crop only.
+  ht.augment = True  # Shape + intensity augmentation (docs/hovernet.md §2.2-§2.3); False = centre crop only.
   # ImageNet encoder file ('' = none): .tar/.pth ({'desc': state dict} or a bare one) or .npz with
-  # the PyTorch HoVer-Net names; loaded onto conv0, d0-d3 at init (§3.3). Phase 1 needs it.
+  # the PyTorch HoVer-Net names; loaded onto conv0, d0-d3 at init (docs/hovernet.md §3.3). Phase 1 needs it.
   ht.pretrained = ''
-  ht.phase1_epochs = 50  # Epochs with the encoder frozen (§3.2).
+  ht.phase1_epochs = 50  # Epochs with the encoder frozen (docs/hovernet.md §3.2).
   ht.phase2_epochs = 50  # Epochs with everything trainable (fresh Adam, restarted schedule).
   ht.phase1_batch_size = 16  # Global batch in phase 1 (official 16 per GPU).
   ht.phase2_batch_size = 4  # Global batch in phase 2 (official 4 per GPU).

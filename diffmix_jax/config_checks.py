@@ -85,7 +85,7 @@ def sequence(what: str, item: Callable[[Any], bool], *, n: int | None = None,
     if bad:
       hint = (' (a comma inside one name: on the command line a tuple of names is written '
               """"('a','b')")""" if any(',' in str(x) for x in bad) else '')
-      return f'expected {form}; not {what}: {bad}{hint}'
+      return f'expected {form}; not allowed: {bad}{hint}'
     if (n is not None and len(v) != n) or (distinct and len(set(v)) != len(v)):
       return f'expected {form}'
     return None if v or allow_empty else f'expected {form}, not empty'

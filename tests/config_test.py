@@ -283,7 +283,8 @@ def test_a_bad_value_stops_main_before_any_stage(tmp_path):
       text=True, timeout=HANG_TIMEOUT)
   assert res.returncode != 0
   assert ("main: error: config.hovernet.train.runs=('basline',)" in res.stderr
-          and "not arms from baseline, balancing, enlarging, diffmix: ['basline']" in res.stderr)
+          and "distinct arms from baseline, balancing, enlarging, diffmix; not allowed: ['basline']"
+          in res.stderr)
   assert not workdir.exists()  # Nothing ran: main makes the workdir after the checks.
 
 

@@ -1,6 +1,6 @@
 """The only module that names mesh axes: distributed start-up, the mesh, shardings, global batches.
 
-One `data` axis over all devices of all hosts (design.md §5). Batches are sharded on their leading
+One `data` axis over all devices of all hosts (docs/design.md §5). Batches are sharded on their leading
 axis; params and EMA are replicated; Adam moments and EMA can be sharded over `data` to save memory.
 """
 
