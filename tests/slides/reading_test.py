@@ -92,3 +92,28 @@ def test_window_tissue_by_hand():
   want = np.zeros((3, 3), bool)
   want[0, 1] = want[0, 2] = True
   np.testing.assert_array_equal(got, want)
+
+
+def test_masks_folder_selects_the_windows(tmp_path):
+  """--masks: a mask of another size (the slide's aspect ratio) decides which windows run."""
+  import types  # pylint: disable=g-import-not-at-top
+  import cv2  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.slides import pipeline  # pylint: disable=g-import-not-at-top
+  slide_files.write_tiff(tmp_path / 'm.tif', slide_files.mosaic(2, 2)[0], 0.25)  # 512 px: 4 x 4.
+  model = types.SimpleNamespace(module=types.SimpleNamespace(patch_shapes=(256, 164)),
+                                fingerprint=lambda: 'model')
+  (tmp_path / 'masks').mkdir()
+  mask = np.zeros((64, 64), np.uint8)
+  mask[:, :8] = 255  # Work columns 0..63: windows 0 (-46..210) only.
+  cv2.imwrite(str(tmp_path / 'masks' / 'm.png'), mask)
+  opts = pipeline.Options(chunk=2, masks=str(tmp_path / 'masks'))
+  plan = pipeline.plan_slide(tmp_path / 'm.tif', model, 0.25, opts)
+  want = np.zeros((4, 4), bool)
+  want[:, 0] = True
+  np.testing.assert_array_equal(plan.windows, want)
+  cv2.imwrite(str(tmp_path / 'masks' / 'm.png'), mask[:, :32])
+  with pytest.raises(ValueError, match=r'm\.png: mask of 32x64 px does not have the slide'):
+    pipeline.plan_slide(tmp_path / 'm.tif', model, 0.25, opts)
+  (tmp_path / 'masks' / 'm.png').unlink()
+  with pytest.raises(FileNotFoundError, match="no mask for slide 'm'"):
+    pipeline.plan_slide(tmp_path / 'm.tif', model, 0.25, opts)
