@@ -1,4 +1,4 @@
-"""Every accelerator figure in one prepared run (issue 21): SDM training, synthesis, HoVer-Net, scaling.
+"""Every accelerator figure in one prepared run: SDM training, synthesis, HoVer-Net, scaling.
 
   python bench/accelerator.py --out DIR [--budget_s 270]   # the full CoNSeP models, on a GPU/TPU
   python bench/accelerator.py --smoke --out /tmp/acc      # the same code paths, tiny shapes, CPU

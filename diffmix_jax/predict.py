@@ -13,7 +13,7 @@ tissue_mask.png, thumbnail.png): see `diffmix_jax.slides` and docs/slides.md.
 The model comes from a run of `main` (`--workdir`, `--run`: `baseline`, `diffmix_s1`, ...), from
 what `convert_torch --model hovernet` wrote (`--model_dir`), or from an official PyTorch checkpoint
 converted on the fly (`--checkpoint`, the `[torch]` extra). Per tile the official tile-mode outputs
-(hovernet.md §4.2): `mat/<name>.mat` (inst_map, inst_uid, inst_type, inst_centroid; `evaluate`
+(docs/hovernet.md §4.2): `mat/<name>.mat` (inst_map, inst_uid, inst_type, inst_centroid; `evaluate`
 reads this folder as predictions), `json/<name>.json` (per nucleus bbox, centroid, contour, type,
 type_prob), `overlay/<name>.png` (contours coloured by class) and `qupath/<name>.geojson` (one
 detection per nucleus, QuPath's GeoJSON import). Each file is written atomically; a tile whose
