@@ -50,7 +50,8 @@ def _model(network: str, folder: pathlib.Path):
   if network == 'full':
     import jax  # pylint: disable=g-import-not-at-top
     from diffmix_jax.hovernet import model as hovernet  # pylint: disable=g-import-not-at-top
-    module = hovernet.create_hovernet(**predict._model_config({'mode': 'fast', 'nr_types': 5}))  # pylint: disable=protected-access
+    fields = predict._model_config({'mode': 'fast', 'nr_types': 5})  # pylint: disable=protected-access
+    module = hovernet.create_hovernet(**fields)
     variables = jax.device_get(module.init(jax.random.key(0), np.zeros((1, 256, 256, 3))))
     model = predict.Model(module, variables, {'mode': 'fast', 'nr_types': 5}, None)
   else:

@@ -22,7 +22,8 @@ def list_slides(paths: list[str]) -> list[pathlib.Path]:
   out = []
   for p in map(pathlib.Path, paths):
     if p.is_dir():
-      found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in reading.SLIDE_SUFFIXES)
+      found = sorted(q for q in p.iterdir()
+                     if q.is_file() and q.suffix.lower() in reading.SLIDE_SUFFIXES)
       if not found:
         raise FileNotFoundError(f'{p}: no slide ({", ".join(reading.SLIDE_SUFFIXES)}) in this folder')
       out += found

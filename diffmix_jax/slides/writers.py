@@ -87,7 +87,8 @@ class SlideWriters:
                                                  'area_um2': float(area[k])}}}
       self._geo.write(sep + json.dumps(feature))
       b = nuclei['bbox'][k]
-      nuc = {'bbox': [_coords(b[:2], f), _coords(b[2:], f)], 'centroid': _coords(nuclei['centroid'][k], f),
+      nuc = {'bbox': [_coords(b[:2], f), _coords(b[2:], f)],
+             'centroid': _coords(nuclei['centroid'][k], f),
              'contour': ring, 'type': t, 'type_prob': float(nuclei['type_prob'][k])}
       self._json.write(f'{sep}"{self.n + k + 1}": {json.dumps(nuc)}')
       x, y = centroid[k] * self.thumb_f

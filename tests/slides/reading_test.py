@@ -1,4 +1,5 @@
-"""Slide reading at the model's µm/px, the tissue mask and the windows it selects (hand-computed cases)."""
+"""Slide reading at the model's µm/px, the tissue mask and the windows it selects (hand-computed
+cases)."""
 
 import pathlib
 
@@ -15,7 +16,8 @@ class FakeSlide(reading.SlideReader):
   """Levels of a random image, level k = every d-th pixel."""
 
   def __init__(self, mpp, downsamples=(1,), size=(300, 200)):
-    self.path, self.mpp, self.downsamples = pathlib.Path('fake.svs'), mpp, [float(d) for d in downsamples]
+    self.path, self.mpp = pathlib.Path('fake.svs'), mpp
+    self.downsamples = [float(d) for d in downsamples]
     self.image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)
     self.dims = [(size[0] // d, size[1] // d) for d in downsamples]
 

@@ -27,7 +27,8 @@ def model_fields() -> dict:
 
 def write_model(folder: pathlib.Path, seed: int = 3) -> pathlib.Path:
   """tests/predict_test.py's tiny fast-mode HoVer-Net (NP head biased to nuclei) as a `--model_dir`."""
-  module = hovernet.create_hovernet(**predict._model_config(model_fields()))  # pylint: disable=protected-access
+  fields = predict._model_config(model_fields())  # pylint: disable=protected-access
+  module = hovernet.create_hovernet(**fields)
   folder.mkdir(parents=True, exist_ok=True)
   checkpoint.save_tree(str(folder / convert_torch.HOVERNET_VARIABLES), _variables(module, seed))
   (folder / convert_torch.HOVERNET_CONFIG).write_text(

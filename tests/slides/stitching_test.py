@@ -92,7 +92,8 @@ def test_extent_network_outputs_equal_tile_mode(model, tmp_path):
   assert plan.windows.all() and plan.grid.chunks == (4, 4)
   for chunk in ((0, 0), (1, 2), (3, 3)):
     patches, blocks = pipeline._extent_windows(plan, chunk, set())  # pylint: disable=protected-access
-    got, y0, x0 = pipeline._extent_map(plan, chunk, dict(zip(blocks, predictor(patches))))  # pylint: disable=protected-access
+    outputs = dict(zip(blocks, predictor(patches)))
+    got, y0, x0 = pipeline._extent_map(plan, chunk, outputs)  # pylint: disable=protected-access
     np.testing.assert_array_equal(got, want[y0:y0 + got.shape[0], x0:x0 + got.shape[1]])
 
 
