@@ -30,8 +30,8 @@ from diffmix_jax import predict
 from diffmix_jax.hovernet import model as hovernet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIELDS = {'mode': 'fast', 'nr_types': 5, 'width': 16, 'encoder_units': '1,1,1,1',
-          'decoder_units': '1,1', 'split_grouped_convs': True, 'head_init': 'kaiming'}
+FIELDS = {'mode': 'fast', 'nr_types': 5, 'width': 16, 'encoder_units': (1, 1, 1, 1),
+          'decoder_units': (1, 1), 'split_grouped_convs': True, 'head_init': 'kaiming'}
 
 
 def _variables(module, seed=3):
