@@ -65,7 +65,7 @@ def test_tiny_chain_on_a_conic_layout_set_then_a_noop_rerun(tmp_path):
   assert out.returncode == 0, out.stderr[-4000:]
   config = json.loads((workdir / 'config.json').read_text())  # The class fields from the table.
   assert config['data']['num_classes'] == config['hovernet']['model']['nr_types'] == 7
-  assert config['mix']['balance']['rare_classes'] == '1,5'
+  assert config['mix']['balance']['rare_classes'] == [1, 5]
   summary = json.loads((workdir / 'build_data' / 'summary.json').read_text())
   assert summary['split']['excluded'] == ['consep']
   assert sorted(summary['split']['test'] + summary['split']['train']) == list(SOURCES[:4])
