@@ -1,6 +1,7 @@
 """The one training loop (core/loop.py) with a fake step: interval means, cadence, NaN guard, resume.
 
-No model, no jit: each test runs in well under a second (0.3 CPU-s for the file, 2026-12-06).
+No model, no jit: the six tests' calls take 0.15 s together, the file 2.6 CPU-s with the JAX import
+(2 cores, 2026-12-06).
 """
 
 import flax
