@@ -1,7 +1,8 @@
 """Optimisation pieces of the SDM trainer: Adam, its two-phase learning rate, the EMA.
 
-optax builds Adam and the schedule; the EMA is written out because optax's `incremental_update`
-computes `(1 - (1 - rate)) * ema`, which is not bit-identical to `rate * ema` (docs/sdm.md §4.4).
+optax builds Adam and the schedule (`join_schedules` of constants: the same float32 values as the
+former `jnp.where`, bit for bit). The EMA is written out: optax's `incremental_update` computes
+`(1 - (1 - rate)) * ema`, which for some rates is not `rate * ema` (0.1 -> 0.09999999999999998).
 """
 
 import jax

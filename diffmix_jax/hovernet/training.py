@@ -82,7 +82,9 @@ ADAM = optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8)
 
 
 def step_lr(lr: float, decay_steps: int, gamma: float, count: int) -> np.float32:
-  """StepLR stepped per epoch (docs/hovernet.md §3.2): lr until `decay_steps` optimizer steps, then lr * gamma."""
+  """StepLR stepped per epoch (docs/hovernet.md §3.2): lr until `decay_steps` optimizer steps, then
+  lr * gamma, rounded once to float32 (optax's piecewise_constant_schedule multiplies in float32:
+  5e-4 * 0.1 gives 5.0000002e-05, not 5e-05)."""
   return np.float32(lr if count < decay_steps else lr * gamma)
 
 
