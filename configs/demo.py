@@ -30,8 +30,7 @@ from configs import common
 def get_config():
   c = common.base_config()
   c.name = 'demo'
-  c.data.name = 'demo_nuclei'
-  c.data.labels = 'merged'
+  c.data.name, c.data.labels = 'demo_nuclei', 'merged'
   c.data.crop_size = 48
   c.data.mpp = 0.25  # The demo nuclei are drawn at CoNSeP's 40x sizes (tfds_builders/demo_nuclei).
   m = c.diffusion.model
