@@ -66,7 +66,8 @@ class OpenSlideReader(SlideReader):
 
 
 class ImageReader(SlideReader):
-  """One image decoded whole (plain TIFF via tifffile, else OpenCV): one level."""
+  """One image, one level: an uncompressed plain TIFF memory-mapped (tifffile), any other plain
+  TIFF, PNG or JPEG decoded whole."""
 
   def __init__(self, path: pathlib.Path):
     self.path, self.mpp = path, None
@@ -80,7 +81,7 @@ class ImageReader(SlideReader):
         image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] < 3:
       raise ValueError(f'{path}: {image.dtype} image of shape {image.shape}; expected 8-bit RGB')
-    self._image = np.ascontiguousarray(image[..., :3])
+    self._image = image if image.shape[2] == 3 else image[..., :3]  # A view: a map stays a map.
     self.dims, self.downsamples = [(image.shape[1], image.shape[0])], [1.0]
 
   def read(self, level, x, y, w, h):
@@ -93,7 +94,9 @@ def _read_tiff(path: pathlib.Path) -> tuple[np.ndarray, float | None]:
   try:
     with tifffile.TiffFile(path) as tif:
       page = tif.pages.first
-      image = page.asarray()
+      # An uncompressed, contiguous TIFF is mapped, not read: windows are paged in on demand, so a
+      # plain image larger than memory still streams. Compressed ones are decoded whole.
+      image = tifffile.memmap(path, page=0, mode='r') if page.is_memmappable else page.asarray()
       tags, mpp = page.tags, None
       unit = tags.get('ResolutionUnit')
       if 'XResolution' in tags and unit is not None and int(unit.value) in (2, 3):

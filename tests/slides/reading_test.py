@@ -75,6 +75,23 @@ def test_file_formats_state_their_mpp(tmp_path):
     reading.open_slide(tmp_path / 'd.svs')
 
 
+def test_plain_tiff_is_mapped_when_uncompressed_and_decoded_when_not(tmp_path):
+  """An uncompressed strip TIFF streams from a memory map (so a plain image larger than memory
+  still goes through the slide path); a zlib one is decoded whole; both read the same pixels, and
+  the resolution tags give the µm/px (40,000 px/cm = 0.25 µm/px)."""
+  image = np.random.default_rng(1).integers(0, 256, (300, 400, 3), np.uint8)
+  kinds = {}
+  for name, compression in (('plain', None), ('zlib', 'zlib')):
+    path = tmp_path / f'{name}.tif'
+    tifffile.imwrite(path, image, photometric='rgb', compression=compression,
+                     resolution=(40000, 40000), resolutionunit='CENTIMETER')
+    slide = reading.open_slide(path)
+    assert slide.mpp == pytest.approx(0.25) and slide.dims == [(400, 300)]
+    np.testing.assert_array_equal(slide.read(0, 17, 29, 50, 40), image[29:69, 17:67])
+    kinds[name] = isinstance(slide._image, np.memmap)  # pylint: disable=protected-access
+  assert kinds == {'plain': True, 'zlib': False}
+
+
 def test_otsu_mask_finds_the_tissue_on_glass():
   image = slide_files.mosaic(1, 1, border=64)[0]
   mask = tissue.otsu_mask(image)
