@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
 import pathlib
 import queue
 import threading
@@ -86,11 +87,26 @@ class _Inline:
     pass
 
 
+def _exit_with_parent(parent: int) -> None:
+  """Pool-worker initializer: the worker ends when the process that started it is gone.
+
+  A worker holds both ends of its task pipe, so after a SIGKILL of `predict` it would wait on it
+  forever (an orphan per worker per kill); a daemon thread polls the parent id instead.
+  """
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(1)  # pylint: disable=protected-access
+  threading.Thread(target=watch, daemon=True).start()
+
+
 def executor(workers: int):
   """A post-processing pool of `workers` spawned processes (JAX is not fork-safe), or inline."""
   if workers <= 0:
     return _Inline()
-  return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn'))
+  return concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context('spawn'), initializer=_exit_with_parent,
+      initargs=(os.getpid(),))
 
 
 @dataclasses.dataclass

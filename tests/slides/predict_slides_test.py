@@ -55,6 +55,20 @@ def _content(folder: pathlib.Path) -> dict:
   return dict(out, summary=summary)
 
 
+def _children(pid: int) -> list[int]:
+  """The ids of the live child processes of `pid` (Linux /proc)."""
+  out = subprocess.run(['ps', '--ppid', str(pid), '-o', 'pid='], capture_output=True, text=True)
+  return [int(x) for x in out.stdout.split()]
+
+
+def _alive(pid: int) -> bool:
+  """True while `pid` exists and is not a zombie."""
+  try:
+    return pathlib.Path(f'/proc/{pid}/stat').read_text().split(') ')[1][0] != 'Z'
+  except (FileNotFoundError, IndexError):
+    return False
+
+
 @pytest.mark.slow
 def test_killed_slide_resumes_to_the_uninterrupted_outputs(files):
   import openslide  # pylint: disable=g-import-not-at-top
@@ -68,8 +82,12 @@ def test_killed_slide_resumes_to_the_uninterrupted_outputs(files):
   deadline = time.monotonic() + HANG_TIMEOUT
   while not list(parts.glob('*_*.npz')) and proc.poll() is None and time.monotonic() < deadline:
     time.sleep(0.05)
+  children = _children(proc.pid)  # The post-processing pool and its resource tracker.
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  while any(map(_alive, children)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert children and not any(map(_alive, children)), children  # No orphans left behind.
   finished = sorted(p.name for p in parts.glob('*_*.npz'))
   assert 1 <= len(finished) < 4, finished  # Killed mid-slide: some of the 4 chunks done.
   assert not (files / 'killed' / 'mosaic' / 'fingerprint.txt').exists()
