@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from diffmix_jax import workdir as wdir
+from diffmix_jax.slides import writers as slide_writers
 
 IMAGE_SUFFIXES = ('.png', '.tif', '.tiff', '.jpg', '.jpeg')
 OUTPUTS = (('mat', '.mat'), ('json', '.json'), ('overlay', '.png'), ('qupath', '.geojson'))
@@ -203,24 +204,18 @@ def read_image(path: pathlib.Path) -> np.ndarray:
 def nuclei_json(info: dict[int, dict]) -> dict:
   """Official tile-mode JSON: `{"mag": null, "nuc": {"<id>": {bbox, centroid, contour, type_prob,
   type}}}` (bbox [[rmin, cmin], [rmax, cmax]], centroid [x, y], contour [[x, y], ...])."""
-  return {'mag': None, 'nuc': {str(i): {
-      'bbox': np.asarray(n['bbox']).tolist(), 'centroid': np.asarray(n['centroid']).tolist(),
-      'contour': np.asarray(n['contour']).tolist(), 'type_prob': float(n['type_prob']),
-      'type': int(n['type'])} for i, n in sorted(info.items())}}
+  return {'mag': None, 'nuc': {str(i): slide_writers.nucleus_entry(
+      np.asarray(n['bbox']).tolist(), np.asarray(n['centroid']).tolist(),
+      np.asarray(n['contour']).tolist(), n['type'], n['type_prob'])
+      for i, n in sorted(info.items())}}
 
 
 def geojson(info: dict[int, dict], table) -> dict:
   """QuPath GeoJSON: one detection Feature per nucleus, its contour as a closed pixel Polygon."""
-  features = []
-  for i, n in sorted(info.items()):
-    ring = np.asarray(n['contour']).tolist()
-    name, colour = table[int(n['type'])]
-    features.append({'type': 'Feature', 'id': str(i),
-                     'geometry': {'type': 'Polygon', 'coordinates': [ring + [ring[0]]]},
-                     'properties': {'objectType': 'detection',
-                                    'classification': {'name': name, 'color': list(colour)},
-                                    'type_prob': float(n['type_prob'])}})
-  return {'type': 'FeatureCollection', 'features': features}
+  return {'type': 'FeatureCollection', 'features': [
+      slide_writers.qupath_feature(str(i), np.asarray(n['contour']).tolist(), *table[int(n['type'])],
+                                   {'type_prob': float(n['type_prob'])})
+      for i, n in sorted(info.items())]}
 
 
 def overlay(image: np.ndarray, info: dict[int, dict], table) -> np.ndarray:
@@ -239,9 +234,7 @@ def _write_tile(out: pathlib.Path, name: str, image: np.ndarray, inst_map, info,
   records.save_mat(out / 'mat' / f'{name}.mat', postprocess.to_record(inst_map, info))
   wdir.atomic_write(out / 'json' / f'{name}.json',
                            json.dumps(nuclei_json(info)).encode())
-  ok, png = cv2.imencode('.png', cv2.cvtColor(overlay(image, info, table), cv2.COLOR_RGB2BGR))
-  assert ok
-  wdir.atomic_write(out / 'overlay' / f'{name}.png', png.tobytes())
+  slide_writers.write_png(out / 'overlay' / f'{name}.png', overlay(image, info, table))
   wdir.atomic_write(out / 'qupath' / f'{name}.geojson',
                            json.dumps(geojson(info, table)).encode())
   wdir.atomic_write(out / 'fingerprint' / f'{name}.txt', fingerprint.encode())

@@ -35,6 +35,22 @@ def _coords(values: np.ndarray, f: float) -> list:
   return np.asarray(values).tolist() if f == 1.0 else np.round(np.asarray(values) * f, 2).tolist()
 
 
+def qupath_feature(fid: str, ring: list, name: str, colour, properties: dict) -> dict:
+  """One QuPath detection: `ring` ([[x, y], ...], closed here) as a Polygon, its class name and
+  RGB colour, then `properties` (tile mode: type_prob; slide mode: measurements)."""
+  return {'type': 'Feature', 'id': fid,
+          'geometry': {'type': 'Polygon', 'coordinates': [ring + [ring[0]]]},
+          'properties': {'objectType': 'detection',
+                         'classification': {'name': name, 'color': list(colour)}, **properties}}
+
+
+def nucleus_entry(bbox: list, centroid: list, contour: list, nuc_type, type_prob) -> dict:
+  """One nucleus of HoVer-Net's JSON layout: bbox [[rmin, cmin], [rmax, cmax]], centroid [x, y],
+  contour [[x, y], ...], type id and type_prob."""
+  return {'bbox': bbox, 'centroid': centroid, 'contour': contour, 'type': int(nuc_type),
+          'type_prob': float(type_prob)}
+
+
 class SlideWriters:
   """The four streamed outputs of one slide.
 
@@ -79,17 +95,12 @@ class SlideWriters:
       t, sep = int(nuclei['type'][k]), ', ' if self.n + k else ''
       name, colour = self.table[t]
       ring = _coords(nuclei['contours'][k], f)
-      feature = {'type': 'Feature', 'id': ids[k],
-                 'geometry': {'type': 'Polygon', 'coordinates': [ring + [ring[0]]]},
-                 'properties': {'objectType': 'detection',
-                                'classification': {'name': name, 'color': list(colour)},
-                                'measurements': {'type_prob': float(nuclei['type_prob'][k]),
-                                                 'area_um2': float(area[k])}}}
+      feature = qupath_feature(ids[k], ring, name, colour, {'measurements': {
+          'type_prob': float(nuclei['type_prob'][k]), 'area_um2': float(area[k])}})
       self._geo.write(sep + json.dumps(feature))
       b = nuclei['bbox'][k]
-      nuc = {'bbox': [_coords(b[:2], f), _coords(b[2:], f)],
-             'centroid': _coords(nuclei['centroid'][k], f),
-             'contour': ring, 'type': t, 'type_prob': float(nuclei['type_prob'][k])}
+      nuc = nucleus_entry([_coords(b[:2], f), _coords(b[2:], f)],
+                          _coords(nuclei['centroid'][k], f), ring, t, nuclei['type_prob'][k])
       self._json.write(f'{sep}"{self.n + k + 1}": {json.dumps(nuc)}')
       x, y = centroid[k] * self.thumb_f
       cv2.circle(self.thumbnail, (int(x), int(y)), 1, colour, -1)
