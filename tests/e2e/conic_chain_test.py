@@ -46,8 +46,9 @@ def write_conic_set(root):
 
 def test_tiny_chain_on_a_conic_layout_set_then_a_noop_rerun(tmp_path):
   """Every stage of configs/tiny.py through one `main` on the CoNIC-layout set: class fields from
-  CoNIC's table, the cohort split, both HoVer-Net runs evaluated, a report whose numbers are the
-  saved predictions' scores; then the same command again writes nothing."""
+  CoNIC's table, the cohort split, both HoVer-Net runs evaluated, the baseline scored on every
+  synthetic patch, a report whose numbers are the saved predictions' scores; then the same command
+  again writes nothing."""
   write_conic_set(tmp_path / 'conic')
   workdir = tmp_path / 'w'
   args = (
@@ -57,7 +58,7 @@ def test_tiny_chain_on_a_conic_layout_set_then_a_noop_rerun(tmp_path):
       '--config.data.class_names=()', '--config.mix.balance.rare_classes=()',
       '--config.mix.balance.common_classes=()', '--config.mix.balance.border_margin=8',
       '--config.diffusion.train.phase1_steps=4', '--config.diffusion.train.phase2_steps=2',
-      '--config.eval.synthetic_fidelity=False', '--config.diffusion.train.sample_every_steps=0',
+      '--config.diffusion.train.sample_every_steps=0',
       # One 256-px HoVer-Net window per 128-px patch (64 px mirrored a side).
       '--config.hovernet.train.patch_step=128', '--config.hovernet.train.phase2_batch_size=8')
   out = run_main('--config', 'configs/tiny.py', '--workdir', str(workdir), *args,
@@ -83,6 +84,12 @@ def test_tiny_chain_on_a_conic_layout_set_then_a_noop_rerun(tmp_path):
         8, want['num_true'], want['num_pred']], run
     assert want['num_true'] > 0 and want['num_pred'] > 0, (run, want)
   assert metrics['config'] == 'tiny'
+  fidelity = metrics['synthetic_fidelity']  # The baseline model on every synthetic patch.
+  assert fidelity['real_test'] == metrics['baseline']
+  patches = sorted((workdir / 'synthetic' / 'consep_format' / 'Images').glob('*.png'))
+  assert patches and sorted(fidelity['synthetic']['per_image']) == [p.stem for p in patches]
+  assert fidelity['synthetic']['num_images'] == len(patches)
+  assert (workdir / 'report' / 'synthetic_fidelity.png').exists()
   md = (workdir / 'report' / 'report.md').read_text()
   assert '| baseline |' in md and '| diffmix |' in md
   assert (workdir / 'report' / 'f1_per_class.png').exists()
