@@ -218,8 +218,23 @@ def test_demo_set_is_deterministic_and_imbalanced(tmp_path):
   b = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'b'), 'merged', 'train')[5]
   np.testing.assert_array_equal(a['image'], b['image'])
   np.testing.assert_array_equal(a['inst_map'], b['inst_map'])
+  from tfds_builders.demo_nuclei import generate as demo_tiles  # pylint: disable=g-import-not-at-top
+  image, inst, _ = demo_tiles.make_tile(demo_tiles.SEED, 'train', 5)  # Stored as drawn (lossless).
+  np.testing.assert_array_equal(a['image'], image)
+  np.testing.assert_array_equal(a['inst_map'], inst)
   ids = np.unique(a['inst_map'])
   np.testing.assert_array_equal(ids, np.arange(ids.size))  # 0 and ids 1..N contiguous.
+
+
+def test_png_bytes_decode_to_the_same_pixels_and_bad_images_are_named():
+  import io  # pylint: disable=g-import-not-at-top
+  from tfds_builders import tiles  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (37, 41, 3), dtype=np.uint8)
+  decoded = np.asarray(Image.open(io.BytesIO(tiles.png_bytes(image, 'x.png'))))
+  np.testing.assert_array_equal(decoded, image)  # RGB order kept, nothing lost.
+  for bad in (image.astype(np.float32), image[..., 0], np.zeros((4, 4, 4), np.uint8)):
+    with pytest.raises(ValueError, match=r'tile_3\.png: image .*expected uint8 \[H, W, 3\]'):
+      tiles.png_bytes(bad, 'tile_3.png')
 
 
 def _generated_counts(split: str, tiles: int) -> dict[int, int]:

@@ -174,5 +174,5 @@ class Conic(tfds.core.GeneratorBasedBuilder):
           scheme, rows[i], where, note_renumbering=False)
       for w in warnings:
         logging.warning('%s', w)
-      yield rows[i], {'image': np.array(images[i]), 'inst_map': inst, 'type_map': types,
-                      'name': rows[i]}
+      image = tiles.png_bytes(np.array(images[i]), f'{root / FILES[0]} patch {i} ({rows[i]})')
+      yield rows[i], {'image': image, 'inst_map': inst, 'type_map': types, 'name': rows[i]}

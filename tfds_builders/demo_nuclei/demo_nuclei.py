@@ -26,4 +26,5 @@ class DemoNuclei(tfds.core.GeneratorBasedBuilder):
     for i in range(generate.NUM_TILES[split]):
       image, inst, types = generate.make_tile(generate.SEED, split, i)
       name = f'{split}_{i + 1}'
-      yield name, {'image': image, 'inst_map': inst, 'type_map': types, 'name': name}
+      yield name, {'image': tiles.png_bytes(image, name), 'inst_map': inst, 'type_map': types,
+                   'name': name}

@@ -79,7 +79,7 @@ class NucleiFolder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, split, scheme):
     for tile in raw_folders.iter_split(root, split, scheme):
-      yield tile.name, {'image': tile.image, 'inst_map': tile.inst_map,
+      yield tile.name, {'image': tiles.png_bytes(tile.image, tile.name), 'inst_map': tile.inst_map,
                         'type_map': tile.type_map, 'name': tile.name}
 
   def check_current(self) -> None:

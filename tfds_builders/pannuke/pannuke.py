@@ -153,6 +153,7 @@ class Pannuke(tfds.core.GeneratorBasedBuilder):
           warnings.append(f'{name}: {overlap} pixels in two class channels; the first kept')
         for w in warnings:
           logging.warning('%s', w)
-        yield name, {'image': patch_image(images, i, f'{paths["images"]} patch {i}'),
+        where = f'{paths["images"]} patch {i}'
+        yield name, {'image': tiles.png_bytes(patch_image(images, i, where), where),
                      'inst_map': inst, 'type_map': types, 'name': name,
                      'tissue': str(tissues[i])}
