@@ -110,9 +110,8 @@ def test_tiny_chain_killed_in_two_stages_resumes_to_the_reference(
   run 2 resumes training (its EMA and params equal the uninterrupted in-process run of
   `tiny_trained` bit for bit), mixes labels and is killed after the second synthetic shard; run 3
   resumes sampling (every patch exactly once, shards equal `sampled`'s) and stops there. The rest
-  of the chain through `main` (both HoVer-Net runs, evaluate, report, the no-op rerun) is checked
-  on the same config by tests/e2e/conic_chain_test.py, and the synthetic-fidelity scoring by
-  tests/e2e/consep_smoke_test.py.
+  of the chain through `main` (both HoVer-Net runs, evaluate with the synthetic fidelity, report,
+  the no-op rerun) is checked on the same config by tests/e2e/conic_chain_test.py.
   """
   # pylint: disable=g-import-not-at-top
   from conftest import copy_workdir
