@@ -13,10 +13,10 @@ mean nothing, the files and shapes are the check. No ImageNet encoder here, so n
 
 Tiles: one train tile holding all four classes (train_24: 54 other, 26 inflammatory, 223
 epithelial, 464 spindle nuclei) and one test tile holding all four (test_4: 50, 5, 304, 59).
-`tests/e2e/consep_smoke_test.py` runs it through `main` when DIFFMIX_CONSEP_DIR is set (one HoVer-Net
-run there). Measured on the project's 2-core CPU (2026-12-06, cold compilation cache, one `main` per
-stage): 3 min 48 s (build 12 s, SDM 68 s, synthesis 31 s, HoVer-Net 54 s for both runs, evaluate
-52 s with the synthetic fidelity); the same command again: 4 s.
+`tests/e2e/consep_smoke_test.py` runs it through `main` when DIFFMIX_CONSEP_DIR is set (one
+HoVer-Net run there). Measured on the project's 2-core CPU (2026-12-06, cold compilation cache, one
+`main` per stage): 3 min 48 s (build 12 s, SDM 68 s, synthesis 31 s, HoVer-Net 54 s for both runs,
+evaluate 52 s with the synthetic fidelity); the same command again: 4 s.
 """
 
 from configs import consep

@@ -218,8 +218,8 @@ def test_demo_set_is_deterministic_and_imbalanced(tmp_path):
   b = input_pipeline.open_source('demo_nuclei', str(tmp_path / 'b'), 'merged', 'train')[5]
   np.testing.assert_array_equal(a['image'], b['image'])
   np.testing.assert_array_equal(a['inst_map'], b['inst_map'])
-  from tfds_builders.demo_nuclei import generate as demo_tiles  # pylint: disable=g-import-not-at-top
-  image, inst, _ = demo_tiles.make_tile(demo_tiles.SEED, 'train', 5)  # Stored as drawn (lossless).
+  from tfds_builders.demo_nuclei import generate  # pylint: disable=g-import-not-at-top
+  image, inst, _ = generate.make_tile(generate.SEED, 'train', 5)  # Stored as drawn (lossless).
   np.testing.assert_array_equal(a['image'], image)
   np.testing.assert_array_equal(a['inst_map'], inst)
   ids = np.unique(a['inst_map'])
