@@ -43,8 +43,8 @@ TILE = 1000  # CoNSeP tiles are 1000 x 1000.
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('consep_smoke') / 'w'
-  args = ('--config', 'configs/consep_smoke.py', '--workdir', str(workdir))
-  args += ('--config.hovernet.train.runs=diffmix',)
+  args = ('--config', 'configs/consep_smoke.py', '--workdir', str(workdir),
+          '--config.hovernet.train.runs=diffmix')
   env = dict(_one_device_env(), DIFFMIX_CONSEP_DIR=CONSEP, XLA_FLAGS=xla_flags(optimize=True))
   first = run_main(*args, env=env)
   again = run_main(*args, env=env)
