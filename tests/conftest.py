@@ -203,10 +203,31 @@ def pytest_collection_modifyitems(config, items) -> None:
   items.sort(key=rank)
 
 
+# jax.monitoring duration events -> seconds so far in this process (DIFFMIX_TEST_CPU_LOG only).
+_JAX_SECONDS = {}
+_JAX_EVENTS = {'/jax/core/compile/backend_compile_duration': 'compile_s',
+               '/jax/core/compile/jaxpr_trace_duration': 'trace_s'}
+
+
+def _jax_seconds() -> dict:
+  """In-process XLA compile and jaxpr trace seconds so far (listener registered on first call)."""
+  if not _JAX_SECONDS:
+    from jax import monitoring  # pylint: disable=g-import-not-at-top
+    _JAX_SECONDS.update({k: 0.0 for k in _JAX_EVENTS.values()})
+
+    def listen(event, seconds, **kwargs):
+      del kwargs
+      if event in _JAX_EVENTS:
+        _JAX_SECONDS[_JAX_EVENTS[event]] += seconds
+    monitoring.register_event_duration_secs_listener(listen)
+  return dict(_JAX_SECONDS)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
   """With $DIFFMIX_TEST_CPU_LOG set, appends each test's CPU seconds (setup, call and teardown, its
-  waited-for subprocesses included) to that file as JSON lines: where the suite's budget goes,
+  waited-for subprocesses included) to that file as JSON lines, with the seconds this process spent
+  in XLA compiles and jaxpr tracing (subprocesses' not included): where the suite's budget goes,
   reported, never judged."""
   path = os.environ.get('DIFFMIX_TEST_CPU_LOG')
   if not path:
@@ -217,8 +238,10 @@ def pytest_runtest_protocol(item, nextitem):
   def cpu() -> float:
     return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
-  start = cpu()
+  start, jax_start = cpu(), _jax_seconds()
   result = yield
+  record = {'test': item.nodeid, 'cpu_s': round(cpu() - start, 2)}
+  record.update({k: round(v - jax_start[k], 2) for k, v in _jax_seconds().items()})
   with open(path, 'a') as f:
-    f.write(json.dumps({'test': item.nodeid, 'cpu_s': round(cpu() - start, 2)}) + '\n')
+    f.write(json.dumps(record) + '\n')
   return result
