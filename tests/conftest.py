@@ -98,6 +98,33 @@ def xla_flags(devices: int | None = None, optimize: bool = False) -> str:
   return (count + rest.strip()).strip()
 
 
+def finish_processes(procs: list, timeout: float) -> list[tuple[int | None, str]]:
+  """Waits for every process (killing all that are left after `timeout`); (exit code, log) each.
+
+  Each process carries `.log`, the file its output goes to (files, not pipes: processes that wait
+  for each other in collectives would stall behind one blocked on a full pipe). A process killed
+  here for a hang gets the exit code None, never its SIGKILL status, so a hang cannot pass for a
+  process that stopped by itself.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout
+  hung = set()
+  try:
+    for p in procs:
+      p.wait(timeout=max(deadline - time.time(), 1))
+  except subprocess.TimeoutExpired:
+    pass
+  finally:
+    for k, p in enumerate(procs):
+      if p.poll() is None:
+        hung.add(k)
+        p.kill()
+        p.wait()
+  return [(None if k in hung else p.returncode, p.log.read_text(errors='replace'))
+          for k, p in enumerate(procs)]
+
+
 def free_port() -> int:
   """A TCP port on 127.0.0.1 free right now (for a jax.distributed coordinator)."""
   import socket  # pylint: disable=g-import-not-at-top

@@ -37,6 +37,7 @@ from configs import tiny
 from conftest import copy_workdir
 from conftest import HANG_TIMEOUT
 from conftest import xla_flags
+from conftest import finish_processes
 from conftest import free_port
 from conftest import tensorboard_scalars
 from diffmix_jax.data import input_pipeline
@@ -86,7 +87,7 @@ def reference(sampled, tmp_path_factory):
   workdir = copy_workdir(sampled, tmp_path_factory.mktemp('mp_reference') / 'w',
                          skip=('checkpoints',))
   _write_untrained_hovernet(_config(), workdir)
-  (rc, log), = _finish(_start(1, workdir, 'evaluate', stages='evaluate'), RUN_TIMEOUT)
+  (rc, log), = finish_processes(_start(1, workdir, 'evaluate', stages='evaluate'), RUN_TIMEOUT)
   assert rc == 0, log[-3000:]
   return workdir
 
@@ -126,29 +127,6 @@ def _start(n: int, workdir: pathlib.Path, tag: str, heartbeat: int = 30,
   return procs
 
 
-def _finish(procs: list, timeout: float) -> list[tuple[int, str]]:
-  """Waits for every process (killing all that are left after `timeout`); (exit code, log) each.
-
-  A process killed here for a hang gets the exit code None, never its SIGKILL status, so a hang
-  cannot pass for a process that stopped by itself.
-  """
-  deadline = time.time() + timeout
-  hung = set()
-  try:
-    for p in procs:
-      p.wait(timeout=max(deadline - time.time(), 1))
-  except subprocess.TimeoutExpired:
-    pass
-  finally:
-    for k, p in enumerate(procs):
-      if p.poll() is None:
-        hung.add(k)
-        p.kill()
-        p.wait()
-  return [(None if k in hung else p.returncode, p.log.read_text(errors='replace'))
-          for k, p in enumerate(procs)]
-
-
 def _report(results) -> str:
   return '\n\n'.join(f'--- process {i} (exit {rc}):\n{log[-2500:]}'
                      for i, (rc, log) in enumerate(results))
@@ -166,20 +144,20 @@ def two_processes(reference, tmp_path_factory):
     while not first.is_dir() and all(p.poll() is None for p in procs) and time.time() < deadline:
       time.sleep(0.1)
   except BaseException:
-    _finish(procs, 0)
+    finish_processes(procs, 0)
     raise
   if not all(p.poll() is None for p in procs) or not first.is_dir():
     pytest.fail('the run did not reach its first checkpoint alive:\n' +
-                _report(_finish(procs, 0)))
+                _report(finish_processes(procs, 0)))
   procs[1].send_signal(signal.SIGKILL)
   killed_at = time.time()
-  survivor = _finish(procs[:1], HANG_TIMEOUT)[0]
+  survivor = finish_processes(procs[:1], HANG_TIMEOUT)[0]
   elapsed = time.time() - killed_at
   print(f'the survivor stopped {elapsed:.1f} s after the kill (heartbeat timeout {KILL_HEARTBEAT} s)')
-  _finish(procs[1:], HANG_TIMEOUT)
+  finish_processes(procs[1:], HANG_TIMEOUT)
   kill = {'survivor': survivor, 'elapsed': elapsed,
           'done_after_kill': (workdir / 'diffusion' / 'DONE').exists()}
-  rerun = _finish(_start(2, workdir, 'rerun'), RUN_TIMEOUT)
+  rerun = finish_processes(_start(2, workdir, 'rerun'), RUN_TIMEOUT)
   return {'workdir': workdir, 'kill': kill, 'results': rerun}
 
 
@@ -192,7 +170,7 @@ SLOW_COMMAND = ('DIFFMIX_SLOW_TESTS=1 python -m pytest -q -n 0 tests/e2e/multipr
 def four_processes(reference, tmp_path_factory):
   """4 processes, uninterrupted, the whole chain (slow tier only)."""
   workdir = _fresh_workdir(reference, tmp_path_factory.mktemp('mp4') / 'w')
-  return {'workdir': workdir, 'results': _finish(_start(4, workdir, 'run'), RUN_TIMEOUT)}
+  return {'workdir': workdir, 'results': finish_processes(_start(4, workdir, 'run'), RUN_TIMEOUT)}
 
 
 def test_killing_a_process_stops_the_others_through_the_heartbeat(two_processes):

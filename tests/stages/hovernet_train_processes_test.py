@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import finish_processes
 from conftest import HANG_TIMEOUT
 from conftest import xla_flags
 from conftest import free_port
@@ -58,12 +59,7 @@ hovernet_train.train_run(config, sys.argv[3], 'baseline', 0, tiles=tiles, val_ti
 
 
 def _start(workdir: pathlib.Path, devices: int, address: str = '', process: int = 0):
-  """One worker; its output goes to `<workdir>.<process>.log`.
-
-  Files, not pipes: the two processes of a run wait for each other in collectives, so one blocked
-  on a full pipe that the test reads only after the other's (64 KiB of logs, e.g. with
-  JAX_LOG_COMPILES=1) would stall both until the hang timeout.
-  """
+  """One worker; its output goes to `<workdir>.<process>.log` (`conftest.finish_processes`)."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
   paths = [str(pathlib.Path(__file__).parent), str(ROOT / 'tests')]  # This module, conftest.
@@ -81,18 +77,8 @@ def test_two_processes_train_and_validate_as_one(tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   address = f'127.0.0.1:{free_port()}'
   procs = [_start(one, 2)] + [_start(two, 1, address, i) for i in range(2)]
-  try:
-    for p in procs:
-      p.wait(timeout=HANG_TIMEOUT)
-  except subprocess.TimeoutExpired:
-    pass  # A hang: the workers left are killed below and fail the exit-code check with their logs.
-  finally:  # Nothing here leaves a worker behind.
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  logs = [p.log.read_text(errors='replace') for p in procs]
-  assert [p.returncode for p in procs] == [0, 0, 0], '\n\n'.join(log[-3000:] for log in logs)
+  results = finish_processes(procs, HANG_TIMEOUT)
+  assert [rc for rc, _ in results] == [0, 0, 0], '\n\n'.join(log[-3000:] for _, log in results)
   want, got = tensorboard_scalars(one / RUN / 'tb'), tensorboard_scalars(two / RUN / 'tb')
   for tag in ('loss', 'np_ce', 'np_dice', 'hv_mse', 'hv_msge', 'tp_ce', 'tp_dice'):
     assert sorted(want[tag]) == sorted(got[tag]) == [1, 2, 3, 4], tag
