@@ -67,20 +67,32 @@ def shared_workdir(tmp_path_factory, name: str, build) -> pathlib.Path:
 
 
 @pytest.fixture(scope='session')
-def tiny_trained(tmp_path_factory) -> pathlib.Path:
-  """A workdir of configs/tiny.py after build_data, diffusion_train and mix_labels (in process).
+def tiny_built(tmp_path_factory) -> pathlib.Path:
+  """A workdir of configs/tiny.py after build_data alone (in process, a few seconds): for the tests
+  that read the built demo set and need no trained SDM (the fast tier builds no SDM)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from diffmix_jax.stages import build_data  # pylint: disable=g-import-not-at-top
+  return shared_workdir(tmp_path_factory, 'tiny_built',
+                        lambda workdir: build_data.run(tiny.get_config(), str(workdir)))
+
+
+@pytest.fixture(scope='session')
+def tiny_trained(tiny_built, tmp_path_factory) -> pathlib.Path:
+  """A workdir of configs/tiny.py after build_data (`tiny_built`'s), diffusion_train and mix_labels
+  (in process).
 
   Built once per session (`shared_workdir`); tests that write into a workdir copy it first
   (`copy_workdir`).
   """
+  import shutil  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from diffmix_jax.stages import build_data  # pylint: disable=g-import-not-at-top
   from diffmix_jax.stages import diffusion_train  # pylint: disable=g-import-not-at-top
   from diffmix_jax.stages import mix_labels  # pylint: disable=g-import-not-at-top
 
   def build(workdir):
+    shutil.copytree(tiny_built, workdir, dirs_exist_ok=True)
     config = tiny.get_config()
-    for stage in (build_data, diffusion_train, mix_labels):
+    for stage in (diffusion_train, mix_labels):
       stage.run(config, str(workdir))
   return shared_workdir(tmp_path_factory, 'tiny_trained', build)
 

@@ -180,6 +180,7 @@ def assert_noop_rerun(workdir: pathlib.Path, *args: str, env=None) -> None:
   assert [p for p in before if before[p] != after[p]] == []
 
 
+@pytest.mark.slow  # Cheap itself, but needs the trained `tiny_trained` (a minute of SDM training).
 def test_a_resume_with_a_changed_width_is_one_line_naming_the_leaf(tiny_trained, tmp_path):
   """SDM checkpoints of width 32, resumed with --config.diffusion.model.num_channels=64: exit 1, one
   error line naming the step, the folder and the first differing leaf; no file touched."""

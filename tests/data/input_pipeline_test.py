@@ -106,16 +106,16 @@ def test_eval_items_are_disjoint_and_cover_all_once():
   assert input_pipeline.eval_indices(5, 1, 2) == [1, 3]
 
 
-def test_tile_subset_keeps_the_builder_order_and_rejects_unknown_names(tiny_trained):
+def test_tile_subset_keeps_the_builder_order_and_rejects_unknown_names(tiny_built):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
   config.data.test_tiles = ('test_3', 'test_1')
-  tiles = input_pipeline.load_split(config, str(tiny_trained), 'test')
-  everything = input_pipeline.load_split(tiny.get_config(), str(tiny_trained), 'test')
+  tiles = input_pipeline.load_split(config, str(tiny_built), 'test')
+  everything = input_pipeline.load_split(tiny.get_config(), str(tiny_built), 'test')
   assert [t['name'] for t in tiles] == ['test_1', 'test_3']
   assert _equal(tiles[1], everything[2])
-  source = input_pipeline.source_for(config, str(tiny_trained), 'test')
+  source = input_pipeline.source_for(config, str(tiny_built), 'test')
   assert len(source) == 2 and source[1]['name'] in (b'test_3', 'test_3')
   config.data.test_tiles = ('test_1', 'test_9')
   with pytest.raises(ValueError, match=r"config\.data\.test_tiles: unknown tile\(s\) \['test_9'\]"):
-    input_pipeline.load_split(config, str(tiny_trained), 'test')
+    input_pipeline.load_split(config, str(tiny_built), 'test')
