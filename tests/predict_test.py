@@ -136,7 +136,6 @@ def test_outputs_agree_with_each_other_and_evaluate_reads_them(sources):
       for n in ('test_1', 'test_2', 'test_3'))
 
 
-@pytest.mark.slow  # Over 10 s on 2 cores (12-14 s, 2026-12-07).
 def test_sources_agree_rerun_skips_and_another_model_redoes(sources):
   _run({'model_dir': str(sources / 'model')}, sources / 'images', sources / 'out_dir')
   a, b = sources / 'out_work', sources / 'out_dir'
@@ -217,7 +216,6 @@ def test_input_and_class_table_errors(tmp_path):
     predict.load_model(workdir=str(tmp_path))
 
 
-@pytest.mark.slow  # Over 10 s on 2 cores (12-14 s, 2026-12-07).
 def test_official_checkpoint_source_equals_its_conversion(tmp_path):
   """A full-size fast-mode state dict (the specs' TSV keys and shapes, random values) as an
   official `.tar`: converted on the fly it equals `convert_torch --model hovernet`'s folder."""

@@ -6,7 +6,6 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import tiny
 from tfds_builders.demo_nuclei import generate as demo_tiles
@@ -32,7 +31,6 @@ def setup():
   return module, variables, tiles, tiny.get_config().eval
 
 
-@pytest.mark.slow  # Over 10 s on 2 cores (23 s, 2026-12-07).
 def test_validation_scores_the_tiles_and_compiles_once(tmp_path):
   """The metrics of the three tiles and the overlay of the first (image | truth | prediction); a
   second validation (the next epoch) reuses the jitted step."""
