@@ -94,8 +94,11 @@ def _checkpoint_params(workdir: pathlib.Path) -> bytes:
   c = tiny.get_config()
   trainer = sdm_training.create_trainer(c, sharding.create_mesh(c.mesh))
   manager = checkpoint.create_manager(str(workdir / 'diffusion' / 'checkpoints'), 3)
-  step, state, _ = checkpoint.restore_latest(
-      manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  try:
+    step, state, _ = checkpoint.restore_latest(
+        manager, checkpoint.abstract(trainer.abstract_state, trainer.state_sharding))
+  finally:
+    manager.close()
   assert step == c.diffusion.train.phase1_steps + c.diffusion.train.phase2_steps
   return serialization.to_bytes(jax.device_get(state.params))
 

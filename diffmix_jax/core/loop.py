@@ -166,7 +166,9 @@ class Loop:
     return state
 
   def finish(self) -> None:
-    """Waits for the pending checkpoint saves and flushes the writer."""
+    """Waits for the pending checkpoint saves, closes the manager (its threads and event loop) and
+    flushes the writer."""
     if self.manager is not None:
       checkpoint.wait(self.manager)
+      self.manager.close()
     self.writer.flush()

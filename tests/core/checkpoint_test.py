@@ -29,8 +29,22 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
 
 
-def _saved(folder: pathlib.Path, steps=(1, 2)) -> checkpoint.ocp.CheckpointManager:
-  manager = checkpoint.create_manager(str(folder), keep=5)
+@pytest.fixture
+def open_manager():
+  """`open_manager(folder)`: a manager of `folder` (keep 5), closed when the test ends (an open one
+  leaves orbax's threads and event loop to the garbage collector, which may warn mid-suite)."""
+  opened = []
+
+  def open_(folder: pathlib.Path) -> checkpoint.ocp.CheckpointManager:
+    opened.append(checkpoint.create_manager(str(folder), keep=5))
+    return opened[-1]
+  yield open_
+  for manager in opened:
+    manager.close()
+
+
+def _saved(open_manager, folder: pathlib.Path, steps=(1, 2)) -> checkpoint.ocp.CheckpointManager:
+  manager = open_manager(folder)
   for step in steps:
     checkpoint.save(manager, step, _state(8, seed=step), {'epoch': step, 'order': [3, 1, 2]})
   checkpoint.wait(manager)
@@ -41,8 +55,8 @@ def _files(folder: pathlib.Path) -> dict:
   return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
-def test_a_saved_tree_restores_bit_exact(tmp_path):
-  manager = _saved(tmp_path / 'ck')
+def test_a_saved_tree_restores_bit_exact(tmp_path, open_manager):
+  manager = _saved(open_manager, tmp_path / 'ck')
   step, state, data = checkpoint.restore_latest(manager, _abstract(_state(8)))
   assert step == 2 and data == {'epoch': 2, 'order': [3, 1, 2]}
   want = _state(8, seed=2)
@@ -53,8 +67,8 @@ def test_a_saved_tree_restores_bit_exact(tmp_path):
                                   np.asarray(ref).reshape(-1).view(np.uint8))
 
 
-def test_no_checkpoint_restores_nothing(tmp_path):
-  manager = checkpoint.create_manager(str(tmp_path / 'ck'), keep=2)
+def test_no_checkpoint_restores_nothing(tmp_path, open_manager):
+  manager = open_manager(tmp_path / 'ck')
   assert checkpoint.restore_latest(manager, _abstract(_state(8))) is None
 
 
@@ -77,12 +91,21 @@ def _no_metadata(folder):
   (folder / '3' / 'state' / '_METADATA').unlink()
 
 
-@pytest.mark.parametrize('damage', [_half_tmp, _no_arrays, _no_metadata])
-def test_a_step_a_kill_left_falls_back_to_the_previous_one(tmp_path, damage, caplog):
+# Reading the step without array data fails inside tensorstore, whose pending callbacks may then reach
+# orbax's already closed asyncio loop: Python prints 'Exception ignored ... Event loop is closed'
+# (seen in 2 of 7 suite runs, and in 1 of 3 runs of this test alone). That is orbax's noise after a
+# failed read, not ours; the fallback checked here is the behaviour.
+_ORBAX_CLOSED_LOOP = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
+
+@pytest.mark.parametrize('damage', [_half_tmp, pytest.param(_no_arrays, marks=_ORBAX_CLOSED_LOOP),
+                                    _no_metadata])
+def test_a_step_a_kill_left_falls_back_to_the_previous_one(tmp_path, damage, caplog,
+                                                            open_manager):
   folder = tmp_path / 'ck'
-  _saved(folder)
+  _saved(open_manager, folder)
   damage(folder)
-  manager = checkpoint.create_manager(str(folder), keep=5)
+  manager = open_manager(folder)
   with caplog.at_level(logging.WARNING):
     step, state, data = checkpoint.restore_latest(manager, _abstract(_state(8)))
   assert step == 2 and data['epoch'] == 2
@@ -91,11 +114,12 @@ def test_a_step_a_kill_left_falls_back_to_the_previous_one(tmp_path, damage, cap
     assert f'checkpoint step 3 in {folder} cannot be read' in caplog.text
 
 
-def test_a_changed_width_is_an_error_naming_the_leaf_and_nothing_is_overwritten(tmp_path):
+def test_a_changed_width_is_an_error_naming_the_leaf_and_nothing_is_overwritten(tmp_path,
+                                                                               open_manager):
   folder = tmp_path / 'ck'
-  _saved(folder)
+  _saved(open_manager, folder)
   before = _files(folder)
-  manager = checkpoint.create_manager(str(folder), keep=5)
+  manager = open_manager(folder)
   with pytest.raises(checkpoint.CheckpointMismatch) as err:
     checkpoint.restore_latest(manager, _abstract(_state(16)))
   message = str(err.value)
@@ -107,10 +131,10 @@ def test_a_changed_width_is_an_error_naming_the_leaf_and_nothing_is_overwritten(
   assert _files(folder) == before
 
 
-def test_other_keys_or_dtype_are_errors_too(tmp_path):
+def test_other_keys_or_dtype_are_errors_too(tmp_path, open_manager):
   folder = tmp_path / 'ck'
-  _saved(folder, steps=(1,))
-  manager = checkpoint.create_manager(str(folder), keep=5)
+  _saved(open_manager, folder, steps=(1,))
+  manager = open_manager(folder)
   renamed = dict(_state(8), mu=jnp.zeros(3))
   with pytest.raises(checkpoint.CheckpointMismatch, match=r'step 1 .* mu: missing from the '
                      r"checkpoint \(the model has \(\(3,\), 'float32'\)\)"):
