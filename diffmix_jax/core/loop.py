@@ -169,6 +169,5 @@ class Loop:
     """Waits for the pending checkpoint saves, closes the manager (its threads and event loop) and
     flushes the writer."""
     if self.manager is not None:
-      checkpoint.wait(self.manager)
-      self.manager.close()
+      self.manager.close()  # Waits for the pending saves first.
     self.writer.flush()
