@@ -13,8 +13,10 @@ neither changes what is compared, both add work.
 The 4-process run (the whole chain again: its SDM losses, synthetic set and metrics each equal the
 single-process ones) is in the slow tier (DIFFMIX_SLOW_TESTS=1, SLOW_COMMAND below): every process
 compiles every program (JAX writes its CPU compilation cache from process 0 only, under keys that
-differ per process), so 4 more processes cost minutes of CPU, more than the default suite's 15-min
-budget on 2 cores has left. The 2-process run checks the same split-and-gather code.
+differ per process: they hash the CPU topology's fingerprint, which differs; for the same reason
+`jax_share_binary_between_hosts` leaves process 1 waiting for a binary that never comes), so 4 more
+processes cost minutes of CPU, more than the default suite's 15-min budget on 2 cores has left. The
+2-process run checks the same split-and-gather code.
 """
 
 import json
