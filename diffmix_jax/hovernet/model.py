@@ -6,6 +6,7 @@ renaming: a key's '.'-separated segments become the Flax path, a numeric segment
 (`conv0./`) is `conv0/conv`. The three decoder branches are `decoder/{tp,np,hv}`.
 """
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -379,7 +380,15 @@ def create_hovernet(*, mode: str, nr_types: int, encoder_units: Sequence[int], d
 
 
 def abstract_variables(module: HoVerNet) -> dict:
-  """The variables' shapes and dtypes (jax.eval_shape: no compute, no memory)."""
+  """The variables' shapes and dtypes (jax.eval_shape: no compute, no memory).
+
+  Traced once per distinct module; each call returns its own containers.
+  """
+  return jax.tree.map(lambda leaf: leaf, _abstract_variables(module))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_variables(module: HoVerNet) -> dict:
   size = module.patch_shapes[0]
   return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
 

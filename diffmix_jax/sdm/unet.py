@@ -1,5 +1,6 @@
 """The SPADE diffusion UNet of SDM as used by DiffMix, NHWC, official flag names (docs/sdm.md §2)."""
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -222,5 +223,14 @@ def init_params(module: SDMUNet, rng: jax.Array, batch_size: int = 1):
 
 
 def abstract_params(module: SDMUNet):
-  """Parameter shapes/dtypes via jax.eval_shape (no compute, no memory)."""
+  """Parameter shapes/dtypes via jax.eval_shape (no compute, no memory).
+
+  Traced once per distinct module (2-3 CPU-s for the full-size UNet); each call returns its own
+  containers, so a caller may change the tree it gets.
+  """
+  return jax.tree.map(lambda leaf: leaf, _abstract_params(module))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(module: SDMUNet):
   return jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy_inputs(module)))['params']

@@ -18,9 +18,7 @@ from diffmix_jax.hovernet import model as hovernet
 SPEC_DATA = pathlib.Path(__file__).resolve().parents[3] / 'shared' / 'specs' / 'data'
 
 
-def _abstract(module):
-  size = module.patch_shapes[0]
-  return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+_abstract = hovernet.abstract_variables
 
 
 def _count(tree) -> int:
@@ -58,6 +56,17 @@ def test_variables_map_one_to_one_onto_the_official_tsv(mode):
                            _abstract(hovernet.HoVerNet(mode=mode, nr_types=5)))
   state_dict = convert_hovernet.state_dict_from_variables(variables, mode)
   assert {k: tuple(v.shape) for k, v in state_dict.items()} == tsv
+
+
+def test_abstract_variables_are_traced_once_and_not_shared():
+  """A second equal module reuses the first trace; editing a returned tree leaves the next intact."""
+  got = _abstract(hovernet.HoVerNet(mode='fast', nr_types=5, width=16))
+  cache_info = hovernet._abstract_variables.cache_info  # pylint: disable=protected-access
+  misses = cache_info().misses
+  del got['batch_stats']
+  again = _abstract(hovernet.HoVerNet(mode='fast', nr_types=5, width=16))
+  assert cache_info().misses == misses
+  assert set(again) == {'params', 'batch_stats'}
 
 
 @pytest.mark.parametrize('mode,size,out', [('original', 270, 80), ('fast', 256, 164)])

@@ -40,8 +40,7 @@ def _random_state_dict(shapes: dict, seed: int = 0) -> dict:
 
 def _tiny_shapes(mode):
   module = hovernet.HoVerNet(mode=mode, nr_types=5, **TINY)
-  size = module.patch_shapes[0]
-  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  variables = hovernet.abstract_variables(module)
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), variables)
   sd = convert_hovernet.state_dict_from_variables(zeros)
   return module, {k: v.shape for k, v in sd.items()}
@@ -59,7 +58,8 @@ def test_tiny_round_trip_is_bit_exact(mode):
     if key.endswith('num_batches_tracked'):
       continue  # Not tracked in Flax; written as 0.
     np.testing.assert_array_equal(back[key], value, err_msg=key)
-  # The converted variables fit the module's own tree exactly.
+  # The converted variables fit the module's own tree exactly (traced here, not by the converter's
+  # `abstract_variables`).
   size = module.patch_shapes[0]
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
   assert jax.tree.structure(abstract) == jax.tree.structure(variables)
@@ -87,8 +87,7 @@ def test_full_size_keys_and_shapes_against_the_tsv(mode):
   """Full-size check without values: every TSV key maps to a Flax leaf of the transposed shape."""
   tsv = _tsv(mode)
   module = hovernet.HoVerNet(mode=mode, nr_types=5)
-  variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(
-      (1, module.patch_shapes[0], module.patch_shapes[0], 3))))
+  variables = hovernet.abstract_variables(module)
   n_mapped = 0
   for key, shape in tsv.items():
     if key.endswith('num_batches_tracked') or key == 'upsample2x.unpool_mat':
@@ -141,8 +140,7 @@ def _encoder_keys(shapes: dict) -> dict:
 def _full_size_variables(mode='original', fill=7.0):
   """Full-size HoVer-Net variables, every leaf `fill` (so an untouched leaf is recognisable)."""
   module = hovernet.HoVerNet(mode=mode, nr_types=5)
-  size = module.patch_shapes[0]
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  abstract = hovernet.abstract_variables(module)
   return jax.tree.map(lambda s: np.full(s.shape, fill, np.float32), abstract)
 
 
@@ -187,8 +185,8 @@ def test_encoder_load_reports_missing_and_rejects_bad_files(tmp_path):
   from diffmix_jax import convert_torch  # pylint: disable=g-import-not-at-top
   module, shapes = _tiny_shapes('fast')  # Any width: the loader reads shapes from the variables.
   sd = _random_state_dict(_encoder_keys(shapes), seed=2)
-  variables = jax.tree.map(lambda s: np.full(s.shape, 3.0, np.float32), jax.eval_shape(
-      lambda: module.init(jax.random.key(0), jnp.zeros((1, 256, 256, 3)))))
+  variables = jax.tree.map(lambda s: np.full(s.shape, 3.0, np.float32),
+                           hovernet.abstract_variables(module))
   dropped = 'd3.units.0.conv2.weight'
   del sd[dropped]
   got, report = convert_hovernet.encoder_from_state_dict(

@@ -42,6 +42,21 @@ def test_full_size_parameter_counts(num_classes, want):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
+def test_abstract_params_traces_once_per_model_and_hands_out_its_own_tree():
+  """Equal modules share one trace (the converters ask for the full UNet's tree several times, 2-3
+  CPU-s a trace); a caller that edits its tree does not change the next caller's."""
+  module = sdm_unet.SDMUNet(**TINY)
+  first = sdm_unet.abstract_params(module)
+  hits = sdm_unet._abstract_params.cache_info().hits  # pylint: disable=protected-access
+  first.pop('out_2')
+  second = sdm_unet.abstract_params(sdm_unet.SDMUNet(**TINY))
+  assert sdm_unet._abstract_params.cache_info().hits == hits + 1  # pylint: disable=protected-access
+  assert 'out_2' in second and set(second) == set(first) | {'out_2'}
+  assert jax.tree.map(lambda s: s.shape, second) == jax.tree.map(
+      lambda s: s.shape, jax.eval_shape(lambda: module.init(
+          jax.random.key(0), *sdm_unet.dummy_inputs(module)))['params'])
+
+
 def test_parameter_tree_maps_one_to_one_onto_official_keys():
   if not TSV.exists():
     pytest.skip(f'{TSV} not found')

@@ -50,9 +50,7 @@ def _tiny_config(**train):
 def _encoder_file(config, path, seed=0) -> dict:
   """An ImageNet-style encoder file at the config's width: conv0, d0-d3 with the PyTorch names,
   random values (BN variances positive), as `.npz`; returns its state dict."""
-  module = hovernet.create_hovernet(**config.hovernet.model)
-  size = module.patch_shapes[0]
-  abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+  abstract = hovernet.abstract_variables(hovernet.create_hovernet(**config.hovernet.model))
   rng = np.random.default_rng(seed)
   values = jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), abstract)
   sd = convert_hovernet.state_dict_from_variables(values, with_buffers=False)
