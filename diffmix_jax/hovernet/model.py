@@ -7,11 +7,13 @@ renaming: a key's '.'-separated segments become the Flax path, a numeric segment
 """
 
 import functools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from diffmix_jax.hovernet import layers
 
 MODES = ('original', 'fast')  # (input, output) sides of each (docs/hovernet.md §0):
 PATCH_SHAPES = {'original': (270, 80), 'fast': (256, 164)}
@@ -21,101 +23,6 @@ SKIP_CROPS = {'original': (92, 36), 'fast': (46, 18)}
 # head starts at its bias: a tiny network learns the demo in ~100 steps, not ~600; BENCHMARKS.md).
 HEAD_INITS = ('kaiming', 'zeros')
 
-# Kaiming normal, fan_out, ReLU gain, untruncated (docs/hovernet.md §1.4); output convs: HEAD_INITS
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _out_bias_init(rng, shape, dtype=jnp.float32):
-  """PyTorch's default conv bias for the 64-channel output convs: U(-1/8, 1/8) (docs/hovernet.md §1.4)."""
-  return jax.random.uniform(rng, shape, dtype, -0.125, 0.125)
-
-
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-  """BatchNorm with the PyTorch settings: running = 0.9 running + 0.1 batch, eps 1e-5 (docs/differences.md §2.2)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
-
-
-def _conv(features: int, k: int, name: str, stride: int = 1, padding: str = 'SAME',
-          bias: bool = False, kernel_init=_conv_init) -> nn.Module:
-  if k == 1:
-    return Pointwise(features, stride, bias, kernel_init, name=name)
-  return nn.Conv(features, (k, k), strides=(stride, stride), padding=padding,
-                 use_bias=bias, kernel_init=kernel_init,
-                 bias_init=_out_bias_init, name=name)
-
-
-class Pointwise(nn.Module):
-  """A 1x1 conv (stride s, no padding needed) as a matrix product over the pixels: the same
-  `kernel` [1, 1, C_in, C_out] and `bias` parameters, names and init as `nn.Conv`, so checkpoints
-  are unchanged. XLA CPU computes the weight gradient of a 1x1 `conv_general_dilated` 8-10x
-  slower than the same product written as a dot (BENCHMARKS.md, HoVer-Net step)."""
-  features: int
-  stride: int = 1
-  use_bias: bool = False
-  kernel_init: Any = _conv_init
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    if self.stride > 1:
-      x = x[:, ::self.stride, ::self.stride]
-    n, h, w, c = x.shape
-    y = (x.reshape(n * h * w, c) @ kernel[0, 0]).reshape(n, h, w, self.features)
-    if self.use_bias:
-      y = y + self.param('bias', _out_bias_init, (self.features,))
-    return y
-
-
-class GroupedConv(nn.Module):
-  """A bias-free k x k VALID grouped conv whose groups run as separate convs (same kernel tree).
-
-  The kernel is [k, k, C_in / groups, C_out], as `nn.Conv(feature_group_count=groups)` and the
-  official grouped conv hold it, so checkpoints and initial values are unchanged. XLA's CPU backward
-  of a grouped conv is 10-30x slower than that of the equivalent per-group convs (BENCHMARKS.md);
-  `split=False` keeps the single grouped op, which accelerators run natively.
-  """
-  features: int
-  k: int
-  groups: int
-  split: bool
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c_in, g = x.shape[-1], self.groups
-    if c_in % g or self.features % g:
-      raise ValueError(f'GroupedConv: {c_in} input / {self.features} output channels are not '
-                       f'multiples of {g} groups')
-    kernel = self.param('kernel', _conv_init, (self.k, self.k, c_in // g, self.features))
-    conv = lambda a, w, groups: jax.lax.conv_general_dilated(
-        a, w.astype(a.dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=groups)
-    if not self.split:
-      return conv(x, kernel, g)
-    ci, co = c_in // g, self.features // g
-    return jnp.concatenate([conv(x[..., i * ci:(i + 1) * ci], kernel[..., i * co:(i + 1) * co], 1)
-                            for i in range(g)], axis=-1)
-
-
-def centre_crop(x: jax.Array, per_side: int) -> jax.Array:
-  """Crops `per_side` pixels from each side of H and W of NHWC `x`."""
-  if per_side == 0:
-    return x
-  return x[:, per_side:-per_side, per_side:-per_side, :]
-
-
-def upsample2x(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour x2 (UpSample2x, docs/hovernet.md §1.1): [N, H, W, C] -> [N, 2H, 2W, C]."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-class BNReLU(nn.Module):
-  """`blk_bna` / `conv0`-style BatchNorm then ReLU, the BN named `bn`."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    return nn.relu(_bn(train, 'bn')(x))
-
-
 class Stem(nn.Module):
   """conv0: 7x7 conv (valid in original mode, same in fast mode) then BNReLU (docs/hovernet.md §1.2)."""
   features: int
@@ -123,8 +30,8 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.features, 7, 'conv', padding=self.padding)(x)
-    return nn.relu(_bn(train, 'bn')(x))
+    x = layers.conv(self.features, 7, 'conv', padding=self.padding)(x)
+    return nn.relu(layers.batch_norm(train, 'bn')(x))
 
 
 class ResUnit(nn.Module):
@@ -137,12 +44,12 @@ class ResUnit(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.preact:
-      x = nn.relu(_bn(train, 'preact_bn')(x))
-    x = _conv(self.mid, 1, 'conv1')(x)
-    x = nn.relu(_bn(train, 'conv1_bn')(x))
-    x = _conv(self.mid, 3, 'conv2', stride=self.stride)(x)
-    x = nn.relu(_bn(train, 'conv2_bn')(x))
-    return _conv(self.out, 1, 'conv3')(x)
+      x = nn.relu(layers.batch_norm(train, 'preact_bn')(x))
+    x = layers.conv(self.mid, 1, 'conv1')(x)
+    x = nn.relu(layers.batch_norm(train, 'conv1_bn')(x))
+    x = layers.conv(self.mid, 3, 'conv2', stride=self.stride)(x)
+    x = nn.relu(layers.batch_norm(train, 'conv2_bn')(x))
+    return layers.conv(self.out, 1, 'conv3')(x)
 
 
 class ResGroup(nn.Module):
@@ -157,7 +64,7 @@ class ResGroup(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool, freeze_units: bool = False) -> jax.Array:
-    shortcut = _conv(self.out, 1, 'shortcut', stride=self.stride, padding='VALID')(x)
+    shortcut = layers.conv(self.out, 1, 'shortcut', stride=self.stride, padding='VALID')(x)
     h = x
     for u in range(self.units):
       r = ResUnit(self.mid, self.out, self.stride if u == 0 else 1, preact=u > 0,
@@ -166,7 +73,7 @@ class ResGroup(nn.Module):
         r = jax.lax.stop_gradient(r)
       h = r + shortcut
       shortcut = h
-    return BNReLU(name='blk_bna')(h, train)
+    return layers.BNReLU(name='blk_bna')(h, train)
 
 
 class DenseUnit(nn.Module):
@@ -178,11 +85,11 @@ class DenseUnit(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = nn.relu(_bn(train, 'preact_bna_bn')(x))
-    y = _conv(self.mid, 1, 'conv1')(y)
-    y = nn.relu(_bn(train, 'conv1_bn')(y))
-    y = GroupedConv(self.growth, self.k, 4, self.split, name='conv2')(y)
-    return jnp.concatenate([centre_crop(x, (self.k - 1) // 2), y], axis=-1)
+    y = nn.relu(layers.batch_norm(train, 'preact_bna_bn')(x))
+    y = layers.conv(self.mid, 1, 'conv1')(y)
+    y = nn.relu(layers.batch_norm(train, 'conv1_bn')(y))
+    y = layers.GroupedConv(self.growth, self.k, 4, self.split, name='conv2')(y)
+    return jnp.concatenate([layers.centre_crop(x, (self.k - 1) // 2), y], axis=-1)
 
 
 class DenseBlock(nn.Module):
@@ -197,7 +104,7 @@ class DenseBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for j in range(self.units):
       x = DenseUnit(self.mid, self.growth, self.k, self.split, name=f'units_{j}')(x, train)
-    return BNReLU(name='blk_bna')(x, train)
+    return layers.BNReLU(name='blk_bna')(x, train)
 
 
 class UpLevel(nn.Module):
@@ -217,11 +124,11 @@ class UpLevel(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.conva, self.k, 'conva', padding='VALID')(x)
+    x = layers.conv(self.conva, self.k, 'conva', padding='VALID')(x)
     x = DenseBlock(self.dense_units, self.mid, self.growth, self.k, self.split, name='dense')(
         x, train)
-    x = centre_crop(x, max(self.official_units - self.dense_units, 0) * ((self.k - 1) // 2))
-    return _conv(self.convf, 1, 'convf')(x)
+    x = layers.centre_crop(x, max(self.official_units - self.dense_units, 0) * ((self.k - 1) // 2))
+    return layers.conv(self.convf, 1, 'convf')(x)
 
 
 class Head(nn.Module):
@@ -231,9 +138,9 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = nn.relu(_bn(train, 'bn')(x))
-    init = nn.initializers.zeros if self.zero_init else _conv_init
-    return _conv(self.out_ch, 1, 'conv', bias=True, kernel_init=init)(x)
+    x = nn.relu(layers.batch_norm(train, 'bn')(x))
+    init = nn.initializers.zeros if self.zero_init else layers.conv_init
+    return layers.conv(self.out_ch, 1, 'conv', bias=True, kernel_init=init)(x)
 
 
 class U1(nn.Module):
@@ -243,7 +150,7 @@ class U1(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(self.features, self.k, 'conva')(x)
+    return layers.conv(self.features, self.k, 'conva')(x)
 
 
 class Branch(nn.Module):
@@ -260,13 +167,13 @@ class Branch(nn.Module):
   def __call__(self, d: Sequence[jax.Array], train: bool) -> jax.Array:
     w, k = self.width, self.k
     mid, growth = max(128 // w, 8), max(32 // w, 4)  # Grouped convs need multiples of 4.
-    x = upsample2x(d[3]) + d[2]
+    x = layers.upsample2x(d[3]) + d[2]
     x = UpLevel(256 // w, self.dense_units[0], 8, mid, growth, 512 // w, k, self.split,
                 name='u3')(x, train)
-    x = upsample2x(x) + centre_crop(d[1], self.skip_crops[1])
+    x = layers.upsample2x(x) + layers.centre_crop(d[1], self.skip_crops[1])
     x = UpLevel(128 // w, self.dense_units[1], 4, mid, growth, 256 // w, k, self.split,
                 name='u2')(x, train)
-    x = upsample2x(x) + centre_crop(d[0], self.skip_crops[0])
+    x = layers.upsample2x(x) + layers.centre_crop(d[0], self.skip_crops[0])
     x = U1(64 // w, k, name='u1')(x)
     return Head(self.out_ch, self.zero_head, name='u0')(x, train)
 
@@ -365,7 +272,7 @@ class HoVerNet(nn.Module):
       if g >= 1 and freeze:  # d1-d3 run without grad in the reference: constants for autodiff.
         x = jax.lax.stop_gradient(x)
       feats.append(x)
-    feats[3] = _conv(1024 // w, 1, 'conv_bot')(feats[3])
+    feats[3] = layers.conv(1024 // w, 1, 'conv_bot')(feats[3])
     return Decoder(self.nr_types, k, w, SKIP_CROPS[self.mode], self.split_grouped_convs,
                    self.head_init == 'zeros', tuple(self.decoder_units), name='decoder')(
                        feats, train)

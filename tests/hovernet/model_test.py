@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from diffmix_jax.hovernet import torch_import as convert_hovernet
 from diffmix_jax.hovernet import infer as hovernet_infer
 from diffmix_jax.hovernet import targets as hovernet_targets
 from diffmix_jax.core import loop as loop_lib
+from diffmix_jax.hovernet import layers as hovernet_layers
 from diffmix_jax.hovernet import model as hovernet
 
 # The specs' state-dict tables, in ../shared beside the checkout.
@@ -105,9 +107,9 @@ def test_shallow_decoder_keeps_the_official_geometry(mode, size, out):
 def test_grouped_conv_equals_flax_grouped_conv(split):
   """GroupedConv holds nn.Conv(feature_group_count=4)'s kernel (same path, shape and initial values)
   and computes the same outputs and gradients, whether split into per-group convs or not."""
-  ref = hovernet.nn.Conv(8, (3, 3), padding='VALID', feature_group_count=4, use_bias=False,
-                         kernel_init=hovernet._conv_init)  # pylint: disable=protected-access
-  mine = hovernet.GroupedConv(8, 3, 4, split)
+  ref = nn.Conv(8, (3, 3), padding='VALID', feature_group_count=4, use_bias=False,
+                kernel_init=hovernet_layers.conv_init)
+  mine = hovernet_layers.GroupedConv(8, 3, 4, split)
   x = jax.random.normal(jax.random.key(1), (2, 9, 9, 16))
   v_ref, v_mine = ref.init(jax.random.key(0), x), mine.init(jax.random.key(0), x)
   assert v_mine['params']['kernel'].shape == (3, 3, 4, 8)
@@ -147,7 +149,7 @@ def test_zero_head_init_starts_each_output_at_its_bias():
 
 def test_upsample_is_nearest_neighbour():
   x = jnp.arange(4.0).reshape(1, 2, 2, 1)
-  up = np.asarray(hovernet.upsample2x(x))[0, ..., 0]
+  up = np.asarray(hovernet_layers.upsample2x(x))[0, ..., 0]
   np.testing.assert_array_equal(up, [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
 
 
